@@ -1,0 +1,411 @@
+"""Variational autoencoder (Kingma & Welling 2014, "Auto-Encoding Variational Bayes").
+
+A convolutional encoder q(z|x) = N(mu(x), diag sigma^2(x)) and decoder p(x|z) (Bernoulli or
+Gaussian) are trained by maximising the evidence lower bound
+
+    log p(x) >= ELBO = E_q(z|x)[log p(x|z)] - KL(q(z|x) || N(0, I)),
+
+with the reparameterisation z = mu + sigma * eps. Held-out data are scored with the ELBO and
+with the importance-weighted bound of Burda et al. 2016, which tightens towards log p(x).
+
+    python standard_vae.py --dataset dsprites --epochs 1 --limit 50000
+"""
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import utils
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+def feature_size(image_size):
+    """Spatial size after the stride-2 convolutions: halve while even and above 7 (64->4, 28->7)."""
+    size = image_size
+    while size % 2 == 0 and size > 7:
+        size //= 2
+    if size > 7 or image_size // size < 4:
+        raise utils.UserError(f"unsupported image size {image_size}: use 28, 32 or 64 "
+                              "(any size that halves at least twice down to 7 or less)")
+    return size
+
+
+def default_widths(image_size, width=32):
+    """Channel widths, one per stride-2 layer: `width` for the first half, doubled after."""
+    n = int(math.log2(image_size // feature_size(image_size)))
+    return [width * (1 if i < n // 2 else 2) for i in range(n)]
+
+
+class Encoder(nn.Module):
+    """x (B, C, S, S) -> mu, logvar (B, latent): 4x4 stride-2 convolutions, then two FC layers."""
+
+    def __init__(self, channels, image_size, latent, widths, hidden=256):
+        super().__init__()
+        s = feature_size(image_size)
+        layers, c = [], channels
+        for w in widths:
+            layers += [nn.Conv2d(c, w, 4, stride=2, padding=1), nn.ReLU(inplace=True)]
+            c = w
+        self.convs = nn.Sequential(*layers)                       # (B, widths[-1], s, s)
+        self.fc = nn.Sequential(
+            nn.Flatten(), nn.Linear(c * s * s, hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, 2 * latent))                          # (B, 2 * latent)
+
+    def forward(self, x):
+        mu, logvar = self.fc(self.convs(x)).float().chunk(2, dim=1)
+        return mu, logvar
+
+
+class Decoder(nn.Module):
+    """z (B, latent) -> logits (B, C, S, S): the encoder mirrored with transposed convolutions."""
+
+    def __init__(self, channels, image_size, latent, widths, hidden=256):
+        super().__init__()
+        s = feature_size(image_size)
+        self.fc = nn.Sequential(
+            nn.Linear(latent, hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, widths[-1] * s * s), nn.ReLU(inplace=True),
+            nn.Unflatten(1, (widths[-1], s, s)))                   # (B, widths[-1], s, s)
+        layers = []
+        for w_in, w_out in zip(widths[::-1], widths[-2::-1] + [channels]):
+            layers += [nn.ConvTranspose2d(w_in, w_out, 4, stride=2, padding=1),
+                       nn.ReLU(inplace=True)]
+        self.deconvs = nn.Sequential(*layers[:-1])                 # (B, C, S, S) logits
+
+    def forward(self, z):
+        return self.deconvs(self.fc(z))
+
+
+class VAE(nn.Module):
+    def __init__(self, channels, image_size, latent, widths, hidden=256, recon="bce",
+                 sigma="learned"):
+        super().__init__()
+        self.encoder = Encoder(channels, image_size, latent, widths, hidden)
+        self.decoder = Decoder(channels, image_size, latent, widths, hidden)
+        self.recon = recon
+        # Gaussian decoder: one standard deviation shared by all pixels, fixed or learned.
+        # Learning it makes the reconstruction/KL balance a maximum-likelihood choice
+        # (Rybkin et al. 2021, "Simple and Effective VAE Training with Calibrated Decoders").
+        log_sigma = torch.tensor(0.0 if sigma == "learned" else math.log(float(sigma)))
+        if recon == "mse" and sigma == "learned":
+            self.log_sigma = nn.Parameter(log_sigma)
+        else:
+            self.register_buffer("log_sigma", log_sigma)
+
+    def forward(self, x):
+        mu, logvar = self.encoder(x)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)   # reparameterisation
+        return self.decoder(z), mu, logvar
+
+    def mean_image(self, logits):
+        """E[x|z] in [0, 1]: the Bernoulli probabilities or the Gaussian mean."""
+        return torch.sigmoid(logits.float())
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss: every term summed over an image's pixels or latents, then averaged over the batch (nats)
+# ----------------------------------------------------------------------------------------------
+def gaussian_kl(mu, logvar):
+    """KL(N(mu, sigma^2) || N(0, 1)) per dimension = 0.5 (mu^2 + sigma^2 - log sigma^2 - 1)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1)
+
+
+def log_likelihood(x, logits, recon, log_sigma=None):
+    """log p(x|z) per image (B,): Bernoulli with logits, or Gaussian N(sigmoid(logits), sigma^2)."""
+    logits = logits.float()
+    if recon == "bce":
+        ll = -F.binary_cross_entropy_with_logits(logits, x, reduction="none")
+    else:
+        ll = (-0.5 * ((x - torch.sigmoid(logits)) * torch.exp(-log_sigma)) ** 2
+              - log_sigma - 0.5 * LOG_2PI)
+    return ll.flatten(1).sum(1)
+
+
+def kl_weight(step, warmup):
+    """Linear KL warm-up (Bowman et al. 2016; Sonderby et al. 2016): 0 at step 0, 1 at `warmup`."""
+    return 1.0 if warmup <= 0 else min(1.0, step / warmup)
+
+
+def vae_loss(x, logits, mu, logvar, recon, log_sigma=None, kl_scale=1.0, free_bits=0.0):
+    """Negative ELBO = -E_q[log p(x|z)] + KL(q(z|x) || p(z)) (Kingma & Welling 2014, eq. 10).
+
+    `loss` is what is minimised: the KL is scaled by `kl_scale` (warm-up) and, with free bits
+    (Kingma et al. 2016), each dimension's batch-mean KL counts as at least `free_bits` nats.
+    `neg_elbo` is always the true, unscaled bound.
+    """
+    recon_nll = -log_likelihood(x, logits, recon, log_sigma).mean()
+    kl_dims = gaussian_kl(mu.float(), logvar.float()).mean(0)      # (latent,)
+    kl = kl_dims.sum()
+    kl_term = kl_dims.clamp(min=free_bits).sum() if free_bits > 0 else kl
+    return {"loss": recon_nll + kl_scale * kl_term, "neg_elbo": recon_nll + kl,
+            "recon": recon_nll, "kl": kl, "kl_dims": kl_dims}
+
+
+@torch.no_grad()
+def iw_log_likelihood(model, x, k, chunk=50, generator=None):
+    """Importance-weighted estimate of log p(x) per image (Burda et al. 2016, eq. 8):
+    log (1/k) sum_i p(x, z_i) / q(z_i|x), z_i ~ q(z|x). k=1 is an unbiased ELBO sample."""
+    mu, logvar = model.encoder(x)
+    std = torch.exp(0.5 * logvar)
+    log_w = []
+    for start in range(0, k, chunk):
+        n = min(chunk, k - start)
+        eps = torch.randn((n, *mu.shape), device=x.device, generator=generator)
+        z = mu + std * eps                                                 # (n, B, latent)
+        logits = model.decoder(z.flatten(0, 1))                            # (n*B, C, H, W)
+        log_px = log_likelihood(x.repeat(n, 1, 1, 1), logits, model.recon,
+                                model.log_sigma).view(n, -1)
+        log_pz = (-0.5 * z.pow(2) - 0.5 * LOG_2PI).sum(-1)
+        log_qz = (-0.5 * eps.pow(2) - 0.5 * logvar - 0.5 * LOG_2PI).sum(-1)
+        log_w.append(log_px + log_pz - log_qz)
+    return torch.logsumexp(torch.cat(log_w), 0) - math.log(k)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+def bits_per_dim(nll, dims, recon, binary):
+    """Bits per dimension from an NLL in nats, where it is a proper likelihood of the data.
+    Gaussian on 8-bit data: each pixel's bin has width 1/256, so log P = log p - log 256."""
+    if recon == "bce":
+        return nll / (dims * math.log(2)) if binary else None
+    return (nll + dims * math.log(256)) / (dims * math.log(2))
+
+
+@torch.no_grad()
+def evaluate(model, images, args, binary, device, iw_samples=0):
+    """Held-out negative ELBO, KL per dimension, active units and (optionally) the IW-NLL."""
+    model.eval()
+    gen = torch.Generator(device).manual_seed(args.seed + 1)        # never touches training RNG
+    totals, kl_dims, mus, iw = {"neg_elbo": 0.0, "recon": 0.0, "kl": 0.0}, 0, [], []
+    n = 0
+    for x in utils.iterate(images, 500, device):
+        if args.binarize:
+            x = torch.bernoulli(x, generator=gen)
+        mu, logvar = model.encoder(x)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, device=device, generator=gen)
+        terms = vae_loss(x, model.decoder(z), mu, logvar, model.recon, model.log_sigma)
+        for key in totals:
+            totals[key] += terms[key].item() * len(x)
+        kl_dims = kl_dims + terms["kl_dims"] * len(x)
+        mus.append(mu)
+        if iw_samples > 0:
+            iw.append(iw_log_likelihood(model, x, iw_samples, generator=gen))
+        n += len(x)
+    model.train()
+    result = {k: v / n for k, v in totals.items()}
+    mus = torch.cat(mus)
+    # Active units (Burda et al. 2016): dimensions whose posterior mean varies with x, Cov > 0.01
+    result["active_units"] = int((mus.var(0) > 0.01).sum())
+    result["kl_per_dim"] = (kl_dims / n).tolist()
+    result["images"] = n
+    dims = images[0].numel()
+    if iw_samples > 0:
+        result["iw_nll"] = -torch.cat(iw).mean().item()
+        result["iw_samples"] = iw_samples
+    result["bits_per_dim"] = bits_per_dim(result.get("iw_nll", result["neg_elbo"]), dims,
+                                          model.recon, binary or args.binarize)
+    return result
+
+
+@torch.no_grad()
+def save_images(model, images, out, device, seed, n=32):
+    """reconstructions.png (originals above their reconstructions) and samples.png."""
+    model.eval()
+    x = images[:n].to(device).float() / 255
+    recon = model.mean_image(model.decoder(model.encoder(x)[0]))   # decode the posterior mean
+    pairs = torch.stack([x.view(-1, 8, *x.shape[1:]), recon.view(-1, 8, *x.shape[1:])], 1)
+    utils.save_grid(pairs.flatten(0, 2), out / "reconstructions.png", nrow=8)
+    gen = torch.Generator(device).manual_seed(seed)
+    z = torch.randn(64, model.decoder.fc[0].in_features, device=device, generator=gen)
+    utils.save_grid(model.mean_image(model.decoder(z)), out / "samples.png", nrow=8)
+    model.train()
+
+
+def plot_history(log, history, out, test_key="test_neg_elbo"):
+    """losses.png: the running training loss per logged step and the held-out bound per epoch."""
+    curves = {"train loss": ([r["step"] for r in log], [r["loss"] for r in log])}
+    if history:
+        curves["held-out -ELBO"] = ([h["step"] for h in history], [h[test_key] for h in history])
+    utils.plot_curves(curves, out / "losses.png", xlabel="step", title="loss (nats per image)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    utils.add_common_args(p, latent=10, lr=1e-3, batch_size=128, epochs=10)
+    p.add_argument("--recon", default="bce", choices=("bce", "mse"),
+                   help="decoder likelihood: bce = Bernoulli, mse = Gaussian")
+    p.add_argument("--sigma", default="learned",
+                   help="Gaussian decoder std: 'learned' or a number such as 0.1 (--recon mse)")
+    p.add_argument("--binarize", action=argparse.BooleanOptionalAction, default=None,
+                   help="dynamic binarisation, x ~ Bernoulli(intensity) redrawn every time "
+                        "(default: on for mnist with --recon bce)")
+    p.add_argument("--kl-warmup", type=int, default=0,
+                   help="steps of linear KL warm-up from 0 to 1 (0 = none)")
+    p.add_argument("--free-bits", type=float, default=0.0,
+                   help="minimum KL per latent dimension in nats (0 = off)")
+    p.add_argument("--width", type=int, default=32, help="channels of the first conv layer")
+    p.add_argument("--hidden", type=int, default=256, help="units of the FC layers")
+    p.add_argument("--iw-samples", type=int, default=100,
+                   help="importance samples K of the final IW-NLL (0 = skip)")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    utils.check_common_args(args, "standard_vae")
+    if args.sigma != "learned":
+        try:
+            if float(args.sigma) <= 0:
+                raise ValueError
+        except ValueError:
+            raise utils.UserError(f"--sigma must be 'learned' or a positive number, "
+                                  f"got {args.sigma!r}") from None
+    if args.binarize is None:
+        args.binarize = args.dataset == "mnist" and args.recon == "bce"
+    if args.binarize and args.recon != "bce":
+        raise utils.UserError("--binarize goes with --recon bce")
+    if args.free_bits < 0 or args.kl_warmup < 0 or args.iw_samples < 0:
+        raise utils.UserError("--free-bits, --kl-warmup and --iw-samples must be >= 0")
+    return args
+
+
+# flags that may change when a run is resumed; everything else comes from the checkpoint
+RESUME_FLAGS = ("epochs", "max_steps", "device", "out", "resume", "compile", "no_amp",
+                "log_every", "eval_limit", "iw_samples", "data_root")
+
+
+def resume_args(args, state):
+    saved = dict(state["args"])
+    saved.update({k: getattr(args, k) for k in RESUME_FLAGS if hasattr(args, k)})
+    return argparse.Namespace(**saved)
+
+
+def build_model(args, channels, image_size):
+    return VAE(channels, image_size, args.latent, default_widths(image_size, args.width),
+               args.hidden, args.recon, args.sigma)
+
+
+def main(args):
+    timer = utils.Timer()
+    args = check_args(args)
+    out = utils.prepare_out(args.out)
+    state = None
+    if args.resume:
+        state = utils.load_checkpoint(out / "checkpoint.pt")
+        utils.check_checkpoint_kind(state, out / "checkpoint.pt", "standard_vae")
+        args = resume_args(args, state)
+    device = utils.get_device(args.device)
+    utils.seed_everything(args.seed)
+
+    train = utils.load_dataset(args.dataset, args.data_root, "train", args.limit)
+    test = utils.load_dataset(args.dataset, args.data_root, "test", args.eval_limit)
+    model = build_model(args, train.channels, train.image_size).to(device)
+    opt = utils.adam(model.parameters(), args.lr, device)
+    batches = utils.DeviceBatches(train.images, args.batch_size, device, args.seed,
+                                  binarize=args.binarize)
+    step, log, history = 0, [], []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, log, history = state["step"], state["log"], state["history"]
+        utils.set_rng_state(state["rng"])
+    total = len(batches) * args.epochs
+    if args.max_steps is not None:
+        total = min(total, args.max_steps)
+    fwd = torch.compile(model) if args.compile else model
+
+    def checkpoint():
+        utils.save_checkpoint(out / "checkpoint.pt", {
+            "kind": "standard_vae", "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "args": vars(args), "step": step, "epoch": step // len(batches), "log": log,
+            "history": history, "rng": utils.rng_state(),
+            "data": {"channels": train.channels, "image_size": train.image_size}})
+
+    running, count = torch.zeros(3, device=device), 0
+    train_time, t0 = 0.0, time.perf_counter()
+
+    def read_running():
+        """The one host-device sync: mean loss terms since the last read."""
+        nonlocal running, count
+        if count == 0:
+            return None
+        loss, recon, kl = (running / count).tolist()
+        utils.check_finite({"loss": loss, "recon": recon, "kl": kl}, step, out)
+        log.append({"step": step, "loss": loss, "recon": recon, "kl": kl})
+        running.zero_()
+        count = 0
+        return log[-1]
+
+    bar = tqdm(total=total, initial=step, desc="standard_vae", unit="step", dynamic_ncols=True)
+    with utils.StopSignal() as stop:
+        while step < total and not stop.requested:
+            epoch, start = divmod(step, len(batches))
+            for x in batches.epoch(epoch, start):
+                with utils.autocast(device, not args.no_amp):
+                    logits, mu, logvar = fwd(x)
+                terms = vae_loss(x, logits, mu, logvar, args.recon, model.log_sigma,
+                                 kl_weight(step, args.kl_warmup), args.free_bits)
+                opt.zero_grad(set_to_none=True)
+                terms["loss"].backward()
+                opt.step()
+                running += torch.stack([terms["loss"], terms["recon"], terms["kl"]]).detach()
+                count += 1
+                step += 1
+                bar.update(1)
+                if step % args.log_every == 0:
+                    r = read_running()
+                    bar.set_postfix(loss=f"{r['loss']:.2f}", kl=f"{r['kl']:.2f}")
+                if step >= total or stop.requested:
+                    break
+            read_running()
+            train_time += time.perf_counter() - t0
+            if step % len(batches) == 0 or step >= total:      # an epoch ended: score it
+                res = evaluate(model, test.images, args, test.binary, device)
+                history.append({"epoch": step // len(batches), "step": step,
+                                "train_loss": log[-1]["loss"], "test_neg_elbo": res["neg_elbo"],
+                                "test_recon": res["recon"], "test_kl": res["kl"],
+                                "kl_per_dim": res["kl_per_dim"]})
+                utils.write_json(out / "history.json", history)
+            checkpoint()
+            t0 = time.perf_counter()
+    bar.close()
+    if stop.requested:
+        print(f"stopped at step {step}; checkpoint saved to {out / 'checkpoint.pt'}; "
+              "continue with --resume")
+        return None
+
+    final = evaluate(model, test.images, args, test.binary, device, args.iw_samples)
+    save_images(model, test.images, out, device, args.seed)
+    plot_history(log, history, out)
+    utils.plot_bars(final["kl_per_dim"], out / "kl_per_dim.png",
+                    title="held-out KL per latent dimension")
+    trained = step - (state["step"] if state else 0)
+    metrics = {"test": final, "steps": step, "epochs": step / len(batches),
+               "train_images": len(train), "device": str(device),
+               "train_time_s": train_time, "wall_time_s": timer(),
+               "images_per_s": trained * args.batch_size / max(train_time, 1e-9),
+               "torch": torch.__version__, "args": vars(args)}
+    utils.write_json(out / "metrics.json", metrics)
+    iw = f", IW-NLL (K={args.iw_samples}) {final['iw_nll']:.2f}" if "iw_nll" in final else ""
+    print(f"held-out -ELBO {final['neg_elbo']:.2f} nats{iw}; active units "
+          f"{final['active_units']}/{args.latent}; outputs in {out}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,148 @@
+"""The Standard VAE's maths against references, and the script end to end."""
+import json
+import math
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, Normal, kl_divergence
+
+import standard_vae as sv
+import utils
+
+
+def test_analytic_kl_equals_torch_distributions():
+    g = torch.Generator().manual_seed(0)
+    mu, logvar = torch.randn(16, 10, generator=g) * 2, torch.randn(16, 10, generator=g)
+    ref = kl_divergence(Normal(mu, torch.exp(0.5 * logvar)), Normal(0.0, 1.0))
+    torch.testing.assert_close(sv.gaussian_kl(mu, logvar), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_log_likelihoods_equal_torch_distributions():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, 3, 8, 8, generator=g) * 3
+    x_bin = torch.bernoulli(torch.full((4, 3, 8, 8), 0.3), generator=g)
+    ref = Bernoulli(logits=logits).log_prob(x_bin).flatten(1).sum(1)
+    torch.testing.assert_close(sv.log_likelihood(x_bin, logits, "bce"), ref)
+
+    x = torch.rand(4, 3, 8, 8, generator=g)
+    log_sigma = torch.tensor(-1.7)
+    ref = Normal(torch.sigmoid(logits), log_sigma.exp()).log_prob(x).flatten(1).sum(1)
+    torch.testing.assert_close(sv.log_likelihood(x, logits, "mse", log_sigma), ref)
+
+
+def test_kl_warmup_schedule_values():
+    assert sv.kl_weight(0, 1000) == 0.0
+    assert sv.kl_weight(250, 1000) == 0.25
+    assert sv.kl_weight(1000, 1000) == 1.0
+    assert sv.kl_weight(5000, 1000) == 1.0
+    assert sv.kl_weight(0, 0) == 1.0          # no warm-up
+
+
+def test_free_bits_floors_each_dimension_but_not_the_bound():
+    x = torch.zeros(2, 1, 4, 4)
+    logits = torch.zeros(2, 1, 4, 4)
+    mu = torch.tensor([[0.0, 3.0], [0.0, 3.0]])           # KL per dim: 0 and 4.5 nats
+    logvar = torch.zeros(2, 2)
+    plain = sv.vae_loss(x, logits, mu, logvar, "bce")
+    floored = sv.vae_loss(x, logits, mu, logvar, "bce", free_bits=1.0)
+    torch.testing.assert_close(floored["loss"] - plain["loss"], torch.tensor(1.0))
+    torch.testing.assert_close(floored["neg_elbo"], plain["neg_elbo"])
+    half = sv.vae_loss(x, logits, mu, logvar, "bce", kl_scale=0.5)
+    torch.testing.assert_close(plain["loss"] - half["loss"], 0.5 * plain["kl"])
+
+
+def _small_model(seed=0):
+    torch.manual_seed(seed)
+    model = sv.VAE(1, 28, 4, sv.default_widths(28, 8), hidden=32, recon="bce")
+    return model.eval()
+
+
+def test_iw_bound_k1_matches_elbo_in_expectation_and_tightens_with_k():
+    model = _small_model()
+    g = torch.Generator().manual_seed(3)
+    x = torch.bernoulli(torch.full((6, 1, 28, 28), 0.2), generator=g)
+    draws = 400
+    with torch.no_grad():
+        # analytic-KL ELBO, averaged over draws of z
+        elbo = torch.stack([-sv.vae_loss(x, *model(x), "bce")["neg_elbo"] for _ in range(draws)])
+        iw = {k: torch.stack([sv.iw_log_likelihood(model, x, k, generator=g).mean()
+                              for _ in range(draws // 4)]) for k in (1, 10, 100)}
+    # K=1 is an unbiased ELBO estimate: the two means agree within a few standard errors
+    se = math.sqrt(elbo.var() / len(elbo) + iw[1].var() / len(iw[1]))
+    assert abs(elbo.mean() - iw[1].mean()) < 4 * se + 1e-3
+    # and the bound tightens (increases) as K grows
+    assert iw[1].mean() < iw[10].mean() < iw[100].mean()
+
+
+def test_iw_log_weights_equal_torch_distributions():
+    """One importance weight, recomputed with torch.distributions from the same noise."""
+    model = _small_model(1)
+    x = torch.bernoulli(torch.full((3, 1, 28, 28), 0.5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        est = sv.iw_log_likelihood(model, x, 1, generator=torch.Generator().manual_seed(9))
+        mu, logvar = model.encoder(x)
+        eps = torch.randn((1, *mu.shape), generator=torch.Generator().manual_seed(9))[0]
+        std = torch.exp(0.5 * logvar)
+        z = mu + std * eps
+        ref = (Bernoulli(logits=model.decoder(z)).log_prob(x).flatten(1).sum(1)
+               + Normal(0.0, 1.0).log_prob(z).sum(1) - Normal(mu, std).log_prob(z).sum(1))
+    torch.testing.assert_close(est, ref, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("size,channels", [(28, 1), (32, 3), (64, 1), (64, 3)])
+def test_encoder_decoder_sizes_are_derived_from_the_image(size, channels):
+    model = sv.VAE(channels, size, 5, sv.default_widths(size), recon="mse")
+    x = torch.rand(2, channels, size, size)
+    logits, mu, logvar = model(x)
+    assert logits.shape == x.shape and mu.shape == logvar.shape == (2, 5)
+
+
+def test_unsupported_image_size_is_a_clear_error():
+    with pytest.raises(utils.UserError, match="unsupported image size 30"):
+        sv.feature_size(30)
+
+
+def test_bits_per_dim_where_defined():
+    assert sv.bits_per_dim(100 * math.log(2), 100, "bce", binary=True) == pytest.approx(1.0)
+    assert sv.bits_per_dim(50.0, 100, "bce", binary=False) is None
+    # Gaussian: density on [0,1] to probability of an 8-bit bin
+    assert sv.bits_per_dim(0.0, 10, "mse", binary=False) == pytest.approx(8.0)
+
+
+def test_training_lowers_the_loss_and_resume_continues_exactly(tmp_path, script):
+    common = ["--data-root", tmp_path / "data", "--limit", 256, "--batch-size", 32,
+              "--eval-limit", 64, "--iw-samples", 4, "--log-every", 2, "--device", "cpu"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    script("standard_vae.py", *common, "--epochs", 2, "--out", straight)
+    script("standard_vae.py", *common, "--epochs", 1, "--out", split)
+    m1 = json.loads((split / "metrics.json").read_text())
+    assert m1["steps"] == 8
+    script("standard_vae.py", *common, "--epochs", 2, "--out", split, "--resume")
+
+    for name in ("checkpoint.pt", "checkpoint.prev.pt", "metrics.json", "history.json",
+                 "reconstructions.png", "samples.png", "losses.png", "kl_per_dim.png"):
+        assert (straight / name).stat().st_size > 0, name
+    m = json.loads((straight / "metrics.json").read_text())
+    assert m["steps"] == 16 and m["epochs"] == 2
+    test = m["test"]
+    assert math.isfinite(test["neg_elbo"]) and math.isfinite(test["iw_nll"])
+    assert test["bits_per_dim"] is not None and len(test["kl_per_dim"]) == 10
+    assert test["neg_elbo"] == pytest.approx(test["recon"] + test["kl"])
+
+    a = utils.load_checkpoint(straight / "checkpoint.pt")
+    b = utils.load_checkpoint(split / "checkpoint.pt")
+    assert b["step"] == a["step"] == 16
+    losses = [r["loss"] for r in a["log"]]
+    assert losses[-1] < 0.7 * losses[0]                     # it learns
+    # a resumed run is the uninterrupted run: same batches, same noise, same weights
+    assert [r["loss"] for r in b["log"]] == losses
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path, script):
+    proc = script("standard_vae.py", "--dataset", "cifar10", "--data-root", tmp_path,
+                  "--out", tmp_path / "out", check=False)
+    assert proc.returncode == 1
+    assert str(tmp_path / "cifar-10-batches-py") in proc.stderr
+    assert "--dataset dsprites" in proc.stderr and "Traceback" not in proc.stderr
