@@ -289,26 +289,26 @@ RESUME_FLAGS = ("epochs", "max_steps", "device", "out", "resume", "compile", "no
                 "log_every", "eval_limit", "iw_samples", "data_root")
 
 
-def resume_args(args, state):
-    saved = dict(state["args"])
-    saved.update({k: getattr(args, k) for k in RESUME_FLAGS if hasattr(args, k)})
-    return argparse.Namespace(**saved)
-
-
 def build_model(args, channels, image_size):
     return VAE(channels, image_size, args.latent, default_widths(image_size, args.width),
                args.hidden, args.recon, args.sigma)
 
 
-def main(args):
-    timer = utils.Timer()
-    args = check_args(args)
+def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl")):
+    """Train a VAE; also the loop of beta_vae.py, which differs only in `loss_fn`.
+
+    `loss_fn(x, logits, mu, logvar, step, model)` returns the named terms; `terms["loss"]` is
+    minimised. Data stay on the device, losses are summed there and read every --log-every
+    steps, the held-out -ELBO is scored and a checkpoint written at every epoch end, and
+    SIGINT/SIGTERM save the current step. `--resume` restores model, optimiser, step, logs and
+    RNG, so the run continues exactly. Returns None if stopped by a signal, else the run state.
+    """
     out = utils.prepare_out(args.out)
     state = None
     if args.resume:
         state = utils.load_checkpoint(out / "checkpoint.pt")
-        utils.check_checkpoint_kind(state, out / "checkpoint.pt", "standard_vae")
-        args = resume_args(args, state)
+        utils.check_checkpoint_kind(state, out / "checkpoint.pt", kind)
+        args = utils.resume_args(args, state, RESUME_FLAGS)
     device = utils.get_device(args.device)
     utils.seed_everything(args.seed)
 
@@ -324,6 +324,7 @@ def main(args):
         opt.load_state_dict(state["optimizer"])
         step, log, history = state["step"], state["log"], state["history"]
         utils.set_rng_state(state["rng"])
+    first_step = step
     total = len(batches) * args.epochs
     if args.max_steps is not None:
         total = min(total, args.max_steps)
@@ -331,40 +332,31 @@ def main(args):
 
     def checkpoint():
         utils.save_checkpoint(out / "checkpoint.pt", {
-            "kind": "standard_vae", "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "kind": kind, "model": model.state_dict(), "optimizer": opt.state_dict(),
             "args": vars(args), "step": step, "epoch": step // len(batches), "log": log,
             "history": history, "rng": utils.rng_state(),
             "data": {"channels": train.channels, "image_size": train.image_size}})
 
-    running, count = torch.zeros(3, device=device), 0
-    train_time, t0 = 0.0, time.perf_counter()
-
     def read_running():
-        """The one host-device sync: mean loss terms since the last read."""
-        nonlocal running, count
-        if count == 0:
-            return None
-        loss, recon, kl = (running / count).tolist()
-        utils.check_finite({"loss": loss, "recon": recon, "kl": kl}, step, out)
-        log.append({"step": step, "loss": loss, "recon": recon, "kl": kl})
-        running.zero_()
-        count = 0
-        return log[-1]
+        r = running.read(step, out)
+        if r is not None:
+            log.append(r)
+        return r
 
-    bar = tqdm(total=total, initial=step, desc="standard_vae", unit="step", dynamic_ncols=True)
+    running = utils.RunningMean()
+    train_time, t0 = 0.0, time.perf_counter()
+    bar = tqdm(total=total, initial=step, desc=kind, unit="step", dynamic_ncols=True)
     with utils.StopSignal() as stop:
         while step < total and not stop.requested:
             epoch, start = divmod(step, len(batches))
             for x in batches.epoch(epoch, start):
                 with utils.autocast(device, not args.no_amp):
                     logits, mu, logvar = fwd(x)
-                terms = vae_loss(x, logits, mu, logvar, args.recon, model.log_sigma,
-                                 kl_weight(step, args.kl_warmup), args.free_bits)
+                terms = loss_fn(x, logits, mu, logvar, step, model)
                 opt.zero_grad(set_to_none=True)
                 terms["loss"].backward()
                 opt.step()
-                running += torch.stack([terms["loss"], terms["recon"], terms["kl"]]).detach()
-                count += 1
+                running.add({k: terms[k] for k in log_keys})
                 step += 1
                 bar.update(1)
                 if step % args.log_every == 0:
@@ -388,18 +380,39 @@ def main(args):
         print(f"stopped at step {step}; checkpoint saved to {out / 'checkpoint.pt'}; "
               "continue with --resume")
         return None
+    return argparse.Namespace(
+        args=args, model=model, train=train, test=test, device=device, out=out, log=log,
+        history=history, step=step, epochs=step / len(batches), train_time=train_time,
+        images_per_s=(step - first_step) * args.batch_size / max(train_time, 1e-9))
 
-    final = evaluate(model, test.images, args, test.binary, device, args.iw_samples)
-    save_images(model, test.images, out, device, args.seed)
-    plot_history(log, history, out)
+
+def run_metrics(run, final, timer, **extra):
+    """What metrics.json holds for a VAE run."""
+    return {"test": final, "steps": run.step, "epochs": run.epochs, **extra,
+            "train_images": len(run.train), "device": str(run.device),
+            "train_time_s": run.train_time, "wall_time_s": timer(),
+            "images_per_s": run.images_per_s, "torch": torch.__version__,
+            "args": vars(run.args)}
+
+
+def main(args):
+    timer = utils.Timer()
+    args = check_args(args)
+
+    def loss_fn(x, logits, mu, logvar, step, model):
+        return vae_loss(x, logits, mu, logvar, args.recon, model.log_sigma,
+                        kl_weight(step, args.kl_warmup), args.free_bits)
+
+    run = fit(args, "standard_vae", build_model, loss_fn)
+    if run is None:
+        return None
+    args, model, out = run.args, run.model, run.out
+    final = evaluate(model, run.test.images, args, run.test.binary, run.device, args.iw_samples)
+    save_images(model, run.test.images, out, run.device, args.seed)
+    plot_history(run.log, run.history, out)
     utils.plot_bars(final["kl_per_dim"], out / "kl_per_dim.png",
                     title="held-out KL per latent dimension")
-    trained = step - (state["step"] if state else 0)
-    metrics = {"test": final, "steps": step, "epochs": step / len(batches),
-               "train_images": len(train), "device": str(device),
-               "train_time_s": train_time, "wall_time_s": timer(),
-               "images_per_s": trained * args.batch_size / max(train_time, 1e-9),
-               "torch": torch.__version__, "args": vars(args)}
+    metrics = run_metrics(run, final, timer)
     utils.write_json(out / "metrics.json", metrics)
     iw = f", IW-NLL (K={args.iw_samples}) {final['iw_nll']:.2f}" if "iw_nll" in final else ""
     print(f"held-out -ELBO {final['neg_elbo']:.2f} nats{iw}; active units "

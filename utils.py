@@ -622,14 +622,51 @@ def _json_default(x):
 
 def check_finite(terms, step, out):
     """Stop the run when a loss term is NaN or infinite; the last checkpoint is left untouched."""
-    bad = {k: v for k, v in terms.items() if not math.isfinite(v)}
-    if bad:
+    if not all(math.isfinite(v) for v in terms.values()):
         named = ", ".join(f"{k}={v}" for k, v in terms.items())
         ckpt = Path(out) / "checkpoint.pt"
         last = f"the last good checkpoint {ckpt} is untouched" if ckpt.exists() \
             else "no checkpoint had been written yet"
         raise UserError(f"non-finite loss at step {step} ({named}); stopping. {last}; "
                         "try a lower --lr")
+
+
+class RunningMean:
+    """Sums named loss terms (scalars or vectors) on the device, with no host-device sync.
+
+    `read()` is the one sync per log interval: it returns the means since the last read as
+    Python numbers (vectors as lists) and stops the run if a scalar term is not finite.
+    """
+
+    def __init__(self):
+        self.sums, self.shapes, self.count = None, None, 0
+
+    def add(self, terms):
+        flat = torch.cat([t.detach().float().reshape(-1) for t in terms.values()])
+        if self.sums is None:
+            self.sums = torch.zeros_like(flat)
+            self.shapes = {k: t.numel() if t.dim() else 0 for k, t in terms.items()}
+        self.sums += flat
+        self.count += 1
+
+    def read(self, step, out):
+        if self.count == 0:
+            return None
+        values, i, result = (self.sums / self.count).tolist(), 0, {"step": step}
+        for k, n in self.shapes.items():
+            result[k] = values[i] if n == 0 else values[i:i + n]
+            i += max(n, 1)
+        check_finite({k: v for k, v in result.items() if isinstance(v, float)}, step, out)
+        self.sums.zero_()
+        self.count = 0
+        return result
+
+
+def resume_args(args, state, flags):
+    """The saved run's args, with only the flags in `flags` taken from the command line."""
+    saved = dict(state["args"])
+    saved.update({k: getattr(args, k) for k in flags if hasattr(args, k)})
+    return argparse.Namespace(**saved)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -723,3 +760,34 @@ class StopSignal:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         return False
+
+
+def save_labelled_rows(images, labels, path, gap_every=None):
+    """Save a (rows, cols, C, H, W) float batch in [0, 1] as a grid with one text label per row.
+
+    `gap_every` puts a wider gap after every that many columns (to separate seed images).
+    """
+    tv = import_torchvision()
+    plt = _pyplot()
+    rows, cols = images.shape[:2]
+    grid = tv.utils.make_grid(images.flatten(0, 1).detach().float().clamp(0, 1).cpu(),
+                              nrow=cols, padding=2, pad_value=1.0)        # (3, H', W')
+    pixels = grid.permute(1, 2, 0).numpy()
+    if gap_every:
+        w = images.shape[-1] + 2
+        blocks = [pixels[:, i * w:(i + gap_every) * w] for i in range(0, cols, gap_every)]
+        sep = np.ones((pixels.shape[0], 6, 3), pixels.dtype)
+        pixels = np.concatenate(sum(([b, sep] for b in blocks), [])[:-1], axis=1)
+    height, width = pixels.shape[:2]
+    dpi = 100
+    label_w = 110
+    fig = plt.figure(figsize=((width + label_w) / dpi * 2, height / dpi * 2), dpi=dpi)
+    ax = fig.add_axes([label_w / (width + label_w), 0, width / (width + label_w), 1])
+    ax.imshow(pixels, interpolation="nearest")
+    ax.axis("off")
+    row_h = height / rows
+    for r, text in enumerate(labels):
+        fig.text(label_w / (width + label_w) - 0.005, 1 - (r + 0.5) * row_h / height, text,
+                 ha="right", va="center", fontsize=9, family="monospace")
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)

@@ -1,0 +1,175 @@
+"""beta-VAE: Higgins et al. 2017 (fixed beta) and Burgess et al. 2018 (capacity annealing).
+
+Higgins et al. weight the KL of the VAE objective by beta > 1 to favour factorised latents:
+
+    H:  loss = -E_q[log p(x|z)] + beta * KL(q(z|x) || p(z))                  (Higgins, eq. 4)
+
+Burgess et al. instead hold the KL near a capacity C that rises linearly from 0 to C_max, so
+the latents gain information one factor at a time:
+
+    B:  loss = -E_q[log p(x|z)] + gamma * |KL(q(z|x) || p(z)) - C(step)|     (Burgess, eq. 8)
+
+The encoder and decoder are those of the Standard VAE (standard_vae.py), sized as in Burgess et
+al.: four 4x4 stride-2 convolutions of 32 channels, FC 256, FC 256, 2 x latent outputs.
+
+    python beta_vae.py --dataset dsprites --latent 10 --epochs 30
+"""
+import argparse
+
+import torch
+
+import standard_vae as sv
+import utils
+
+# Published settings (Burgess et al. 2018, REFERENCE.md): C_max per dataset, in nats.
+C_MAX = {"dsprites": 25.0, "celeba": 50.0}
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules: pure functions of the global step, so evaluation cannot advance them and a resumed
+# run continues them exactly.
+# ----------------------------------------------------------------------------------------------
+def capacity(step, c_max, c_steps):
+    """C(step) = C_max * min(1, step / T): raised linearly from 0 to C_max over T steps."""
+    return c_max * min(1.0, step / c_steps) if c_steps > 0 else c_max
+
+
+def beta_at(step, beta, warmup):
+    """Linear beta warm-up: 0 at step 0, the full beta from step `warmup` on."""
+    return beta * min(1.0, step / warmup) if warmup > 0 else beta
+
+
+def beta_vae_loss(x, logits, mu, logvar, step, args, log_sigma=None):
+    """The objective of `args.objective` at `step`, with the named terms (all fp32, nats)."""
+    recon = -sv.log_likelihood(x, logits, args.recon, log_sigma).mean()
+    kl_dims = sv.gaussian_kl(mu.float(), logvar.float()).mean(0)          # (latent,)
+    kl = kl_dims.sum()
+    if args.objective == "H":
+        beta = beta_at(step, args.beta, args.beta_warmup)
+        c = 0.0
+        loss = recon + beta * kl                                           # Higgins, eq. 4
+    else:
+        beta = args.gamma
+        c = capacity(step, args.c_max, args.c_steps)
+        loss = recon + args.gamma * (kl - c).abs()                         # Burgess, eq. 8
+    return {"loss": loss, "recon": recon, "kl": kl, "kl_dims": kl_dims,
+            "capacity": c, "beta": beta}
+
+
+# ----------------------------------------------------------------------------------------------
+# Latent traversals
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def latent_traversal(model, x, dims, span=3.0, steps=7):
+    """Decode each seed's posterior mean with one latent swept over [-span, span].
+
+    Returns (len(dims), seeds * steps, C, H, W): one row per latent dimension in `dims`.
+    """
+    was_training = model.training
+    model.eval()
+    mu, _ = model.encoder(x)                                               # (S, D)
+    z = mu[None, :, None, :].repeat(len(dims), 1, steps, 1)                # (R, S, T, D)
+    sweep = torch.linspace(-span, span, steps, device=mu.device)
+    for row, d in enumerate(dims):
+        z[row, :, :, d] = sweep
+    images = model.mean_image(model.decoder(z.flatten(0, 2)))              # (R*S*T, C, H, W)
+    model.train(was_training)
+    return images.view(len(dims), len(x) * steps, *images.shape[1:])
+
+
+def save_traversal(model, images, kl_per_dim, path, seeds=3, steps=7, span=3.0):
+    """traversal.png: one row per latent, ordered by KL (largest first), KL printed beside it."""
+    device = next(model.parameters()).device
+    x = images[:seeds].to(device).float() / 255
+    kl = torch.as_tensor(kl_per_dim)
+    order = torch.argsort(kl, descending=True).tolist()
+    grid = latent_traversal(model, x, order, span, steps)
+    labels = [f"z{d:<2d} KL {kl[d]:5.2f}" for d in order]
+    utils.save_labelled_rows(grid, labels, path, gap_every=steps)
+    return order
+
+
+def plot_kl_per_dim(log, path, args):
+    """kl_per_dim.png: each latent's KL and the total over training (sparse dims stay flat)."""
+    steps = [r["step"] for r in log]
+    curves = {f"z{d}": (steps, [r["kl_dims"][d] for r in log])
+              for d in range(len(log[0]["kl_dims"]))}
+    curves["total KL"] = (steps, [r["kl"] for r in log])
+    if args.objective == "B":
+        curves["capacity C"] = (steps, [capacity(s, args.c_max, args.c_steps) for s in steps])
+    utils.plot_curves(curves, path, xlabel="step", title="KL per latent dimension (nats)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    utils.add_common_args(p, latent=10, lr=5e-4, batch_size=64, epochs=30)
+    p.add_argument("--objective", default="B", choices=("H", "B"),
+                   help="H: recon + beta*KL (Higgins); B: recon + gamma*|KL - C| (Burgess)")
+    p.add_argument("--beta", type=float, default=4.0, help="beta of objective H")
+    p.add_argument("--beta-warmup", type=int, default=0,
+                   help="steps of linear beta warm-up from 0 (objective H; 0 = none)")
+    p.add_argument("--gamma", type=float, default=1000.0, help="gamma of objective B")
+    p.add_argument("--c-max", type=float, default=None,
+                   help="final capacity in nats (default: 25 on dsprites, 50 on celeba, "
+                        "else 25)")
+    p.add_argument("--c-steps", type=int, default=100_000,
+                   help="steps over which C rises linearly from 0 to --c-max")
+    p.add_argument("--recon", default="bce", choices=("bce", "mse"),
+                   help="decoder likelihood: bce = Bernoulli, mse = Gaussian")
+    p.add_argument("--sigma", default="learned",
+                   help="Gaussian decoder std: 'learned' or a number (--recon mse)")
+    p.add_argument("--hidden", type=int, default=256, help="units of the FC layers")
+    p.add_argument("--iw-samples", type=int, default=0,
+                   help="importance samples of a final IW-NLL (0 = skip)")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    utils.check_common_args(args, "beta_vae")
+    if args.c_max is None:
+        args.c_max = C_MAX.get(args.dataset, 25.0)
+    if args.beta < 0 or args.gamma < 0 or args.c_max < 0:
+        raise utils.UserError("--beta, --gamma and --c-max must be >= 0")
+    if args.c_steps < 0 or args.beta_warmup < 0 or args.iw_samples < 0:
+        raise utils.UserError("--c-steps, --beta-warmup and --iw-samples must be >= 0")
+    args.binarize = False            # read by standard_vae.evaluate
+    return args
+
+
+def build_model(args, channels, image_size):
+    """The Burgess et al. architecture: 32 channels in every conv layer, FC `hidden`."""
+    n_convs = len(sv.default_widths(image_size))
+    return sv.VAE(channels, image_size, args.latent, [32] * n_convs, args.hidden, args.recon,
+                  args.sigma)
+
+
+def main(args):
+    timer = utils.Timer()
+    args = check_args(args)
+
+    def loss_fn(x, logits, mu, logvar, step, model):
+        return beta_vae_loss(x, logits, mu, logvar, step, args, model.log_sigma)
+
+    run = sv.fit(args, "beta_vae", build_model, loss_fn, ("loss", "recon", "kl", "kl_dims"))
+    if run is None:
+        return None
+    args, model, out, test = run.args, run.model, run.out, run.test
+    final = sv.evaluate(model, test.images, args, test.binary, run.device, args.iw_samples)
+    sv.save_images(model, test.images, out, run.device, args.seed)
+    sv.plot_history(run.log, run.history, out)
+    plot_kl_per_dim(run.log, out / "kl_per_dim.png", args)
+    order = save_traversal(model, test.images, final["kl_per_dim"], out / "traversal.png")
+    c = capacity(run.step, args.c_max, args.c_steps) if args.objective == "B" else None
+    metrics = sv.run_metrics(run, final, timer, capacity=c, latents_by_kl=order)
+    utils.write_json(out / "metrics.json", metrics)
+    print(f"held-out -ELBO {final['neg_elbo']:.2f} nats, KL {final['kl']:.2f}; active units "
+          f"{final['active_units']}/{args.latent}; outputs in {out}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,218 @@
+"""Analyse a trained beta-VAE: latent traversals and disentanglement metrics on dSprites.
+
+The model is rebuilt from the checkpoint alone (its stored args); nothing is retyped.
+
+    python beta_vae_analyze.py --checkpoint runs/beta_vae_dsprites/checkpoint.pt --traverse --metrics
+
+Metrics follow the protocol of disentanglement_lib (Locatello et al. 2019), with the
+representation taken as the posterior mean and the factors shape, scale, orientation, posX, posY:
+- MIG (Chen et al. 2018): each latent discretised into 20 equal-width bins; plug-in mutual
+  information with each factor; the gap between the two most informative latents, divided by the
+  factor's entropy, averaged over factors.
+- FactorVAE score (Kim & Mnih 2018): latents scaled by their std (those with std < 0.05 dropped);
+  each vote fixes one factor for 64 images and names the latent of least normalised variance; a
+  majority-vote classifier trained on 10,000 votes is scored on 5,000 more.
+"""
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import beta_vae
+import utils
+
+# dSprites factors scored by the protocol (colour has a single value and is left out)
+DSPRITES_SCORED = (1, 2, 3, 4, 5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Disentanglement metrics, from their definitions
+# ----------------------------------------------------------------------------------------------
+def discretize(codes, bins=20):
+    """Each column into `bins` equal-width bins over its range (histogram edges). (N, D) int."""
+    out = np.empty(codes.shape, np.int64)
+    for j in range(codes.shape[1]):
+        edges = np.histogram(codes[:, j], bins)[1]
+        out[:, j] = np.digitize(codes[:, j], edges[:-1])
+    return out
+
+
+def mutual_information(a, b):
+    """Plug-in estimate of I(a; b) in nats for two discrete label vectors."""
+    _, a = np.unique(a, return_inverse=True)
+    _, b = np.unique(b, return_inverse=True)
+    joint = np.zeros((a.max() + 1, b.max() + 1))
+    np.add.at(joint, (a, b), 1)
+    joint /= joint.sum()
+    pa, pb = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
+    nz = joint > 0
+    return float((joint[nz] * np.log(joint[nz] / (pa @ pb)[nz])).sum())
+
+
+def mig(codes, factors, bins=20):
+    """Mutual Information Gap (Chen et al. 2018, eq. 6) of codes (N, D) for factors (N, K).
+
+    Returns the score and the (D, K) mutual-information matrix."""
+    z = discretize(codes, bins)
+    mi = np.array([[mutual_information(z[:, j], factors[:, k]) for k in range(factors.shape[1])]
+                   for j in range(z.shape[1])])                          # (D, K)
+    entropy = np.array([mutual_information(f, f) for f in factors.T])   # H(v_k) = I(v_k; v_k)
+    top2 = np.sort(mi, axis=0)[::-1][:2] if mi.shape[0] > 1 else np.vstack([mi, 0 * mi])
+    return float(np.mean((top2[0] - top2[1]) / entropy)), mi
+
+
+def factor_vae_score(represent, sample_factors, rng, n_train=10_000, n_eval=5_000,
+                     batch=64, n_global=10_000, min_std=0.05):
+    """FactorVAE metric (Kim & Mnih 2018, section 4).
+
+    `sample_factors(n, rng)` draws (n, K) factor classes of the scored factors;
+    `represent(factors)` returns the (n, D) representations of images with those factors.
+    Returns the evaluation accuracy, the training accuracy and the kept latents.
+    """
+    global_var = np.var(represent(sample_factors(n_global, rng)), axis=0, ddof=1)
+    active = np.sqrt(global_var) >= min_std
+    if not active.any():
+        return 0.0, 0.0, active
+
+    def votes(n):
+        """(n, 2) pairs (fixed factor, latent of least normalised variance), and K."""
+        fixed, groups = [], []
+        for _ in range(n):
+            f = sample_factors(batch, rng)                                # (batch, K)
+            k = rng.integers(f.shape[1])
+            f[:, k] = f[0, k]
+            fixed.append(k)
+            groups.append(f)
+        reps = represent(np.concatenate(groups)).reshape(n, batch, -1)    # (n, batch, D)
+        local_var = np.var(reps, axis=1, ddof=1)[:, active] / global_var[active]
+        return np.stack([np.array(fixed), local_var.argmin(1)], 1), groups[0].shape[1]
+
+    train, n_factors = votes(n_train)
+    counts = np.zeros((int(active.sum()), n_factors), np.int64)           # (latent, factor)
+    np.add.at(counts, (train[:, 1], train[:, 0]), 1)
+    classifier = counts.argmax(1)                                         # latent -> factor
+    train_acc = counts.max(1).sum() / n_train
+    test, _ = votes(n_eval)
+    eval_acc = float(np.mean(classifier[test[:, 1]] == test[:, 0]))
+    return eval_acc, float(train_acc), active
+
+
+# ----------------------------------------------------------------------------------------------
+# The model and dSprites
+# ----------------------------------------------------------------------------------------------
+def load_model(path, device):
+    """Rebuild a beta-VAE (or Standard VAE) from its checkpoint's stored args."""
+    state = utils.load_checkpoint(path, map_location=device)
+    if state.get("kind") not in ("beta_vae", "standard_vae"):
+        utils.check_checkpoint_kind(state, path, "beta_vae")
+    args = argparse.Namespace(**state["args"])
+    data = state["data"]
+    if state["kind"] == "beta_vae":
+        model = beta_vae.build_model(args, data["channels"], data["image_size"])
+    else:
+        import standard_vae
+        model = standard_vae.build_model(args, data["channels"], data["image_size"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise utils.CheckpointError(f"{path} does not fit the model its args describe: "
+                                    f"{str(e).splitlines()[0]}") from None
+    return model.to(device).eval(), args, state
+
+
+def dsprites_encoder(model, root, device, chunk=4096):
+    """represent(classes of the scored factors) -> posterior means (n, D), as numpy."""
+    @torch.no_grad()
+    def represent(factors):
+        classes = np.zeros((len(factors), 6), np.int64)
+        classes[:, list(DSPRITES_SCORED)] = factors
+        index = torch.from_numpy(classes) @ torch.tensor(utils.DSPRITES_STRIDES)
+        out = []
+        for start in range(0, len(index), chunk):
+            x = utils.dsprites_images(root, index[start:start + chunk])
+            out.append(model.encoder(x.to(device).float() / 255)[0].cpu())
+        return torch.cat(out).numpy()
+    return represent
+
+
+def sample_dsprites_factors(n, rng):
+    """Uniform, independent draws of the scored factors' classes (n, 5)."""
+    sizes = [utils.DSPRITES_SIZES[i] for i in DSPRITES_SCORED]
+    return np.stack([rng.integers(s, size=n) for s in sizes], 1)
+
+
+def compute_metrics(model, args, data_root, device, seed, n_points=10_000, n_train=10_000,
+                    n_eval=5_000):
+    if args.dataset != "dsprites":
+        raise utils.UserError(f"--metrics needs a model trained on dsprites (the ground-truth "
+                              f"factors); this one was trained on {args.dataset}")
+    rng = np.random.default_rng(seed)
+    represent = dsprites_encoder(model, data_root, device)
+    factors = sample_dsprites_factors(n_points, rng)
+    score, mi = mig(represent(factors), factors)
+    fvae, fvae_train, active = factor_vae_score(represent, sample_dsprites_factors, rng,
+                                                n_train, n_eval, n_global=n_points)
+    names = [utils.DSPRITES_FACTORS[i] for i in DSPRITES_SCORED]
+    return {"mig": score, "factor_vae": fvae, "factor_vae_train_accuracy": fvae_train,
+            "active_latents": np.flatnonzero(active).tolist(),
+            "mutual_information": {f"z{j}": dict(zip(names, row)) for j, row in
+                                   enumerate(mi.tolist())},
+            "protocol": {"points": n_points, "bins": 20, "train_votes": n_train,
+                         "eval_votes": n_eval, "batch": 64, "min_std": 0.05,
+                         "factors": names, "representation": "posterior mean", "seed": seed}}
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a beta_vae.py checkpoint.pt")
+    p.add_argument("--data-root", default=None,
+                   help="where the data are (default: the training run's --data-root)")
+    p.add_argument("--out", default=None, help="output folder (default: the checkpoint's)")
+    p.add_argument("--traverse", action="store_true", help="draw traversal.png")
+    p.add_argument("--metrics", action="store_true",
+                   help="MIG and FactorVAE score on dsprites -> disentanglement.json")
+    p.add_argument("--points", type=int, default=10_000,
+                   help="points for MIG and the global variances")
+    p.add_argument("--train-votes", type=int, default=10_000, help="FactorVAE training votes")
+    p.add_argument("--eval-votes", type=int, default=5_000, help="FactorVAE evaluation votes")
+    p.add_argument("--seeds", type=int, default=3, help="seed images of the traversal")
+    p.add_argument("--span", type=float, default=3.0, help="traverse each latent over +-span")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--seed", type=int, default=0, help="random seed of the metrics")
+    return p.parse_args(argv)
+
+
+def main(args):
+    if not (args.traverse or args.metrics):
+        raise utils.UserError("nothing to do: pass --traverse and/or --metrics")
+    device = utils.get_device(args.device)
+    path = Path(args.checkpoint)
+    model, train_args, state = load_model(path, device)
+    root = args.data_root or train_args.data_root
+    out = utils.prepare_out(args.out or path.parent)
+    results = {}
+    if args.traverse:
+        test = utils.load_dataset(train_args.dataset, root, "test", 2000)
+        from standard_vae import evaluate
+        train_args.binarize = getattr(train_args, "binarize", False)
+        kl = evaluate(model, test.images, train_args, test.binary, device)["kl_per_dim"]
+        order = beta_vae.save_traversal(model, test.images, kl, out / "traversal.png",
+                                        seeds=args.seeds, span=args.span)
+        print(f"traversal.png written to {out} (latents by KL: {order})")
+    if args.metrics:
+        results = compute_metrics(model, train_args, root, device, args.seed, args.points,
+                                  args.train_votes, args.eval_votes)
+        results.update(checkpoint=str(path), step=state["step"])
+        utils.write_json(out / "disentanglement.json", results)
+        print(f"MIG {results['mig']:.3f}, FactorVAE score {results['factor_vae']:.3f} "
+              f"-> {out / 'disentanglement.json'}")
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,158 @@
+"""beta-VAE objectives and schedules, disentanglement metrics on synthetic codes, end to end."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import beta_vae as bv
+import beta_vae_analyze as ba
+import standard_vae as sv
+import utils
+
+
+# ---- schedules and objectives ------------------------------------------------------------------
+def test_capacity_schedule_gives_published_values():
+    # Burgess et al. 2018 on dSprites: C rises linearly from 0 to 25 nats over 100,000 steps
+    assert bv.capacity(0, 25.0, 100_000) == 0.0
+    assert bv.capacity(50_000, 25.0, 100_000) == 12.5
+    assert bv.capacity(100_000, 25.0, 100_000) == 25.0
+    assert bv.capacity(250_000, 25.0, 100_000) == 25.0
+    assert bv.beta_at(0, 4.0, 1000) == 0.0
+    assert bv.beta_at(500, 4.0, 1000) == 2.0
+    assert bv.beta_at(10**6, 4.0, 1000) == 4.0
+    assert bv.beta_at(0, 4.0, 0) == 4.0
+
+
+def test_defaults_are_the_published_settings():
+    args = bv.check_args(bv.parse_args(["--dataset", "dsprites"]))
+    assert (args.objective, args.gamma, args.c_max, args.c_steps) == ("B", 1000.0, 25.0, 100_000)
+    assert (args.lr, args.batch_size, args.latent) == (5e-4, 64, 10)
+    model = bv.build_model(args, 1, 64)
+    convs = [m for m in model.encoder.convs if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32] * 4
+    assert all(c.kernel_size == (4, 4) and c.stride == (2, 2) for c in convs)
+    fcs = [m for m in model.encoder.fc if isinstance(m, torch.nn.Linear)]
+    assert [f.out_features for f in fcs] == [256, 256, 20]
+
+
+def test_objectives_match_a_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    x = torch.bernoulli(torch.full((4, 1, 8, 8), 0.3), generator=g)
+    logits, mu, logvar = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 3, generator=g), \
+        torch.randn(4, 3, generator=g)
+    recon = -sv.log_likelihood(x, logits, "bce").mean()
+    kl = sv.gaussian_kl(mu, logvar).sum(1).mean()
+    args = bv.check_args(bv.parse_args(["--objective", "B", "--c-max", "20", "--c-steps", "100"]))
+    terms = bv.beta_vae_loss(x, logits, mu, logvar, 30, args)
+    torch.testing.assert_close(terms["loss"], recon + 1000 * (kl - 6.0).abs())
+    assert terms["capacity"] == pytest.approx(6.0)
+    args = bv.check_args(bv.parse_args(["--objective", "H", "--beta", "4", "--beta-warmup", "10"]))
+    torch.testing.assert_close(bv.beta_vae_loss(x, logits, mu, logvar, 5, args)["loss"],
+                               recon + 2.0 * kl)
+    torch.testing.assert_close(terms["kl_dims"].sum(), kl)
+
+
+def test_traversal_rows_sweep_one_latent_each():
+    torch.manual_seed(0)
+    model = sv.VAE(1, 28, 4, [8, 8], hidden=16).eval()
+    x = torch.rand(2, 1, 28, 28)
+    grid = bv.latent_traversal(model, x, [2, 0], span=2.0, steps=3)
+    assert grid.shape == (2, 6, 1, 28, 28)
+    with torch.no_grad():
+        mu = model.encoder(x)[0]
+        z = mu[1].clone()
+        z[0] = 2.0                                   # row 1 sweeps z0; seed 1, last step (+2)
+        expected = torch.sigmoid(model.decoder(z[None]))[0]
+    torch.testing.assert_close(grid[1, 5], expected)
+
+
+# ---- metrics on synthetic codes ----------------------------------------------------------------
+SIZES = (3, 6, 10, 16, 16)
+
+
+def sample_factors(n, rng, sizes=SIZES):
+    return np.stack([rng.integers(s, size=n) for s in sizes], 1)
+
+
+def normalised(f, sizes=SIZES):
+    return 2 * f / (np.array(sizes) - 1) - 1
+
+
+def test_mutual_information_matches_a_hand_computation():
+    a = np.array([0, 0, 1, 1])
+    assert ba.mutual_information(a, a) == pytest.approx(np.log(2))
+    assert ba.mutual_information(a, np.array([0, 1, 0, 1])) == pytest.approx(0.0)
+    # joint 1/2 on (0,0), 1/4 on (1,0), 1/4 on (1,1)
+    i = 0.5 * np.log(0.5 / (0.5 * 0.75)) + 0.25 * np.log(0.25 / (0.5 * 0.75)) \
+        + 0.25 * np.log(0.25 / (0.5 * 0.25))
+    assert ba.mutual_information(np.array([0, 0, 1, 1]), np.array([0, 0, 0, 1])) == \
+        pytest.approx(i)
+
+
+def test_mig_is_one_for_a_perfect_code_and_zero_for_shared_or_noise():
+    rng = np.random.default_rng(0)
+    f = sample_factors(10_000, rng)
+    perfect = ba.mig(normalised(f), f)[0]
+    shared = ba.mig(np.repeat(normalised(f), 2, axis=1), f)[0]      # each factor in two latents
+    noise = ba.mig(rng.normal(size=(10_000, 5)), f)[0]
+    q, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(5, 5)))
+    mixed = ba.mig(normalised(f) @ (0.6 * np.eye(5) + 0.4 * q), f)[0]
+    assert perfect > 0.99
+    assert shared == pytest.approx(0.0, abs=1e-9) and noise < 0.01
+    assert 0.05 < mixed < 0.9
+
+
+def test_factor_vae_score_is_one_axis_aligned_and_low_rotated():
+    rng = np.random.default_rng(0)
+    sizes = SIZES[1:]                                  # four factors
+    sample = lambda n, rng: sample_factors(n, rng, sizes)
+    aligned = lambda f: normalised(f, sizes) + 0.01 * rng.normal(size=f.shape)
+    hadamard = np.array([[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]]) / 2
+    rotated = lambda f: normalised(f, sizes) @ hadamard           # every latent mixes all
+    score, train_acc, active = ba.factor_vae_score(aligned, sample, rng, 1000, 500,
+                                                   n_global=5000)
+    assert score == 1.0 and train_acc == 1.0 and active.all()
+    assert ba.factor_vae_score(rotated, sample, rng, 1000, 500, n_global=5000)[0] < 0.45
+    # a latent with std < 0.05 is dropped; with none left the score is 0
+    dead = lambda f: 0.01 * normalised(f, sizes)
+    assert ba.factor_vae_score(dead, sample, rng, 10, 10, n_global=500)[0] == 0.0
+
+
+# ---- end to end --------------------------------------------------------------------------------
+def test_beta_vae_trains_resumes_exactly_and_is_analysed(tmp_path, script):
+    common = ["--dataset", "dsprites", "--data-root", tmp_path / "data", "--limit", 256,
+              "--batch-size", 32, "--eval-limit", 64, "--log-every", 2, "--device", "cpu",
+              "--c-steps", 100, "--latent", 4]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    script("beta_vae.py", *common, "--max-steps", 12, "--out", straight)
+    script("beta_vae.py", *common, "--max-steps", 6, "--out", split)
+    script("beta_vae.py", *common, "--max-steps", 12, "--out", split, "--resume")
+    for name in ("checkpoint.pt", "metrics.json", "history.json", "reconstructions.png",
+                 "samples.png", "losses.png", "kl_per_dim.png", "traversal.png"):
+        assert (straight / name).stat().st_size > 0, name
+    m = json.loads((split / "metrics.json").read_text())
+    assert m["steps"] == 12 and m["capacity"] == pytest.approx(bv.capacity(12, 25.0, 100))
+    a = utils.load_checkpoint(straight / "checkpoint.pt")
+    b = utils.load_checkpoint(split / "checkpoint.pt")
+    assert [r["loss"] for r in a["log"]] == [r["loss"] for r in b["log"]]
+    assert len(a["log"][0]["kl_dims"]) == 4
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+    proc = script("beta_vae_analyze.py", "--checkpoint", straight / "checkpoint.pt",
+                  "--traverse", "--metrics", "--points", 300, "--train-votes", 40,
+                  "--eval-votes", 20, "--out", tmp_path / "analysis")
+    assert "MIG" in proc.stdout
+    result = json.loads((tmp_path / "analysis" / "disentanglement.json").read_text())
+    assert 0 <= result["mig"] <= 1 and 0 <= result["factor_vae"] <= 1
+    assert set(result["mutual_information"]["z0"]) == {"shape", "scale", "orientation",
+                                                       "posX", "posY"}
+    assert (tmp_path / "analysis" / "traversal.png").stat().st_size > 0
+
+
+def test_analysis_refuses_a_damaged_checkpoint(tmp_path, script):
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"not a checkpoint")
+    proc = script("beta_vae_analyze.py", "--checkpoint", bad, "--traverse", check=False)
+    assert proc.returncode == 1 and "damaged" in proc.stderr and "Traceback" not in proc.stderr
