@@ -1,8 +1,14 @@
-"""Analyse a trained beta-VAE: latent traversals and disentanglement metrics on dSprites.
+"""Analyse a trained beta-VAE: attribute vectors, latent traversals, disentanglement metrics.
 
 The model is rebuilt from the checkpoint alone (its stored args); nothing is retyped.
 
+    python beta_vae_analyze.py --checkpoint runs/beta_vae_celeba/checkpoint.pt --attribute Smiling
     python beta_vae_analyze.py --checkpoint runs/beta_vae_dsprites/checkpoint.pt --traverse --metrics
+
+Attribute vector (latent arithmetic, as in White 2016 "Sampling generative networks" and the
+"smile vector"): the mean posterior mean of labelled images with the attribute minus that of
+images without it; adding alpha times it to an image's code and decoding moves the image along
+the attribute.
 
 Metrics follow the protocol of disentanglement_lib (Locatello et al. 2019), with the
 representation taken as the posterior mean and the factors shape, scale, orientation, posX, posY:
@@ -99,6 +105,155 @@ def factor_vae_score(represent, sample_factors, rng, n_train=10_000, n_eval=5_00
 
 
 # ----------------------------------------------------------------------------------------------
+# Attribute vectors
+# ----------------------------------------------------------------------------------------------
+def label_table(data):
+    """The labels as (N, F) with one name per column (MNIST/CIFAR classes become one column)."""
+    labels = data.labels if data.labels.dim() == 2 else data.labels[:, None]
+    return labels, list(data.label_names)
+
+
+def parse_label_value(data, name, value):
+    names = data.value_names.get(name)
+    if names and value in names:
+        return names.index(value)
+    try:
+        return int(value)
+    except ValueError:
+        hint = f" (one of {', '.join(names)} or a class number)" if names else ""
+        raise utils.UserError(f"bad value {value!r} for {name}{hint}") from None
+
+
+def select(data, spec):
+    """Boolean mask (N,) of images matching 'Name=value[,Name=value...]' (all must hold)."""
+    labels, names = label_table(data)
+    mask = torch.ones(len(labels), dtype=torch.bool)
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, value = part.partition("=")
+        if name not in names or not sep:
+            raise utils.UserError(f"bad condition {part!r}: use Name=value with Name one of "
+                                  f"{', '.join(names)}")
+        mask &= labels[:, names.index(name)] == parse_label_value(data, name, value)
+    return mask
+
+
+def attribute_groups(data, attribute, condition=""):
+    """Masks of the images with and without `attribute`, both restricted by `condition`.
+
+    'Smiling' (a binary attribute): 1 versus 0. 'shape=heart', 'digit=3': that value versus the
+    rest. 'scale' (an ordered factor, no value): the upper half of its values versus the lower.
+    """
+    labels, names = label_table(data)
+    name, sep, value = attribute.partition("=")
+    if name not in names:
+        raise utils.UserError(f"unknown attribute {name!r} for {data.name}; valid: "
+                              f"{', '.join(names)}")
+    column = labels[:, names.index(name)].long()
+    if sep:
+        positive = column == parse_label_value(data, name, value)
+        negative = ~positive
+    elif set(column.unique().tolist()) <= {0, 1} and data.name == "celeba":
+        positive, negative = column == 1, column == 0
+    elif data.name == "dsprites" and name != "shape":
+        middle = (utils.DSPRITES_SIZES[names.index(name)] - 1) / 2
+        positive, negative = column > middle, column < middle
+    else:
+        raise utils.UserError(f"{name} needs a value, e.g. {name}="
+                              f"{(data.value_names.get(name) or [1])[-1]}")
+    keep = select(data, condition)
+    return positive & keep, negative & keep
+
+
+@torch.no_grad()
+def posterior_means(model, images, device, batch=500):
+    return torch.cat([model.encoder(x)[0].cpu() for x in utils.iterate(images, batch, device)])
+
+
+def attribute_vector(mu, positive, negative):
+    """mean mu(x | attribute) - mean mu(x | no attribute), over the given images."""
+    if positive.sum() == 0 or negative.sum() == 0:
+        raise utils.UserError(f"need images with and without the attribute; found "
+                              f"{int(positive.sum())} with and {int(negative.sum())} without "
+                              "(raise --n-images or loosen --condition)")
+    return mu[positive].mean(0) - mu[negative].mean(0)
+
+
+def parse_strengths(text):
+    """'start:stop:count' (inclusive, evenly spaced) or a comma list, e.g. '-1,0,0.5,1'."""
+    try:
+        if ":" in text:
+            start, stop, count = text.split(":")
+            return torch.linspace(float(start), float(stop), int(count))
+        return torch.tensor([float(v) for v in text.split(",")])
+    except ValueError:
+        raise utils.UserError(f"bad --strengths {text!r}: use start:stop:count or a comma "
+                              "list") from None
+
+
+@torch.no_grad()
+def apply_vector(model, x, vector, strengths):
+    """(B, 1 + len(strengths), C, H, W): the image, then decode(mu(x) + alpha * vector)."""
+    mu = model.encoder(x)[0]                                            # (B, D)
+    z = mu[:, None] + strengths.to(mu)[None, :, None] * vector.to(mu)   # (B, A, D)
+    decoded = model.mean_image(model.decoder(z.flatten(0, 1)))
+    return torch.cat([x[:, None], decoded.view(len(x), len(strengths), *x.shape[1:])], 1)
+
+
+def pick_images(args, train_args, root, data_test, negative_test):
+    """The images to edit: named by --images (file names for CelebA, test indices otherwise),
+    else the first --n-show test images without the attribute."""
+    if not args.images:
+        rows = torch.nonzero(negative_test).flatten()[:args.n_show]
+        names = [data_test.files[i] if data_test.files else f"test {i}" for i in rows.tolist()]
+        return data_test.images[rows], names
+    wanted = [w.strip() for w in args.images.split(",") if w.strip()]
+    if train_args.dataset != "celeba":
+        try:
+            rows = [int(w) for w in wanted]
+            return data_test.images[rows], [f"test {i}" for i in rows]
+        except (ValueError, IndexError):
+            raise utils.UserError(f"--images takes indices into the test split (0 to "
+                                  f"{len(data_test) - 1}) for {train_args.dataset}") from None
+    found = {}
+    for split in ("test", "valid", "train"):
+        data = data_test if split == "test" else utils.load_dataset(
+            "celeba", root, split, None, train_args.image_size, train_args.crop)
+        index = {f: i for i, f in enumerate(data.files)}
+        found.update({w: data.images[index[w]] for w in wanted if w in index and w not in found})
+        if len(found) == len(wanted):
+            break
+    missing = [w for w in wanted if w not in found]
+    if missing:
+        raise utils.UserError(f"--images not found in CelebA: {', '.join(missing)}")
+    return torch.stack([found[w] for w in wanted]), wanted
+
+
+def attribute_analysis(model, train_args, root, args, device, out):
+    size, crop = getattr(train_args, "image_size", 64), getattr(train_args, "crop", 148)
+    train = utils.load_dataset(train_args.dataset, root, "train", args.n_images, size, crop)
+    if train.labels is None:
+        raise utils.UserError(f"{train_args.dataset} has no labels to take attributes from")
+    positive, negative = attribute_groups(train, args.attribute, args.condition)
+    vector = attribute_vector(posterior_means(model, train.images, device), positive, negative)
+    test = utils.load_dataset(train_args.dataset, root, "test", args.n_images, size, crop)
+    _, negative_test = attribute_groups(test, args.attribute, args.condition)
+    images, names = pick_images(args, train_args, root, test, negative_test)
+    strengths = parse_strengths(args.strengths)
+    grid = apply_vector(model, images.to(device).float() / 255, vector.to(device), strengths)
+    tag = "".join(c if c.isalnum() or c in "_-" else "-" for c in args.attribute)
+    utils.save_labelled_rows(grid, names, out / f"attribute_{tag}.png", gap_every=1)
+    record = {"vector": vector, "attribute": args.attribute, "condition": args.condition,
+              "strengths": strengths, "n_positive": int(positive.sum()),
+              "n_negative": int(negative.sum()), "images": names}
+    torch.save(record, out / f"attribute_{tag}.pt")
+    print(f"{args.attribute}: vector from {record['n_positive']} images with and "
+          f"{record['n_negative']} without (norm {vector.norm():.2f}); "
+          f"strengths {[round(a, 3) for a in strengths.tolist()]}; "
+          f"wrote {out / f'attribute_{tag}.png'} and .pt")
+    return record
+
+
+# ----------------------------------------------------------------------------------------------
 # The model and dSprites
 # ----------------------------------------------------------------------------------------------
 def load_model(path, device):
@@ -173,6 +328,19 @@ def parse_args(argv=None):
     p.add_argument("--data-root", default=None,
                    help="where the data are (default: the training run's --data-root)")
     p.add_argument("--out", default=None, help="output folder (default: the checkpoint's)")
+    p.add_argument("--attribute", default=None,
+                   help="attribute vector: a CelebA attribute (e.g. Smiling), a dSprites factor "
+                        "(scale, shape=heart) or digit=3 on MNIST -> attribute_<name>.png")
+    p.add_argument("--condition", default="",
+                   help="restrict both groups, e.g. 'Male=0' for smiling women minus women")
+    p.add_argument("--n-images", type=int, default=5000,
+                   help="labelled training images the vector is averaged over")
+    p.add_argument("--images", default=None,
+                   help="images to edit: CelebA file names (000008.jpg,...) or test indices "
+                        "(default: the first --n-show test images without the attribute)")
+    p.add_argument("--n-show", type=int, default=6, help="images to edit when not named")
+    p.add_argument("--strengths", default="0:1.5:10",
+                   help="alphas: start:stop:count or a comma list; for negatives write --strengths=-1:1.5:11")
     p.add_argument("--traverse", action="store_true", help="draw traversal.png")
     p.add_argument("--metrics", action="store_true",
                    help="MIG and FactorVAE score on dsprites -> disentanglement.json")
@@ -188,16 +356,22 @@ def parse_args(argv=None):
 
 
 def main(args):
-    if not (args.traverse or args.metrics):
-        raise utils.UserError("nothing to do: pass --traverse and/or --metrics")
+    if not (args.traverse or args.metrics or args.attribute):
+        raise utils.UserError("nothing to do: pass --attribute NAME, --traverse and/or --metrics")
+    if args.n_images <= 0 or args.n_show <= 0:
+        raise utils.UserError("--n-images and --n-show must be positive")
     device = utils.get_device(args.device)
     path = Path(args.checkpoint)
     model, train_args, state = load_model(path, device)
     root = args.data_root or train_args.data_root
     out = utils.prepare_out(args.out or path.parent)
     results = {}
+    if args.attribute:
+        attribute_analysis(model, train_args, root, args, device, out)
     if args.traverse:
-        test = utils.load_dataset(train_args.dataset, root, "test", 2000)
+        test = utils.load_dataset(train_args.dataset, root, "test", 2000,
+                                  getattr(train_args, "image_size", 64),
+                                  getattr(train_args, "crop", 148))
         from standard_vae import evaluate
         train_args.binarize = getattr(train_args, "binarize", False)
         kl = evaluate(model, test.images, train_args, test.binary, device)["kl_per_dim"]

@@ -223,10 +223,11 @@ def evaluate(model, images, args, binary, device, iw_samples=0):
 def save_images(model, images, out, device, seed, n=32):
     """reconstructions.png (originals above their reconstructions) and samples.png."""
     model.eval()
-    x = images[:n].to(device).float() / 255
+    cols = min(8, n, len(images))
+    x = images[:min(n, len(images)) // cols * cols].to(device).float() / 255
     recon = model.mean_image(model.decoder(model.encoder(x)[0]))   # decode the posterior mean
-    pairs = torch.stack([x.view(-1, 8, *x.shape[1:]), recon.view(-1, 8, *x.shape[1:])], 1)
-    utils.save_grid(pairs.flatten(0, 2), out / "reconstructions.png", nrow=8)
+    pairs = torch.stack([x.view(-1, cols, *x.shape[1:]), recon.view(-1, cols, *x.shape[1:])], 1)
+    utils.save_grid(pairs.flatten(0, 2), out / "reconstructions.png", nrow=cols)
     gen = torch.Generator(device).manual_seed(seed)
     z = torch.randn(64, model.decoder.fc[0].in_features, device=device, generator=gen)
     utils.save_grid(model.mean_image(model.decoder(z)), out / "samples.png", nrow=8)
@@ -311,9 +312,12 @@ def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl")):
         args = utils.resume_args(args, state, RESUME_FLAGS)
     device = utils.get_device(args.device)
     utils.seed_everything(args.seed)
-
-    train = utils.load_dataset(args.dataset, args.data_root, "train", args.limit)
-    test = utils.load_dataset(args.dataset, args.data_root, "test", args.eval_limit)
+    if args.dataset == "celeba":
+        feature_size(args.image_size)             # refuse a bad size before decoding anything
+    train = utils.load_dataset(args.dataset, args.data_root, "train", args.limit,
+                               args.image_size, args.crop)
+    test = utils.load_dataset(args.dataset, args.data_root, "test", args.eval_limit,
+                              args.image_size, args.crop)
     model = build_model(args, train.channels, train.image_size).to(device)
     opt = utils.adam(model.parameters(), args.lr, device)
     batches = utils.DeviceBatches(train.images, args.batch_size, device, args.seed,

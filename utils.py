@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DATASETS = ("mnist", "cifar10", "dsprites")
+DATASETS = ("mnist", "cifar10", "celeba", "dsprites")
 
 
 class UserError(SystemExit):
@@ -87,6 +87,8 @@ class ImageSet:
     values: torch.Tensor | None = None          # (N, F) factor values (dSprites)
     label_names: list = field(default_factory=list)
     binary: bool = False                        # pixels are exactly 0 or 255
+    files: list = field(default_factory=list)   # file names, where the images have them
+    value_names: dict = field(default_factory=dict)   # {label: names of its classes}
 
     def __len__(self):
         return self.images.shape[0]
@@ -100,24 +102,34 @@ class ImageSet:
         return self.images.shape[1]
 
 
-def add_data_args(p):
-    p.add_argument("--dataset", default="dsprites", choices=DATASETS,
-                   help="training data (default: dsprites, rendered locally, works offline)")
+def add_data_args(p, dataset="dsprites"):
+    p.add_argument("--dataset", default=dataset, choices=DATASETS,
+                   help=f"training data (default: {dataset}; dsprites is rendered locally and "
+                        "works offline)")
     p.add_argument("--data-root", default="data", help="where datasets live (default: data)")
     p.add_argument("--limit", type=int, default=None,
                    help="use only the first N training images (default: all)")
+    p.add_argument("--image-size", type=int, default=64,
+                   help="CelebA: side of the resized centre crop (default: 64)")
+    p.add_argument("--crop", type=int, default=148,
+                   help="CelebA: side of the centre crop before resizing (default: 148)")
 
 
-def load_dataset(name, root, split, limit=None):
-    """Load `split` ('train' or 'test') of a dataset as an ImageSet."""
-    if split not in ("train", "test"):
-        raise UserError(f"unknown split {split!r}; use 'train' or 'test'")
+def load_dataset(name, root, split, limit=None, image_size=64, crop=148):
+    """Load `split` ('train', 'test'; CelebA also 'valid') of a dataset as an ImageSet."""
+    if split not in ("train", "valid", "test"):
+        raise UserError(f"unknown split {split!r}; use 'train', 'valid' or 'test'")
     if limit is not None and limit <= 0:
         raise UserError(f"--limit must be positive, got {limit}")
-    loaders = {"mnist": load_mnist, "cifar10": load_cifar10, "dsprites": load_dsprites}
-    if name not in loaders:
+    if name == "celeba":
+        data = load_celeba(Path(root), split, limit, image_size, crop)
+    elif name in ("mnist", "cifar10", "dsprites"):
+        if split == "valid":
+            raise UserError(f"{name} has no validation split; use 'train' or 'test'")
+        loader = {"mnist": load_mnist, "cifar10": load_cifar10, "dsprites": load_dsprites}[name]
+        data = loader(Path(root), split, limit)
+    else:
         raise UserError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
-    data = loaders[name](Path(root), split, limit)
     if len(data) == 0:
         raise UserError(f"the {split} split of {name} in {root} is empty")
     return data
@@ -150,9 +162,12 @@ def load_mnist(root, split, limit=None):
                 "get them with `python -c \"import torchvision; torchvision.datasets.MNIST("
                 f"'{root}', download=True)\"` on a machine with internet. "
                 "`--dataset dsprites` works offline.") from None
-    return _limit(ImageSet("mnist", ds.data.unsqueeze(1).contiguous(), ds.targets.clone()), limit)
+    return _limit(ImageSet("mnist", ds.data.unsqueeze(1).contiguous(), ds.targets.clone(),
+                           label_names=["digit"]), limit)
 
 
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                 "truck")
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
 
@@ -182,7 +197,195 @@ def load_cifar10(root, split, limit=None):
         images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         labels.append(np.asarray(batch["labels"], dtype=np.int64))
     return _limit(ImageSet("cifar10", torch.from_numpy(np.concatenate(images)),
-                           torch.from_numpy(np.concatenate(labels))), limit)
+                           torch.from_numpy(np.concatenate(labels)), label_names=["class"],
+                           value_names={"class": list(CIFAR_CLASSES)}), limit)
+
+
+# ---- CelebA -----------------------------------------------------------------------------------
+CELEBA_SPLITS = {"train": 0, "valid": 1, "test": 2}
+CELEBA_HELP = (
+    "Get CelebA's aligned images (img_align_celeba.zip) and list_attr_celeba.txt, "
+    "list_eval_partition.txt from the authors' page (mmlab.ie.cuhk.edu.hk/projects/CelebA.html) "
+    "or a mirror with the CSV layout (img_align_celeba/img_align_celeba/, list_attr_celeba.csv, "
+    "list_eval_partition.csv), and put them in {folder}. torchvision's CelebA(download=True) "
+    "often fails with a Google Drive 'quota exceeded' page, so download by hand. "
+    "`--dataset dsprites` works offline.")
+
+
+def celeba_files(root):
+    """Find CelebA under `root`/celeba or `root`, in the official or the mirror (CSV) layout.
+
+    Returns (image folder, attribute file, partition file)."""
+    candidates = [root / "celeba", root]
+    for folder in candidates:
+        official = (folder / "img_align_celeba", folder / "list_attr_celeba.txt",
+                    folder / "list_eval_partition.txt")
+        mirror = (folder / "img_align_celeba" / "img_align_celeba",
+                  folder / "list_attr_celeba.csv", folder / "list_eval_partition.csv")
+        for layout in (mirror, official):            # the mirror nests its images one deeper
+            if all(p.exists() for p in layout):
+                return layout
+    for folder in candidates:                         # say precisely what is missing
+        for layout in ((folder / "img_align_celeba" / "img_align_celeba",
+                        folder / "list_attr_celeba.csv", folder / "list_eval_partition.csv"),
+                       (folder / "img_align_celeba", folder / "list_attr_celeba.txt",
+                        folder / "list_eval_partition.txt")):
+            present = [p for p in layout if p.exists()]
+            if present and len(present) < 3:
+                missing = ", ".join(str(p) for p in layout if not p.exists())
+                raise DatasetNotFound(f"CelebA in {folder} is incomplete: missing {missing}. "
+                                      + CELEBA_HELP.format(folder=folder))
+    raise DatasetNotFound(f"CelebA not found: looked for {root / 'celeba' / 'img_align_celeba'} "
+                          "with list_attr_celeba.txt and list_eval_partition.txt (or the .csv "
+                          "mirror layout) in " + f"{root / 'celeba'} and {root}. "
+                          + CELEBA_HELP.format(folder=root / "celeba"))
+
+
+def read_celeba_attributes(path):
+    """(file names, attribute names, (N, 40) int8 in {0, 1}) from the .txt or .csv format."""
+    try:
+        lines = path.read_text().splitlines()
+        if path.suffix == ".csv":
+            names = lines[0].strip().split(",")[1:]
+            rows = [line.strip().split(",") for line in lines[1:] if line.strip()]
+        else:       # line 1: count; line 2: the names; then 'file  -1  1 ...', spacing varies
+            count, names = int(lines[0].split()[0]), lines[1].split()
+            rows = [line.split() for line in lines[2:] if line.strip()]
+            if len(rows) != count:
+                raise ValueError(f"header says {count} rows, found {len(rows)}")
+        files = [r[0] for r in rows]
+        values = np.array([[int(v) for v in r[1:]] for r in rows], np.int8)
+        if values.shape[1:] != (len(names),) or not np.isin(values, (-1, 1)).all():
+            raise ValueError("expected one -1/1 value per attribute on every row")
+    except (OSError, ValueError, IndexError) as e:
+        raise UserError(f"{path} is not a CelebA attribute file: {e}") from None
+    return files, names, (values > 0).astype(np.int8)
+
+
+def read_celeba_partition(path):
+    """{file name: 0 train / 1 valid / 2 test} from the .txt or .csv format."""
+    try:
+        lines = path.read_text().splitlines()
+        if path.suffix == ".csv":
+            lines = [line.replace(",", " ") for line in lines[1:]]
+        part = {f: int(p) for f, p in (line.split() for line in lines if line.strip())}
+        if not set(part.values()) <= {0, 1, 2}:
+            raise ValueError("partitions must be 0, 1 or 2")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not a CelebA partition file: {e}") from None
+    return part
+
+
+def _decode_celeba(job):
+    """Worker: decode, centre-crop and resize some JPEGs -> (n, 3, S, S) uint8, or an error."""
+    from PIL import Image, UnidentifiedImageError
+    paths, crop, size = job
+    out = np.empty((len(paths), 3, size, size), np.uint8)
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+                w, h = img.size
+                if min(w, h) < crop:
+                    return f"{path} is {w}x{h}, smaller than the {crop}x{crop} centre crop"
+                left, top = (w - crop) // 2, (h - crop) // 2
+                img = img.crop((left, top, left + crop, top + crop))
+                img = img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=None)
+                out[i] = np.asarray(img).transpose(2, 0, 1)
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            return f"cannot read image {path}: {e}"
+    return out
+
+
+class _InProcess:
+    """The executor interface, run in this process (one chunk needs no worker pool)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def map(self, fn, jobs):
+        return map(fn, jobs)
+
+
+def build_celeba_cache(folder, files, crop, size, cache, stamp, chunk=1000, workers=None):
+    """Decode every JPEG once into `cache` (N, 3, S, S) uint8 .npy, in parallel, resumably.
+
+    Finished chunks are recorded beside the partial file, so an interrupted build continues;
+    `stamp` (what the cache was made from) is written to cache.json before the cache appears.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+    from tqdm import tqdm
+    n = len(files)
+    partial = cache.with_name(cache.stem + ".partial.npy")
+    progress = cache.with_name(cache.stem + ".progress.json")
+    done = set()
+    if partial.exists() and progress.exists():
+        try:
+            meta = json.loads(progress.read_text())
+            if meta["files"] == n:
+                done = set(meta["done"])
+        except (ValueError, KeyError):
+            done = set()
+    if not done:
+        arr = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(n, 3, size, size))
+    else:
+        arr = np.load(partial, mmap_mode="r+")
+    todo = [i for i in range(0, n, chunk) if i not in done]
+    workers = min(workers or os.cpu_count() or 1, len(todo))
+    jobs = [([str(folder / f) for f in files[i:i + chunk]], crop, size) for i in todo]
+    with ProcessPoolExecutor(workers) if workers > 1 else _InProcess() as pool, \
+            tqdm(total=n, initial=n - sum(min(chunk, n - i) for i in todo),
+                 desc=f"decoding CelebA into {cache.name}", unit="img") as bar:
+        for i, block in zip(todo, pool.map(_decode_celeba, jobs)):
+            if isinstance(block, str):
+                raise UserError(block)
+            arr[i:i + len(block)] = block
+            arr.flush()
+            done.add(i)
+            progress.write_text(json.dumps({"files": n, "done": sorted(done)}))
+            bar.update(len(block))
+    del arr
+    cache.with_suffix(".json").write_text(json.dumps(stamp))
+    os.replace(partial, cache)
+    progress.unlink()
+
+
+def load_celeba(root, split, limit=None, image_size=64, crop=148):
+    """CelebA: official splits, the 40 attributes by name, centre crop `crop` -> `image_size`."""
+    if crop <= 0 or image_size <= 0 or image_size > crop:
+        raise UserError(f"--image-size {image_size} and --crop {crop} must be positive with "
+                        "the size at most the crop")
+    folder, attr_file, part_file = celeba_files(root)
+    files, names, attrs = read_celeba_attributes(attr_file)
+    partition = read_celeba_partition(part_file)
+    missing = [f for f in files if f not in partition]
+    if missing:
+        raise UserError(f"{part_file} lacks {len(missing)} images of {attr_file}, "
+                        f"e.g. {missing[0]}")
+    # cache named by crop and size, so changing either never reuses a stale cache
+    cache = attr_file.parent / f"celeba_cache_crop{crop}_{image_size}px.npy"
+    meta = cache.with_suffix(".json")
+    stamp = {"files": len(files), "first": files[0], "last": files[-1], "crop": crop,
+             "size": image_size}
+    if cache.exists() and (not meta.exists() or json.loads(meta.read_text()) != stamp):
+        cache.unlink()                   # made from other files: rebuild
+    if not cache.exists():
+        try:
+            build_celeba_cache(folder, files, crop, image_size, cache, stamp)
+        except OSError as e:
+            raise UserError(f"cannot write the CelebA cache {cache}: {e}") from None
+    rows = np.array([i for i, f in enumerate(files) if partition[f] == CELEBA_SPLITS[split]],
+                    np.int64)
+    if limit is not None:
+        rows = rows[:limit]
+    images = np.load(cache, mmap_mode="r")[rows]
+    data = ImageSet("celeba", torch.from_numpy(images), torch.from_numpy(attrs[rows]),
+                    label_names=names)
+    data.files = [files[i] for i in rows]
+    return data
 
 
 # ---- dSprites ---------------------------------------------------------------------------------
@@ -394,7 +597,8 @@ def load_dsprites(root, split, limit=None):
         index = index[:limit]
     classes = dsprites_classes(index)
     return ImageSet("dsprites", dsprites_images(root, index), classes, dsprites_values(classes),
-                    list(DSPRITES_FACTORS), binary=True)
+                    list(DSPRITES_FACTORS), binary=True,
+                    value_names={"shape": list(DSPRITES_SHAPES)})
 
 
 # ---- batches ----------------------------------------------------------------------------------
@@ -502,9 +706,9 @@ def prepare_out(out):
     return out
 
 
-def add_common_args(p, latent=10, lr=1e-3, batch_size=64, epochs=10):
+def add_common_args(p, latent=10, lr=1e-3, batch_size=64, epochs=10, dataset="dsprites"):
     """The command-line contract shared by the training scripts."""
-    add_data_args(p)
+    add_data_args(p, dataset)
     p.add_argument("--epochs", type=int, default=epochs, help=f"epochs (default: {epochs})")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many optimiser steps (default: no limit)")
@@ -537,6 +741,9 @@ def check_common_args(args, script):
         raise UserError(f"--max-steps must be positive, got {args.max_steps}")
     if args.lr <= 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
+    if args.dataset != "celeba" and (args.image_size, args.crop) != (64, 148):
+        raise UserError("--image-size and --crop apply to celeba only; the other datasets "
+                        "keep their native size")
     if args.eval_limit is not None and args.eval_limit <= 0:
         raise UserError(f"--eval-limit must be positive, got {args.eval_limit}")
     if args.out is None:

@@ -1,0 +1,192 @@
+"""CelebA on fixtures in both real layouts, and attribute arithmetic."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import beta_vae_analyze as ba
+import utils
+
+ATTRIBUTES = (
+    "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose "
+    "Black_Hair Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee "
+    "Gray_Hair Heavy_Makeup High_Cheekbones Male Mouth_Slightly_Open Mustache Narrow_Eyes "
+    "No_Beard Oval_Face Pale_Skin Pointy_Nose Receding_Hairline Rosy_Cheeks Sideburns Smiling "
+    "Straight_Hair Wavy_Hair Wearing_Earrings Wearing_Hat Wearing_Lipstick Wearing_Necklace "
+    "Wearing_Necktie Young").split()
+N = 36
+PARTITION = [0] * 24 + [1] * 6 + [2] * 6
+
+
+def face_colour(i):
+    return (40 + 5 * i, 200 - 4 * i, 90)
+
+
+def write_celeba(root, layout="official", n=N):
+    """A few dozen 178x218 JPEGs: red outside the 148x148 centre crop, a colour of their own
+    inside it; plus attribute and partition files in the exact real formats."""
+    if layout == "official":
+        folder, images = root / "celeba", root / "celeba" / "img_align_celeba"
+    else:
+        folder, images = root / "celeba", root / "celeba" / "img_align_celeba" / "img_align_celeba"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    attrs = rng.choice([-1, 1], size=(n, 40))
+    files = [f"{i + 1:06d}.jpg" for i in range(n)]
+    for i, name in enumerate(files):
+        img = np.zeros((218, 178, 3), np.uint8)
+        img[...] = (255, 0, 0)
+        top, left = (218 - 148) // 2, (178 - 148) // 2
+        img[top:top + 148, left:left + 148] = face_colour(i)
+        Image.fromarray(img).save(images / name, quality=95)
+    if layout == "official":
+        lines = [str(n), " ".join(ATTRIBUTES) + " "]
+        # the real file pads values to width 2 with spaces: "-1  1 -1 ..."
+        lines += [f"{f} " + " ".join(f"{v:2d}" for v in row) for f, row in zip(files, attrs)]
+        (folder / "list_attr_celeba.txt").write_text("\n".join(lines) + "\n")
+        (folder / "list_eval_partition.txt").write_text(
+            "".join(f"{f} {p}\n" for f, p in zip(files, PARTITION)))
+    else:
+        lines = ["image_id," + ",".join(ATTRIBUTES)]
+        lines += [f + "," + ",".join(str(v) for v in row) for f, row in zip(files, attrs)]
+        (folder / "list_attr_celeba.csv").write_text("\n".join(lines) + "\n")
+        (folder / "list_eval_partition.csv").write_text(
+            "image_id,partition\n" + "".join(f"{f},{p}\n" for f, p in zip(files, PARTITION)))
+    return files, (attrs > 0).astype(np.int8)
+
+
+@pytest.mark.parametrize("layout", ["official", "mirror"])
+def test_celeba_splits_attributes_crop_and_size(tmp_path, layout):
+    files, attrs = write_celeba(tmp_path, layout)
+    train = utils.load_dataset("celeba", tmp_path, "train", image_size=32)
+    valid = utils.load_dataset("celeba", tmp_path, "valid", image_size=32)
+    test = utils.load_dataset("celeba", tmp_path, "test", image_size=32)
+    assert (len(train), len(valid), len(test)) == (24, 6, 6)
+    assert train.images.shape == (24, 3, 32, 32) and train.images.dtype == torch.uint8
+    assert test.files == files[30:] and train.label_names == ATTRIBUTES
+    assert np.array_equal(test.labels.numpy(), attrs[30:])
+    for data, offset in ((train, 0), (test, 30)):
+        for i in (0, len(data) - 1):
+            pixels = data.images[i].float().mean((1, 2))    # the crop holds no red border
+            assert torch.allclose(pixels, torch.tensor(face_colour(offset + i)).float(), atol=3)
+    limited = utils.load_dataset("celeba", tmp_path, "train", limit=5, image_size=32)
+    assert torch.equal(limited.images, train.images[:5])
+
+
+def test_celeba_cache_is_reused_and_invalidated(tmp_path):
+    write_celeba(tmp_path)
+    utils.load_dataset("celeba", tmp_path, "test", image_size=32)
+    cache = tmp_path / "celeba" / "celeba_cache_crop148_32px.npy"
+    stamp = cache.stat().st_mtime_ns
+    utils.load_dataset("celeba", tmp_path, "train", image_size=32)
+    assert cache.stat().st_mtime_ns == stamp                     # reused
+    utils.load_dataset("celeba", tmp_path, "test", image_size=28, crop=140)
+    assert (tmp_path / "celeba" / "celeba_cache_crop140_28px.npy").exists()   # new size: new cache
+    # a changed file list (here: one image fewer) makes the old cache stale
+    attr = tmp_path / "celeba" / "list_attr_celeba.txt"
+    lines = attr.read_text().splitlines()
+    attr.write_text("\n".join([str(N - 1), lines[1]] + lines[2:-1]) + "\n")
+    data = utils.load_dataset("celeba", tmp_path, "test", image_size=32)
+    assert len(data) == 5 and cache.stat().st_mtime_ns != stamp
+
+
+def test_interrupted_cache_build_resumes(tmp_path):
+    files, _ = write_celeba(tmp_path)
+    folder = tmp_path / "celeba" / "img_align_celeba"
+    cache = tmp_path / "cache.npy"
+    utils.build_celeba_cache(folder, files, 148, 16, cache, {}, chunk=8, workers=1)
+    full = np.load(cache)
+    # pretend a build stopped after chunks 0 and 8: chunk 0 holds a marker that must survive
+    partial = tmp_path / "cache.partial.npy"
+    arr = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=full.shape)
+    arr[:16] = full[:16]
+    arr[:8] = 7
+    arr.flush()
+    del arr
+    (tmp_path / "cache.progress.json").write_text(json.dumps({"files": N, "done": [0, 8]}))
+    os.remove(cache)
+    utils.build_celeba_cache(folder, files, 148, 16, cache, {}, chunk=8, workers=2)
+    resumed = np.load(cache)
+    assert (resumed[:8] == 7).all()                               # not decoded again
+    assert np.array_equal(resumed[8:], full[8:])
+    assert not partial.exists() and not (tmp_path / "cache.progress.json").exists()
+
+
+def test_celeba_errors_are_clear(tmp_path):
+    with pytest.raises(utils.DatasetNotFound) as e:
+        utils.load_dataset("celeba", tmp_path, "train")
+    assert str(tmp_path / "celeba") in str(e.value) and "quota" in str(e.value)
+    assert "--dataset dsprites" in str(e.value)
+    write_celeba(tmp_path)
+    partition = tmp_path / "celeba" / "list_eval_partition.txt"
+    partition.rename(tmp_path / "elsewhere.txt")
+    with pytest.raises(utils.DatasetNotFound, match="missing .*list_eval_partition.txt"):
+        utils.load_dataset("celeba", tmp_path, "train")
+    (tmp_path / "elsewhere.txt").rename(partition)
+    (tmp_path / "celeba" / "img_align_celeba" / "000007.jpg").write_bytes(b"\xff\xd8 broken")
+    with pytest.raises(utils.UserError, match="cannot read image .*000007.jpg"):
+        utils.load_dataset("celeba", tmp_path, "train", image_size=32)
+    with pytest.raises(utils.UserError, match="at most the crop"):
+        utils.load_dataset("celeba", tmp_path, "train", image_size=200)
+    with pytest.raises(utils.UserError, match="unknown split"):
+        utils.load_dataset("celeba", tmp_path, "validation")
+
+
+# ---- attribute vectors -------------------------------------------------------------------------
+def test_attribute_vector_points_along_the_latent_the_attribute_moves():
+    g = torch.Generator().manual_seed(0)
+    attribute = torch.rand(2000, generator=g) < 0.4
+    # a stub encoder: latent 2 moves by +3 with the attribute, the rest is noise
+    mu = torch.randn(2000, 5, generator=g) * 0.5
+    mu[:, 2] += 3 * attribute
+    vector = ba.attribute_vector(mu, attribute, ~attribute)
+    assert vector.argmax() == 2 and vector[2] == pytest.approx(3, abs=0.1)
+    assert vector[[0, 1, 3, 4]].abs().max() < 0.15
+
+
+def test_attribute_groups_on_every_kind_of_label(tmp_path):
+    files, attrs = write_celeba(tmp_path)
+    celeba = utils.load_dataset("celeba", tmp_path, "train", image_size=32)
+    smiling = ATTRIBUTES.index("Smiling")
+    male = ATTRIBUTES.index("Male")
+    pos, neg = ba.attribute_groups(celeba, "Smiling", "Male=0")
+    assert pos.tolist() == [bool(a[smiling] == 1 and a[male] == 0) for a in attrs[:24]]
+    assert neg.tolist() == [bool(a[smiling] == 0 and a[male] == 0) for a in attrs[:24]]
+    with pytest.raises(utils.UserError, match="unknown attribute 'Smile'.*Smiling"):
+        ba.attribute_groups(celeba, "Smile")
+
+    sprites = utils.load_dataset("dsprites", tmp_path, "train", limit=200)
+    pos, neg = ba.attribute_groups(sprites, "scale")
+    assert (sprites.labels[pos, 2] >= 3).all() and (sprites.labels[neg, 2] <= 2).all()
+    pos, neg = ba.attribute_groups(sprites, "shape=heart", "scale=5")
+    assert (sprites.labels[pos, 1] == 2).all() and (sprites.labels[neg, 1] != 2).all()
+    assert (sprites.labels[pos | neg, 2] == 5).all()
+    with pytest.raises(utils.UserError, match="shape needs a value"):
+        ba.attribute_groups(sprites, "shape")
+
+    digits = utils.ImageSet("mnist", torch.zeros(6, 1, 28, 28, dtype=torch.uint8),
+                            torch.tensor([3, 1, 3, 0, 7, 3]), label_names=["digit"])
+    pos, neg = ba.attribute_groups(digits, "digit=3")
+    assert pos.tolist() == [True, False, True, False, False, True] and (pos ^ neg).all()
+
+
+def test_smile_vector_end_to_end_on_a_fixture(tmp_path, script):
+    write_celeba(tmp_path)
+    run = tmp_path / "run"
+    script("beta_vae.py", "--data-root", tmp_path, "--image-size", 32, "--batch-size", 8,
+           "--max-steps", 4, "--eval-limit", 6, "--out", run, "--device", "cpu")
+    proc = script("beta_vae_analyze.py", "--checkpoint", run / "checkpoint.pt",
+                  "--attribute", "Smiling", "--condition", "Male=0", "--n-images", 30,
+                  "--images", "000003.jpg,000035.jpg", "--strengths=-1:2:4")
+    assert "Smiling" in proc.stdout
+    record = torch.load(run / "attribute_Smiling.pt", weights_only=True)
+    assert record["vector"].shape == (10,) and record["images"] == ["000003.jpg", "000035.jpg"]
+    assert record["strengths"].tolist() == [-1, 0, 1, 2]
+    image = Image.open(run / "attribute_Smiling.png")
+    assert image.size[0] > image.size[1] > 0                        # 2 rows, 5 columns
+    bad = script("beta_vae_analyze.py", "--checkpoint", run / "checkpoint.pt",
+                 "--attribute", "Smile", "--n-images", 30, check=False)
+    assert bad.returncode == 1 and "Smiling" in bad.stderr and "Traceback" not in bad.stderr
