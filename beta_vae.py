@@ -125,7 +125,7 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=int, default=256, help="units of the FC layers")
     p.add_argument("--iw-samples", type=int, default=0,
                    help="importance samples of a final IW-NLL (0 = skip)")
-    return p.parse_args(argv)
+    return utils.parse_args(p, argv)
 
 
 def check_args(args):

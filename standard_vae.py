@@ -264,7 +264,7 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=int, default=256, help="units of the FC layers")
     p.add_argument("--iw-samples", type=int, default=100,
                    help="importance samples K of the final IW-NLL (0 = skip)")
-    return p.parse_args(argv)
+    return utils.parse_args(p, argv)
 
 
 def check_args(args):
@@ -286,7 +286,7 @@ def check_args(args):
 
 
 # flags that may change when a run is resumed; everything else comes from the checkpoint
-RESUME_FLAGS = ("epochs", "max_steps", "device", "out", "resume", "compile", "no_amp",
+RESUME_FLAGS = ("epochs", "max_steps", "lr", "device", "out", "resume", "compile", "no_amp",
                 "log_every", "eval_limit", "iw_samples", "data_root")
 
 
@@ -307,8 +307,7 @@ def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl")):
     out = utils.prepare_out(args.out)
     state = None
     if args.resume:
-        state = utils.load_checkpoint(out / "checkpoint.pt")
-        utils.check_checkpoint_kind(state, out / "checkpoint.pt", kind)
+        state = utils.resume_state(args.resume, out, kind)
         args = utils.resume_args(args, state, RESUME_FLAGS)
     device = utils.get_device(args.device)
     utils.seed_everything(args.seed)
@@ -324,8 +323,10 @@ def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl")):
                                   binarize=args.binarize)
     step, log, history = 0, [], []
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        utils.load_state(model, state["model"], kind, out)
+        utils.load_state(opt, state["optimizer"], f"{kind} optimiser", out)
+        for group in opt.param_groups:              # a typed --lr applies from here on
+            group["lr"] = args.lr
         step, log, history = state["step"], state["log"], state["history"]
         utils.set_rng_state(state["rng"])
     first_step = step

@@ -718,8 +718,10 @@ def add_common_args(p, latent=10, lr=1e-3, batch_size=64, epochs=10, dataset="ds
     p.add_argument("--latent", type=int, default=latent,
                    help=f"latent dimensions (default: {latent})")
     p.add_argument("--out", default=None, help="run folder (default: runs/<script>_<dataset>)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its checkpoint.pt")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH",
+                   help="continue the run in --out from its checkpoint.pt (or from PATH, "
+                        "e.g. checkpoint.prev.pt); typed flags such as --epochs or --lr "
+                        "replace the saved ones")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                    help="device (default: auto = cuda, then mps, then cpu)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -794,8 +796,8 @@ def load_checkpoint(path, map_location="cpu"):
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
             OSError, AttributeError) as e:
         prev = path.with_name(path.stem + ".prev.pt")
-        hint = (f"; the previous good checkpoint is {prev}: move it to {path} to resume from it"
-                if prev.exists() and prev != path else "")
+        hint = (f"; the previous good checkpoint is {prev}: continue from it with "
+                f"--resume {prev}" if prev.exists() and prev != path else "")
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} is damaged or not a checkpoint "
                               f"({first[:200]}){hint}") from None
@@ -869,11 +871,58 @@ class RunningMean:
         return result
 
 
+def parse_args(parser, argv=None):
+    """parser.parse_args, also recording in `args.given` which options were typed, so that a
+    resumed run overrides its saved settings only with flags the user actually passed."""
+    args = parser.parse_args(argv)
+    defaults = {a.dest: a.default for a in parser._actions}
+    try:
+        for a in parser._actions:
+            a.default = argparse.SUPPRESS
+        args.given = sorted(vars(parser.parse_args(argv)))
+    finally:
+        for a in parser._actions:
+            a.default = defaults[a.dest]
+    return args
+
+
 def resume_args(args, state, flags):
-    """The saved run's args, with only the flags in `flags` taken from the command line."""
+    """The saved run's args; of `flags`, those typed on this command line replace them.
+    --out, --resume and --device always come from the command line."""
     saved = dict(state["args"])
-    saved.update({k: getattr(args, k) for k in flags if hasattr(args, k)})
+    typed = set(getattr(args, "given", ())) | {"out", "resume", "device"}
+    saved.update({k: getattr(args, k) for k in flags if k in typed and hasattr(args, k)})
+    saved["given"] = getattr(args, "given", [])
     return argparse.Namespace(**saved)
+
+
+def resume_state(resume, out, kind):
+    """Load the checkpoint that `--resume [PATH]` names (default: out/checkpoint.pt).
+
+    When resuming from another file (say checkpoint.prev.pt after checkpoint.pt was damaged),
+    the current checkpoint.pt is moved to checkpoint.replaced.pt first, so the next save does
+    not rotate it over the good previous one.
+    """
+    current = Path(out) / "checkpoint.pt"
+    path = current if resume is True else Path(resume)
+    if not path.exists():
+        raise CheckpointError(f"--resume: no checkpoint at {path}; start without --resume, or "
+                              "point --out at the run to continue")
+    state = load_checkpoint(path)
+    check_checkpoint_kind(state, path, kind)
+    if current.exists() and path.resolve() != current.resolve():
+        os.replace(current, current.with_name("checkpoint.replaced.pt"))
+    return state
+
+
+def load_state(module, state_dict, what, path):
+    """load_state_dict with one clear sentence instead of a key dump on a mismatch."""
+    try:
+        module.load_state_dict(state_dict)
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0][:200]
+        raise CheckpointError(f"{path} does not fit this {what} (different model or "
+                              f"incompatible args): {first}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -957,7 +1006,9 @@ class StopSignal:
     def _handle(self, signum, frame):
         import signal
         if self.requested is not None:
-            raise KeyboardInterrupt
+            print(f"\n{signal.Signals(signum).name} again: exiting now without saving",
+                  file=sys.stderr)
+            raise SystemExit(130)
         self.requested = signal.Signals(signum).name
         print(f"\n{self.requested} received: saving a checkpoint at the current step, then "
               "stopping (send it again to quit at once)", file=sys.stderr)
