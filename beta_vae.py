@@ -159,15 +159,18 @@ def main(args):
         return None
     args, model, out, test = run.args, run.model, run.out, run.test
     final = sv.evaluate(model, test.images, args, test.binary, run.device, args.iw_samples)
-    sv.save_images(model, test.images, out, run.device, args.seed)
-    sv.plot_history(run.log, run.history, out)
-    plot_kl_per_dim(run.log, out / "kl_per_dim.png", args)
-    order = save_traversal(model, test.images, final["kl_per_dim"], out / "traversal.png")
     c = capacity(run.step, args.c_max, args.c_steps) if args.objective == "B" else None
-    metrics = sv.run_metrics(run, final, timer, capacity=c, latents_by_kl=order)
-    utils.write_json(out / "metrics.json", metrics)
-    print(f"held-out -ELBO {final['neg_elbo']:.2f} nats, KL {final['kl']:.2f}; active units "
-          f"{final['active_units']}/{args.latent}; outputs in {out}")
+    metrics = None
+    if run.dist.main:
+        sv.save_images(model, test.images, out, run.device, args.seed)
+        sv.plot_history(run.log, run.history, out)
+        plot_kl_per_dim(run.log, out / "kl_per_dim.png", args)
+        order = save_traversal(model, test.images, final["kl_per_dim"], out / "traversal.png")
+        metrics = sv.run_metrics(run, final, timer, capacity=c, latents_by_kl=order)
+        utils.write_json(out / "metrics.json", metrics)
+        print(f"held-out -ELBO {final['neg_elbo']:.2f} nats, KL {final['kl']:.2f}; active "
+              f"units {final['active_units']}/{args.latent}; outputs in {out}")
+    utils.cleanup_distributed()
     return metrics
 
 

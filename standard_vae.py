@@ -103,9 +103,10 @@ class VAE(nn.Module):
         else:
             self.register_buffer("log_sigma", log_sigma)
 
-    def forward(self, x):
+    def forward(self, x, eps=None):
         mu, logvar = self.encoder(x)
-        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)   # reparameterisation
+        eps = torch.randn_like(mu) if eps is None else eps
+        z = mu + torch.exp(0.5 * logvar) * eps                      # reparameterisation
         return self.decoder(z), mu, logvar
 
     def mean_image(self, logits):
@@ -185,37 +186,42 @@ def bits_per_dim(nll, dims, recon, binary):
 
 @torch.no_grad()
 def evaluate(model, images, args, binary, device, iw_samples=0):
-    """Held-out negative ELBO, KL per dimension, active units and (optionally) the IW-NLL."""
+    """Held-out negative ELBO, KL per dimension, active units and (optionally) the IW-NLL.
+
+    Sums stay on the device (one read at the end); under torchrun each rank scores its shard
+    and the sums are added over ranks.
+    """
     model.eval()
-    gen = torch.Generator(device).manual_seed(args.seed + 1)        # never touches training RNG
-    totals, kl_dims, mus, iw = {"neg_elbo": 0.0, "recon": 0.0, "kl": 0.0}, 0, [], []
-    n = 0
-    for x in utils.iterate(images, 500, device):
+    gen = torch.Generator(device).manual_seed(args.seed + 1 + utils.DIST.rank)   # not training RNG
+    latent = model.decoder.fc[0].in_features
+    # neg_elbo, recon, kl, iw log-likelihood, count | kl per dim | sum mu | sum mu^2
+    sums = torch.zeros(5 + 3 * latent, dtype=torch.float64, device=device)
+    for x in utils.iterate(images[utils.DIST.rank::utils.DIST.world], 500, device):
         if args.binarize:
             x = torch.bernoulli(x, generator=gen)
         mu, logvar = model.encoder(x)
         z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, device=device, generator=gen)
         terms = vae_loss(x, model.decoder(z), mu, logvar, model.recon, model.log_sigma)
-        for key in totals:
-            totals[key] += terms[key].item() * len(x)
-        kl_dims = kl_dims + terms["kl_dims"] * len(x)
-        mus.append(mu)
-        if iw_samples > 0:
-            iw.append(iw_log_likelihood(model, x, iw_samples, generator=gen))
-        n += len(x)
+        iw = iw_log_likelihood(model, x, iw_samples, generator=gen).sum() if iw_samples > 0 \
+            else torch.zeros((), device=device)
+        n = len(x)
+        sums += torch.cat([torch.stack([terms["neg_elbo"] * n, terms["recon"] * n,
+                                        terms["kl"] * n, iw, torch.tensor(n, device=device)]),
+                           terms["kl_dims"] * n, mu.sum(0), mu.pow(2).sum(0)]).double()
     model.train()
-    result = {k: v / n for k, v in totals.items()}
-    mus = torch.cat(mus)
+    sums = utils.all_reduce_sum(sums).cpu()
+    n = sums[4].item()
+    kl_dims, mu_sum, mu_sq = sums[5:].view(3, latent)
+    result = {"neg_elbo": sums[0].item() / n, "recon": sums[1].item() / n,
+              "kl": sums[2].item() / n, "kl_per_dim": (kl_dims / n).tolist(), "images": int(n)}
     # Active units (Burda et al. 2016): dimensions whose posterior mean varies with x, Cov > 0.01
-    result["active_units"] = int((mus.var(0) > 0.01).sum())
-    result["kl_per_dim"] = (kl_dims / n).tolist()
-    result["images"] = n
-    dims = images[0].numel()
+    variance = (mu_sq - mu_sum.pow(2) / n) / max(n - 1, 1)
+    result["active_units"] = int((variance > 0.01).sum())
     if iw_samples > 0:
-        result["iw_nll"] = -torch.cat(iw).mean().item()
+        result["iw_nll"] = -sums[3].item() / n
         result["iw_samples"] = iw_samples
-    result["bits_per_dim"] = bits_per_dim(result.get("iw_nll", result["neg_elbo"]), dims,
-                                          model.recon, binary or args.binarize)
+    result["bits_per_dim"] = bits_per_dim(result.get("iw_nll", result["neg_elbo"]),
+                                          images[0].numel(), model.recon, binary or args.binarize)
     return result
 
 
@@ -302,45 +308,56 @@ def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl")):
     minimised. Data stay on the device, losses are summed there and read every --log-every
     steps, the held-out -ELBO is scored and a checkpoint written at every epoch end, and
     SIGINT/SIGTERM save the current step. `--resume` restores model, optimiser, step, logs and
-    RNG, so the run continues exactly. Returns None if stopped by a signal, else the run state.
+    RNG, so the run continues exactly. Under torchrun each rank trains on its shard of every
+    batch order with DistributedDataParallel; rank 0 alone writes. Returns None if stopped by
+    a signal, else the run state.
     """
-    out = utils.prepare_out(args.out)
+    dist, device = utils.setup_distributed(args.device)
+    out = utils.prepare_out(args.out) if dist.main else Path(args.out)
     state = None
     if args.resume:
         state = utils.resume_state(args.resume, out, kind)
         args = utils.resume_args(args, state, RESUME_FLAGS)
-    device = utils.get_device(args.device)
-    utils.seed_everything(args.seed)
+    utils.seed_everything(args.seed)                  # the same initial weights on every rank
     if args.dataset == "celeba":
         feature_size(args.image_size)             # refuse a bad size before decoding anything
-    train = utils.load_dataset(args.dataset, args.data_root, "train", args.limit,
-                               args.image_size, args.crop)
-    test = utils.load_dataset(args.dataset, args.data_root, "test", args.eval_limit,
-                              args.image_size, args.crop)
+    with utils.main_first():                      # rank 0 builds any data cache alone
+        train = utils.load_dataset(args.dataset, args.data_root, "train", args.limit,
+                                   args.image_size, args.crop)
+        test = utils.load_dataset(args.dataset, args.data_root, "test", args.eval_limit,
+                                  args.image_size, args.crop)
     model = build_model(args, train.channels, train.image_size).to(device)
     opt = utils.adam(model.parameters(), args.lr, device)
     batches = utils.DeviceBatches(train.images, args.batch_size, device, args.seed,
-                                  binarize=args.binarize)
+                                  binarize=args.binarize, rank=dist.rank, world=dist.world)
     step, log, history = 0, [], []
+    torch.manual_seed(args.seed + 1_000_003 * dist.rank)         # each rank its own noise
     if state is not None:
         utils.load_state(model, state["model"], kind, out)
         utils.load_state(opt, state["optimizer"], f"{kind} optimiser", out)
         for group in opt.param_groups:              # a typed --lr applies from here on
             group["lr"] = args.lr
         step, log, history = state["step"], state["log"], state["history"]
-        utils.set_rng_state(state["rng"])
+        rngs = state.get("rng_ranks") or [state["rng"]]
+        utils.set_rng_state(rngs[dist.rank] if len(rngs) == dist.world else rngs[0])
     first_step = step
     total = len(batches) * args.epochs
     if args.max_steps is not None:
         total = min(total, args.max_steps)
-    fwd = torch.compile(model) if args.compile else model
+    fwd = model
+    if dist.active:
+        from torch.nn.parallel import DistributedDataParallel
+        fwd = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    fwd = torch.compile(fwd) if args.compile else fwd
 
     def checkpoint():
-        utils.save_checkpoint(out / "checkpoint.pt", {
-            "kind": kind, "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "args": vars(args), "step": step, "epoch": step // len(batches), "log": log,
-            "history": history, "rng": utils.rng_state(),
-            "data": {"channels": train.channels, "image_size": train.image_size}})
+        rngs = utils.gather_objects(utils.rng_state())
+        if dist.main:
+            utils.save_checkpoint(out / "checkpoint.pt", {
+                "kind": kind, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "args": vars(args), "step": step, "epoch": step // len(batches), "log": log,
+                "history": history, "rng": rngs[0], "rng_ranks": rngs if dist.active else None,
+                "data": {"channels": train.channels, "image_size": train.image_size}})
 
     def read_running():
         r = running.read(step, out)
@@ -350,9 +367,11 @@ def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl")):
 
     running = utils.RunningMean()
     train_time, t0 = 0.0, time.perf_counter()
-    bar = tqdm(total=total, initial=step, desc=kind, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc=kind, unit="step", dynamic_ncols=True,
+               disable=not dist.main)
     with utils.StopSignal() as stop:
-        while step < total and not stop.requested:
+        stopping = False
+        while step < total and not stopping:
             epoch, start = divmod(step, len(batches))
             for x in batches.epoch(epoch, start):
                 with utils.autocast(device, not args.no_amp):
@@ -367,7 +386,10 @@ def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl")):
                 if step % args.log_every == 0:
                     r = read_running()
                     bar.set_postfix(loss=f"{r['loss']:.2f}", kl=f"{r['kl']:.2f}")
-                if step >= total or stop.requested:
+                    # ranks agree on a stop at a log step, so all save the same step
+                    stopping = dist.active and utils.any_rank(stop.requested, device)
+                stopping = stopping or (not dist.active and stop.requested is not None)
+                if step >= total or stopping:
                     break
             read_running()
             train_time += time.perf_counter() - t0
@@ -377,18 +399,22 @@ def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl")):
                                 "train_loss": log[-1]["loss"], "test_neg_elbo": res["neg_elbo"],
                                 "test_recon": res["recon"], "test_kl": res["kl"],
                                 "kl_per_dim": res["kl_per_dim"]})
-                utils.write_json(out / "history.json", history)
+                if dist.main:
+                    utils.write_json(out / "history.json", history)
             checkpoint()
             t0 = time.perf_counter()
     bar.close()
-    if stop.requested:
-        print(f"stopped at step {step}; checkpoint saved to {out / 'checkpoint.pt'}; "
-              "continue with --resume")
+    if stopping:
+        if dist.main:
+            print(f"stopped at step {step}; checkpoint saved to {out / 'checkpoint.pt'}; "
+                  "continue with --resume")
+        utils.cleanup_distributed()
         return None
     return argparse.Namespace(
         args=args, model=model, train=train, test=test, device=device, out=out, log=log,
         history=history, step=step, epochs=step / len(batches), train_time=train_time,
-        images_per_s=(step - first_step) * args.batch_size / max(train_time, 1e-9))
+        dist=dist, images_per_s=(step - first_step) * args.batch_size * dist.world
+        / max(train_time, 1e-9))
 
 
 def run_metrics(run, final, timer, **extra):
@@ -396,8 +422,8 @@ def run_metrics(run, final, timer, **extra):
     return {"test": final, "steps": run.step, "epochs": run.epochs, **extra,
             "train_images": len(run.train), "device": str(run.device),
             "train_time_s": run.train_time, "wall_time_s": timer(),
-            "images_per_s": run.images_per_s, "torch": torch.__version__,
-            "args": vars(run.args)}
+            "images_per_s": run.images_per_s, "world_size": run.dist.world,
+            "torch": torch.__version__, "args": vars(run.args)}
 
 
 def main(args):
@@ -413,15 +439,17 @@ def main(args):
         return None
     args, model, out = run.args, run.model, run.out
     final = evaluate(model, run.test.images, args, run.test.binary, run.device, args.iw_samples)
-    save_images(model, run.test.images, out, run.device, args.seed)
-    plot_history(run.log, run.history, out)
-    utils.plot_bars(final["kl_per_dim"], out / "kl_per_dim.png",
-                    title="held-out KL per latent dimension")
     metrics = run_metrics(run, final, timer)
-    utils.write_json(out / "metrics.json", metrics)
-    iw = f", IW-NLL (K={args.iw_samples}) {final['iw_nll']:.2f}" if "iw_nll" in final else ""
-    print(f"held-out -ELBO {final['neg_elbo']:.2f} nats{iw}; active units "
-          f"{final['active_units']}/{args.latent}; outputs in {out}")
+    if run.dist.main:
+        save_images(model, run.test.images, out, run.device, args.seed)
+        plot_history(run.log, run.history, out)
+        utils.plot_bars(final["kl_per_dim"], out / "kl_per_dim.png",
+                        title="held-out KL per latent dimension")
+        utils.write_json(out / "metrics.json", metrics)
+        iw = f", IW-NLL (K={args.iw_samples}) {final['iw_nll']:.2f}" if "iw_nll" in final else ""
+        print(f"held-out -ELBO {final['neg_elbo']:.2f} nats{iw}; active units "
+              f"{final['active_units']}/{args.latent}; outputs in {out}")
+    utils.cleanup_distributed()
     return metrics
 
 

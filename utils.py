@@ -861,7 +861,8 @@ class RunningMean:
     def read(self, step, out):
         if self.count == 0:
             return None
-        values, i, result = (self.sums / self.count).tolist(), 0, {"step": step}
+        sums = all_reduce_sum(self.sums.clone())          # the mean over ranks too
+        values, i, result = (sums / (self.count * DIST.world)).tolist(), 0, {"step": step}
         for k, n in self.shapes.items():
             result[k] = values[i] if n == 0 else values[i:i + n]
             i += max(n, 1)
@@ -910,7 +911,7 @@ def resume_state(resume, out, kind):
                               "point --out at the run to continue")
     state = load_checkpoint(path)
     check_checkpoint_kind(state, path, kind)
-    if current.exists() and path.resolve() != current.resolve():
+    if DIST.main and current.exists() and path.resolve() != current.resolve():
         os.replace(current, current.with_name("checkpoint.replaced.pt"))
     return state
 
@@ -1049,3 +1050,97 @@ def save_labelled_rows(images, labels, path, gap_every=None):
                  ha="right", va="center", fontsize=9, family="monospace")
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed data parallel (torchrun)
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    @property
+    def active(self):
+        return self.world > 1
+
+
+DIST = Distributed()           # this process's place; set by setup_distributed
+
+
+def setup_distributed(device_name="auto"):
+    """Join the process group when launched by torchrun (RANK/WORLD_SIZE/LOCAL_RANK set).
+
+    NCCL with one GPU per local rank on CUDA, gloo on CPU. Without torchrun nothing changes.
+    Returns (Distributed, device).
+    """
+    global DIST
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DIST, get_device(device_name)
+    import torch.distributed as dist
+    DIST = Distributed(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                       int(os.environ.get("LOCAL_RANK", 0)))
+    device = get_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", DIST.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    return DIST, device
+
+
+def cleanup_distributed():
+    if DIST.active:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor):
+    """Sum a tensor over all ranks, in place (a no-op in a single process)."""
+    if DIST.active:
+        import torch.distributed as dist
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def any_rank(flag, device):
+    """True on every rank if `flag` is true on any rank (one small all-reduce)."""
+    if not DIST.active:
+        return bool(flag)
+    return bool(all_reduce_sum(torch.tensor([float(bool(flag))], device=device)).item())
+
+
+def barrier():
+    if DIST.active:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def gather_objects(obj):
+    """A list of `obj` from every rank (just [obj] in a single process)."""
+    if not DIST.active:
+        return [obj]
+    import torch.distributed as dist
+    out = [None] * DIST.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class main_first:
+    """Let rank 0 run a block first (building a data cache, say), then the other ranks."""
+
+    def __enter__(self):
+        if not DIST.main:
+            barrier()
+
+    def __exit__(self, *exc):
+        if DIST.main and exc[0] is None:
+            barrier()
+        return False
