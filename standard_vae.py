@@ -326,10 +326,15 @@ def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl")):
                                    args.image_size, args.crop)
         test = utils.load_dataset(args.dataset, args.data_root, "test", args.eval_limit,
                                   args.image_size, args.crop)
+    cuda = device.type == "cuda"
+    torch.backends.cudnn.benchmark = cuda
     model = build_model(args, train.channels, train.image_size).to(device)
+    if cuda:                                      # NHWC convolutions are faster on GPUs
+        model.to(memory_format=torch.channels_last)
     opt = utils.adam(model.parameters(), args.lr, device)
     batches = utils.DeviceBatches(train.images, args.batch_size, device, args.seed,
-                                  binarize=args.binarize, rank=dist.rank, world=dist.world)
+                                  binarize=args.binarize, rank=dist.rank, world=dist.world,
+                                  channels_last=cuda)
     step, log, history = 0, [], []
     torch.manual_seed(args.seed + 1_000_003 * dist.rank)         # each rank its own noise
     if state is not None:

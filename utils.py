@@ -612,12 +612,13 @@ class DeviceBatches:
     """
 
     def __init__(self, images, batch_size, device, seed=0, binarize=False, drop_last=True,
-                 rank=0, world=1):
+                 rank=0, world=1, channels_last=False):
         if batch_size <= 0:
             raise UserError(f"--batch-size must be positive, got {batch_size}")
         self.images = images.to(device)
         self.batch_size, self.device, self.seed = batch_size, torch.device(device), seed
         self.binarize, self.rank, self.world = binarize, rank, world
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         n = len(images) // world
         self.steps_per_epoch = n // batch_size if drop_last else math.ceil(n / batch_size)
         if self.steps_per_epoch == 0:
@@ -628,7 +629,7 @@ class DeviceBatches:
         return self.steps_per_epoch
 
     def to_float(self, x):
-        x = x.float().div_(255)
+        x = x.float().div_(255).contiguous(memory_format=self.memory_format)
         return torch.bernoulli(x) if self.binarize else x
 
     def epoch(self, epoch, start=0):

@@ -146,3 +146,15 @@ def test_missing_dataset_is_a_clear_error(tmp_path, script):
     assert proc.returncode == 1
     assert str(tmp_path / "cifar-10-batches-py") in proc.stderr
     assert "--dataset dsprites" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_runs_all_three_pipelines(tmp_path, script):
+    out = tmp_path / "bench.json"
+    script("bench.py", "--images", 48, "--batch-size", 16, "--steps", 2, "--warmup", 1,
+           "--workers", 0, "--device", "cpu", "--data-root", tmp_path / "data", "--out", out)
+    result = json.loads(out.read_text())
+    for name in ("standard_vae", "beta_vae"):
+        r = result["models"][name]
+        assert min(r["baseline"], r["ours"], r["limit"]) > 0
+        assert r["ours_over_limit"] == pytest.approx(r["ours"] / r["limit"])
+    assert result["decode_and_cache_s"] > 0

@@ -1,0 +1,283 @@
+"""Training throughput of each model, side by side, on CelebA-format JPEGs at 64x64, batch 64.
+
+- baseline: the common pipeline: a folder of JPEGs read through PIL transforms (centre crop,
+  resize, ToTensor) in a DataLoader, fp32, and loss.item() three times per step;
+- ours:     the scripts' default path: the decoded uint8 cache resident on the device, batches
+  sliced with a seeded permutation, losses summed on the device and read every 100 steps,
+  bf16 autocast on CUDA;
+- limit:    our training step on one pre-made batch already on the device (no data handling).
+
+Also: the CPU thread count and channels-last, and how time per epoch scales with the number of
+images and the image size. Prints a table and writes JSON.
+
+    python bench.py --out bench.json
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import beta_vae as bv
+import standard_vae as sv
+import utils
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: a CelebA-format fixture (official layout), written once
+# ----------------------------------------------------------------------------------------------
+def write_jpeg_fixture(root, n, seed=0):
+    """n 178x218 JPEGs of smooth random colour fields in CelebA's official layout."""
+    from PIL import Image
+    folder = Path(root) / "celeba"
+    images = folder / "img_align_celeba"
+    if (folder / "list_eval_partition.txt").exists():
+        return folder
+    images.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names = [f"{i + 1:06d}.jpg" for i in range(n)]
+    yy, xx = np.mgrid[0:218, 0:178] / 218.0
+    for name in names:
+        a, b, c = rng.uniform(0, 2 * math.pi, (3, 3))
+        img = np.stack([np.sin(a[k] * xx + b[k] * yy + c[k]) for k in range(3)], -1)
+        Image.fromarray(((img + 1) * 127.5).astype(np.uint8)).save(images / name, quality=90)
+    attrs = rng.choice([-1, 1], size=(n, 40))
+    header = " ".join(f"Attr_{i}" for i in range(40))
+    rows = [f"{f} " + " ".join(f"{v:2d}" for v in r) for f, r in zip(names, attrs)]
+    (folder / "list_attr_celeba.txt").write_text("\n".join([str(n), header] + rows) + "\n")
+    (folder / "list_eval_partition.txt").write_text("".join(f"{f} 0\n" for f in names))
+    return folder
+
+
+class JpegFolder(torch.utils.data.Dataset):
+    """The common pipeline: one PIL decode and transform per item, every epoch."""
+
+    def __init__(self, folder, size=64, crop=148):
+        tv = utils.import_torchvision()
+        T = tv.transforms
+        self.paths = sorted((Path(folder) / "img_align_celeba").glob("*.jpg"))
+        self.transform = T.Compose([T.CenterCrop(crop), T.Resize(size), T.ToTensor()])
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        with Image.open(self.paths[i]) as img:
+            return self.transform(img.convert("RGB")), 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Models: each script's default configuration, on 3x64x64 images
+# ----------------------------------------------------------------------------------------------
+def setup_standard(device):
+    args = sv.check_args(sv.parse_args(["--dataset", "celeba", "--batch-size", "64"]))
+    model = sv.build_model(args, 3, 64).to(device)
+
+    def loss_fn(x, out, step):
+        logits, mu, logvar = out
+        return sv.vae_loss(x, logits, mu, logvar, args.recon, model.log_sigma)
+    return model, loss_fn, args.lr
+
+
+def setup_beta(device):
+    args = bv.check_args(bv.parse_args(["--dataset", "celeba"]))
+    model = bv.build_model(args, 3, 64).to(device)
+
+    def loss_fn(x, out, step):
+        logits, mu, logvar = out
+        return bv.beta_vae_loss(x, logits, mu, logvar, step, args, model.log_sigma)
+    return model, loss_fn, args.lr
+
+
+MODELS = {"standard_vae": setup_standard, "beta_vae": setup_beta}
+
+
+def make_step(model, loss_fn, lr, device, amp, channels_last=False):
+    opt = utils.adam(model.parameters(), lr, device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    def step(x, i):
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with utils.autocast(device, amp):
+            out = model(x)
+        terms = loss_fn(x, out, i)
+        opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        opt.step()
+        return terms
+    return step
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(run_steps, steps, warmup, batch, device):
+    """images/s of `run_steps(n)` over `steps` steps after `warmup` steps."""
+    run_steps(warmup)
+    sync(device)
+    t = time.perf_counter()
+    run_steps(steps)
+    sync(device)
+    return steps * batch / (time.perf_counter() - t)
+
+
+# ----------------------------------------------------------------------------------------------
+# The three pipelines
+# ----------------------------------------------------------------------------------------------
+def bench_limit(name, device, batch, steps, warmup, channels_last=False):
+    torch.manual_seed(0)
+    model, loss_fn, lr = MODELS[name](device)
+    step = make_step(model, loss_fn, lr, device, amp=True, channels_last=channels_last)
+    x = torch.rand(batch, 3, 64, 64, device=device)
+    counter = iter(range(10**9))
+    return timed(lambda n: [step(x, next(counter)) for _ in range(n)], steps, warmup, batch,
+                 device)
+
+
+def bench_ours(name, device, images, batch, steps, warmup, log_every=100):
+    torch.manual_seed(0)
+    model, loss_fn, lr = MODELS[name](device)
+    step = make_step(model, loss_fn, lr, device, amp=True)
+    batches = utils.DeviceBatches(images, batch, device, seed=0,
+                                  channels_last=device.type == "cuda")
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    running = utils.RunningMean()
+    state = {"i": 0, "it": iter(())}
+
+    def run(n):
+        for _ in range(n):
+            x = next(state["it"], None)
+            if x is None:
+                state["it"] = batches.epoch(state["i"] // len(batches))
+                x = next(state["it"])
+            terms = step(x, state["i"])
+            running.add({k: terms[k] for k in ("loss", "recon", "kl")})
+            state["i"] += 1
+            if state["i"] % log_every == 0:
+                running.read(state["i"], ".")
+    return timed(run, steps, warmup, batch, device)
+
+
+def bench_baseline(name, device, folder, batch, steps, warmup, workers):
+    torch.manual_seed(0)
+    model, loss_fn, lr = MODELS[name](device)
+    step = make_step(model, loss_fn, lr, device, amp=False)
+    loader = torch.utils.data.DataLoader(JpegFolder(folder), batch_size=batch, shuffle=True,
+                                         num_workers=workers, drop_last=True,
+                                         persistent_workers=workers > 0)
+    state = {"i": 0, "it": iter(loader)}
+
+    def run(n):
+        for _ in range(n):
+            x = next(state["it"], None)
+            if x is None:
+                state["it"] = iter(loader)
+                x = next(state["it"])
+            terms = step(x[0].to(device), state["i"])
+            # the usual logging: three host-device syncs per step
+            _ = terms["loss"].item(), terms["recon"].item(), terms["kl"].item()
+            state["i"] += 1
+    return timed(run, steps, warmup, batch, device)
+
+
+def epoch_seconds(name, device, images, batch):
+    """One epoch of the ours path over `images`, timed whole."""
+    torch.manual_seed(0)
+    model, loss_fn, lr = MODELS[name](device)
+    step = make_step(model, loss_fn, lr, device, amp=True)
+    batches = utils.DeviceBatches(images, batch, device, seed=0)
+    sync(device)
+    t = time.perf_counter()
+    for i, x in enumerate(batches.epoch(0)):
+        step(x, i)
+    sync(device)
+    return time.perf_counter() - t
+
+
+def main(args):
+    device = utils.get_device(args.device)
+    root = Path(args.data_root or tempfile.mkdtemp(prefix="vae_bench_"))
+    t = time.perf_counter()
+    folder = write_jpeg_fixture(root, args.images)
+    fixture_s = time.perf_counter() - t
+    fresh = not (folder / "celeba_cache_crop148_64px.npy").exists()
+    t = time.perf_counter()
+    images = utils.load_celeba(root, "train", image_size=64).images
+    decode_s = time.perf_counter() - t if fresh else None
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
+              else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+              "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "batch": args.batch_size, "images": args.images, "steps": args.steps,
+              "fixture_write_s": fixture_s, "decode_and_cache_s": decode_s,
+              "decode_per_10k_images_s": decode_s * 10_000 / args.images if decode_s else None,
+              "models": {}}
+    for name in args.models:
+        r = {"limit": bench_limit(name, device, args.batch_size, args.steps, args.warmup),
+             "ours": bench_ours(name, device, images, args.batch_size, args.steps, args.warmup),
+             "baseline": bench_baseline(name, device, folder, args.batch_size, args.steps,
+                                        args.warmup, args.workers)}
+        r["ours_over_limit"] = r["ours"] / r["limit"]
+        r["ours_over_baseline"] = r["ours"] / r["baseline"]
+        r["celeba_30_epochs_projected_min"] = 30 * 162_770 / r["ours"] / 60
+        result["models"][name] = r
+        print(f"{name:14s} baseline {r['baseline']:9.0f}  ours {r['ours']:9.0f}  "
+              f"limit {r['limit']:9.0f} images/s   ours/limit {r['ours_over_limit']:.2f}  "
+              f"ours/baseline {r['ours_over_baseline']:.1f}x", flush=True)
+    if args.extras:
+        name = args.models[0]
+        threads = torch.get_num_threads()
+        extras = {}
+        for n in sorted({1, threads}):
+            torch.set_num_threads(n)
+            extras[f"limit_threads_{n}"] = bench_limit(name, device, args.batch_size,
+                                                       args.steps, args.warmup)
+        torch.set_num_threads(threads)
+        extras["limit_channels_last"] = bench_limit(name, device, args.batch_size, args.steps,
+                                                    args.warmup, channels_last=True)
+        sizes = [args.images // 4, args.images // 2, args.images]
+        extras["epoch_s_by_images_64px"] = {n: epoch_seconds(name, device, images[:n],
+                                                             args.batch_size) for n in sizes}
+        small = utils.load_celeba(root, "train", image_size=32).images
+        extras["epoch_s_32px"] = {args.images: epoch_seconds(name, device, small,
+                                                             args.batch_size)}
+        result["extras_" + name] = extras
+        print(json.dumps(extras, indent=1))
+    if args.out:
+        utils.write_json(args.out, result)
+        print(f"wrote {args.out}")
+    return result
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", type=lambda s: s.split(","), default=list(MODELS),
+                   help=f"comma list of {', '.join(MODELS)}")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--images", type=int, default=2048, help="JPEGs in the fixture")
+    p.add_argument("--steps", type=int, default=40, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the baseline")
+    p.add_argument("--data-root", default=None,
+                   help="keep the JPEG fixture and cache here (default: a temporary folder)")
+    p.add_argument("--extras", action="store_true",
+                   help="also threads, channels-last and epoch-time scaling (first model)")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())
