@@ -104,15 +104,14 @@ class ImageSet:
 
 def add_data_args(p, dataset="dsprites"):
     p.add_argument("--dataset", default=dataset, choices=DATASETS,
-                   help=f"training data (default: {dataset}; dsprites is rendered locally and "
-                        "works offline)")
-    p.add_argument("--data-root", default="data", help="where datasets live (default: data)")
+                   help="training data (dsprites is rendered locally and works offline)")
+    p.add_argument("--data-root", default="data", help="where datasets live")
     p.add_argument("--limit", type=int, default=None,
                    help="use only the first N training images (default: all)")
     p.add_argument("--image-size", type=int, default=64,
-                   help="CelebA: side of the resized centre crop (default: 64)")
+                   help="CelebA: side of the resized centre crop")
     p.add_argument("--crop", type=int, default=148,
-                   help="CelebA: side of the centre crop before resizing (default: 148)")
+                   help="CelebA: side of the centre crop before resizing")
 
 
 def load_dataset(name, root, split, limit=None, image_size=64, crop=148):
@@ -710,26 +709,26 @@ def prepare_out(out):
 def add_common_args(p, latent=10, lr=1e-3, batch_size=64, epochs=10, dataset="dsprites"):
     """The command-line contract shared by the training scripts."""
     add_data_args(p, dataset)
-    p.add_argument("--epochs", type=int, default=epochs, help=f"epochs (default: {epochs})")
+    p.add_argument("--epochs", type=int, default=epochs, help="epochs")
     p.add_argument("--max-steps", type=int, default=None,
-                   help="stop after this many optimiser steps (default: no limit)")
+                   help="stop after this many optimiser steps")
     p.add_argument("--batch-size", type=int, default=batch_size,
-                   help=f"images per step (default: {batch_size})")
-    p.add_argument("--lr", type=float, default=lr, help=f"Adam learning rate (default: {lr})")
+                   help="images per step")
+    p.add_argument("--lr", type=float, default=lr, help="Adam learning rate")
     p.add_argument("--latent", type=int, default=latent,
-                   help=f"latent dimensions (default: {latent})")
+                   help="latent dimensions")
     p.add_argument("--out", default=None, help="run folder (default: runs/<script>_<dataset>)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH",
                    help="continue the run in --out from its checkpoint.pt (or from PATH, "
                         "e.g. checkpoint.prev.pt); typed flags such as --epochs or --lr "
                         "replace the saved ones")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
-                   help="device (default: auto = cuda, then mps, then cpu)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+                   help="device (auto = cuda, then mps, then cpu)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--eval-limit", type=int, default=10_000,
-                   help="held-out images used for evaluation (default: 10000)")
+                   help="held-out images used for evaluation")
     p.add_argument("--log-every", type=int, default=100,
-                   help="steps between reads of the running loss (default: 100)")
+                   help="steps between reads of the running loss")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--no-amp", action="store_true",
                    help="disable bf16 autocast on CUDA (losses are always fp32)")

@@ -1,0 +1,425 @@
+"""VQ-VAE: the EMA codebook against the textbook formulas, the straight-through gradient, dead-code
+restart, the PixelCNN prior's causality, and the script end to end."""
+import argparse
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import utils
+import vq_vae as vq
+
+# Subprocess runs use one thread: the tensors of the tiny configurations are too small to gain
+# from more, and two busy OpenMP pools on a 2-core machine slow each other down many times over.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- EMA codebook -----------------------------------------------------------------------------
+def textbook_ema(count, total, flat, indices, decay, eps):
+    """REFERENCE.md, written out one code at a time:
+    N_i <- d N_i + (1-d) n_i ; m_i <- d m_i + (1-d) sum of z_e assigned to i ;
+    e_i = m_i / N_i', N_i' = (N_i + eps) / (sum N + K eps) * sum N."""
+    k = len(count)
+    new_count, new_total = [], []
+    for i in range(k):
+        assigned = [flat[j] for j in range(len(flat)) if indices[j] == i]
+        n_i = len(assigned)
+        s_i = sum(assigned, torch.zeros(flat.shape[1], dtype=flat.dtype))
+        new_count.append(decay * count[i] + (1 - decay) * n_i)
+        new_total.append(decay * total[i] + (1 - decay) * s_i)
+    n_sum = sum(new_count)
+    smoothed = [(n + eps) / (n_sum + k * eps) * n_sum for n in new_count]
+    codebook = torch.stack([m / n for m, n in zip(new_total, smoothed)])
+    return torch.tensor(new_count, dtype=flat.dtype), torch.stack(new_total), codebook
+
+
+def hand_made_quantizer(count, total, decay=0.9, eps=vq.LAPLACE_EPS):
+    q = vq.VectorQuantizer(len(count), total.shape[1], "ema", decay=decay, eps=eps, restart=False)
+    q = q.double()
+    q.ema_count.copy_(count)
+    q.ema_sum.copy_(total)
+    return q
+
+
+# five encoder outputs in 2-D, assigned by hand to codes 0, 0, 1, 1, 1 (code 2 gets none)
+FLAT = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 1.0], [0.0, 3.0], [1.0, 1.0]],
+                    dtype=torch.float64)
+INDICES = torch.tensor([0, 0, 1, 1, 1])
+
+
+@pytest.mark.parametrize("eps", [0.0, vq.LAPLACE_EPS, 0.5])
+def test_ema_update_equals_the_textbook_formulas(eps):
+    count = torch.tensor([2.0, 0.5, 1.0], dtype=torch.float64)
+    total = torch.tensor([[2.0, 2.0], [0.5, -0.5], [-1.0, 3.0]], dtype=torch.float64)
+    q = hand_made_quantizer(count, total, eps=eps)
+    q.ema_update(FLAT, INDICES)
+    ref_count, ref_total, ref_codebook = textbook_ema(count.tolist(), total, FLAT, INDICES, 0.9,
+                                                      eps)
+    torch.testing.assert_close(q.ema_count, ref_count, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(q.ema_sum, ref_total, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(q.codebook, ref_codebook, rtol=1e-12, atol=1e-12)
+    if eps == 0.0:   # no smoothing: e_i = m_i / N_i exactly as written in the paper
+        torch.testing.assert_close(q.codebook, ref_total / ref_count[:, None])
+    else:            # smoothing moves the codes, visibly so for a large eps
+        assert not torch.allclose(q.codebook, ref_total / ref_count[:, None], rtol=0, atol=1e-13)
+
+
+def test_smoothing_keeps_the_raw_counts_and_rescues_an_empty_code():
+    count = torch.tensor([2.0, 0.5, 0.0], dtype=torch.float64)      # code 2 never used
+    total = torch.tensor([[2.0, 2.0], [0.5, -0.5], [0.0, 0.0]], dtype=torch.float64)
+    plain = hand_made_quantizer(count, total, eps=0.0)
+    smoothed = hand_made_quantizer(count, total, eps=0.5)
+    for _ in range(2):        # two steps: a smoothed count written back would compound
+        plain.ema_update(FLAT, INDICES)
+        smoothed.ema_update(FLAT, INDICES)
+    raw = count
+    for _ in range(2):
+        raw = 0.9 * raw + 0.1 * torch.tensor([2.0, 3.0, 0.0], dtype=torch.float64)
+    # the buffers hold the raw counts, the same with and without smoothing
+    assert torch.equal(smoothed.ema_count, plain.ema_count)
+    torch.testing.assert_close(smoothed.ema_count, raw, rtol=1e-12, atol=0)
+    assert smoothed.ema_count[2] == 0
+    # the empty code's division 0/0 is a NaN without smoothing and a finite 0 with it
+    assert plain.codebook[2].isnan().all()
+    assert torch.equal(smoothed.codebook[2], torch.zeros(2, dtype=torch.float64))
+    _, _, ref = textbook_ema(raw.tolist(), smoothed.ema_sum, FLAT[:0], INDICES[:0], 1.0, 0.5)
+    torch.testing.assert_close(smoothed.codebook, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_training_forward_applies_the_update_to_the_nearest_codes_and_eval_changes_nothing():
+    torch.manual_seed(0)
+    q = vq.VectorQuantizer(8, 3, "ema", decay=0.95, restart=False).double()
+    z_e = torch.randn(2, 3, 4, 5, dtype=torch.float64)                   # (B, D, H, W)
+    flat = z_e.permute(0, 2, 3, 1).reshape(-1, 3)
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    q.eval()
+    _, indices, _ = q(z_e)
+    for k, v in q.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed in eval mode"
+    q.train()
+    q(z_e)
+    count, total, codebook = textbook_ema(before["ema_count"].tolist(), before["ema_sum"], flat,
+                                          indices.flatten(), 0.95, vq.LAPLACE_EPS)
+    torch.testing.assert_close(q.ema_count, count)
+    torch.testing.assert_close(q.codebook, codebook)
+
+
+# ---- quantiser --------------------------------------------------------------------------------
+def test_decoder_gradient_reaches_the_encoder_output_unchanged():
+    torch.manual_seed(0)
+    for codebook in ("ema", "loss"):
+        model = vq.VQVAE(1, hidden=8, res_hidden=4, res_layers=1, num_codes=16, code_dim=4,
+                         codebook=codebook)
+        x = torch.rand(3, 1, 28, 28) - 0.5
+        z_e = model.encoder(x)
+        z_e.retain_grad()
+        q, _, terms = model.quantizer(z_e)
+        q.retain_grad()
+        F.mse_loss(model.decoder(q), x).backward()
+        assert torch.equal(z_e.grad, q.grad)              # straight through, bit for bit
+        if codebook == "loss":                            # and none of it reaches the codebook
+            assert model.quantizer.codebook.grad is None
+
+
+def test_commitment_gradient_pulls_the_encoder_output_towards_its_code():
+    q = vq.VectorQuantizer(4, 2, "loss", restart=False)
+    z_e = torch.randn(1, 2, 3, 3, requires_grad=True)
+    quantized, _, terms = q(z_e)
+    terms["commitment"].backward()
+    expected = 2 * (z_e - quantized).detach() / z_e.numel()   # d/dz mean((z - sg[e])^2)
+    torch.testing.assert_close(z_e.grad, expected)
+
+
+def test_eval_output_is_the_codebook_lookup_of_the_nearest_codes():
+    torch.manual_seed(1)
+    for codebook in ("ema", "loss"):
+        q = vq.VectorQuantizer(32, 6, codebook).eval()
+        z_e = torch.randn(4, 6, 5, 5)
+        quantized, indices, _ = q(z_e)
+        lookup = q.codebook[indices].permute(0, 3, 1, 2)         # (B, D, H, W)
+        assert torch.equal(quantized, lookup)
+        flat = z_e.permute(0, 2, 3, 1).reshape(-1, 6).double()
+        assert torch.equal(indices.flatten(), torch.cdist(flat, q.codebook.double()).argmin(1))
+
+
+def test_distances_are_computed_in_fp32_under_autocast():
+    """Codes 1e-2 apart around 1: the expanded distance ||z||^2 - 2 z.e + ||e||^2 tells them
+    apart in fp32 but not when autocast runs the product in bf16."""
+    g = torch.Generator().manual_seed(2)
+    q = vq.VectorQuantizer(64, 8, "ema").eval()
+    q.codebook.copy_(1 + 1e-2 * torch.randn(64, 8, generator=g))
+    z_e = 1 + 1e-2 * torch.randn(4, 8, 4, 4, generator=g)
+    flat = z_e.permute(0, 2, 3, 1).reshape(-1, 8)
+    exact = torch.cdist(flat.double(), q.codebook.double()).argmin(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        e = q.codebook
+        dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)
+        unguarded = dist.argmin(1)
+        _, indices, _ = q(z_e)
+    assert (unguarded != exact).float().mean() > 0.5      # bf16 would pick wrong codes
+    assert torch.equal(indices.flatten(), exact)
+
+
+def collapsed_quantizer(codebook, restart):
+    """16 codes: code 0 at the origin, where the data are, the other 15 far away and unused."""
+    q = vq.VectorQuantizer(16, 4, codebook, decay=0.99, restart=restart, restart_threshold=1.0)
+    with torch.no_grad():
+        q.codebook.copy_(torch.full((16, 4), 100.0))
+        q.codebook[0] = 0
+        q.ema_count.copy_(torch.full((16,), 0.5))
+        q.ema_count[0] = 1000.0
+        if codebook == "ema":
+            q.ema_sum.copy_(q.codebook * q.ema_count[:, None])
+    return q
+
+
+@pytest.mark.parametrize("codebook", ["ema", "loss"])
+def test_dead_code_restart_revives_a_collapsed_codebook(codebook):
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(8, 4, 4, 4, generator=g) for _ in range(3)]     # (B, D, H, W)
+
+    def used_after_training(restart, seed=0):
+        q = collapsed_quantizer(codebook, restart)
+        weights = q.codebook                      # the very tensor, not a copy
+        torch.manual_seed(seed)
+        for z in batches[:2]:
+            q(z)
+        q.eval()
+        _, indices, _ = q(batches[2])
+        assert q.codebook is weights              # restarted in place, never re-created
+        return q, indices.unique().numel()
+
+    q, used = used_after_training(restart=True)
+    _, used_without = used_after_training(restart=False)
+    assert used_without == 1                      # the collapse persists without restart
+    assert used >= 12                             # and restart revives most of the 16 codes
+    assert (q.ema_count >= 1.0).all()             # no code is left below the threshold
+    # deterministic given the torch RNG
+    q2, _ = used_after_training(restart=True)
+    assert torch.equal(q.codebook, q2.codebook)
+    q3, _ = used_after_training(restart=True, seed=1)
+    assert not torch.equal(q.codebook, q3.codebook)
+
+
+def test_restarted_code_is_exactly_a_batch_vector_with_consistent_ema_stats():
+    q = collapsed_quantizer("ema", restart=True)
+    flat = torch.randn(50, 4)
+    q.restart_dead_codes(flat, q.nearest(flat)[1])
+    for i in range(1, 16):
+        assert (flat == q.codebook[i]).all(1).any(), i       # an encoder output, bit for bit
+    assert torch.equal(q.codebook[0], torch.zeros(4))        # the live code is untouched
+    assert torch.equal(q.ema_count[1:], torch.ones(15))      # count set to the threshold...
+    torch.testing.assert_close(q.ema_sum[1:] / q.ema_count[1:, None], q.codebook[1:])  # m/N = e
+
+
+def test_restart_seeds_where_the_codebook_quantises_worst():
+    """1000 encoder outputs sit exactly on the live code (distance 0), 10 lie far away: the
+    dead codes are re-seeded from the 10, not piled onto copies of the well-served vector."""
+    q = collapsed_quantizer("ema", restart=True)
+    far = torch.randn(10, 4) + 5
+    flat = torch.cat([torch.zeros(1000, 4), far])
+    torch.manual_seed(0)
+    q.restart_dead_codes(flat, q.nearest(flat)[1])
+    for e in q.codebook[1:]:
+        assert (far == e).all(1).any()
+
+
+@pytest.mark.parametrize("codebook", ["ema", "loss"])
+def test_the_optimizer_holds_the_parameters_the_model_uses(codebook):
+    torch.manual_seed(0)
+    model = vq.VQVAE(1, hidden=8, res_hidden=4, res_layers=1, num_codes=16, code_dim=4,
+                     codebook=codebook)
+    opt = utils.adam(model.parameters(), 1e-2, "cpu")
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    x = torch.rand(8, 1, 28, 28)
+    for _ in range(3):
+        vq.train_step(model, opt, x, data_variance=0.1, beta=0.25)
+    held = [p for group in opt.param_groups for p in group["params"]]
+    assert [id(p) for p in held] == [id(p) for p in model.parameters()]
+    assert all(model.get_parameter(k) is p for k, p in params.items())    # none re-created
+    assert all(model.get_buffer(k) is b for k, b in buffers.items())
+    assert ("quantizer.codebook" in params) == (codebook == "loss")
+    for k, v in model.state_dict().items():      # every weight and the codebook were trained
+        assert not torch.equal(v, start[k]), f"{k} never changed"
+    assert all(opt.state[p]["step"] == 3 for p in held)
+
+
+def test_encoder_decoder_support_28_32_and_64_pixels():
+    for size, channels in [(28, 1), (32, 3), (64, 1)]:
+        model = vq.VQVAE(channels, hidden=8, res_hidden=4, res_layers=2, num_codes=8, code_dim=4)
+        recon, indices, _ = model(torch.rand(2, channels, size, size) - 0.5)
+        assert recon.shape == (2, channels, size, size)
+        assert indices.shape == (2, size // 4, size // 4)
+    with pytest.raises(utils.UserError, match="unsupported image size 30"):
+        vq.grid_size(30)
+
+
+def test_loss_is_the_papers_objective():
+    x, recon = torch.zeros(2, 1, 4, 4), torch.full((2, 1, 4, 4), 0.2)
+    terms = {"commitment": torch.tensor(2.0), "codebook": torch.tensor(3.0),
+             "perplexity": torch.tensor(1.0), "used": torch.tensor(1.0)}
+    out = vq.vq_vae_loss(x, recon, terms, data_variance=0.04, beta=0.25)
+    torch.testing.assert_close(out["recon_error"], torch.tensor(1.0))      # 0.04 / 0.04
+    torch.testing.assert_close(out["loss"], torch.tensor(1.0 + 3.0 + 0.25 * 2.0))
+
+
+def test_perplexity_counts_effective_codes():
+    assert vq.perplexity(torch.tensor([5.0, 5.0, 5.0, 5.0])).item() == pytest.approx(4.0)
+    assert vq.perplexity(torch.tensor([7.0, 0.0, 0.0])).item() == pytest.approx(1.0)
+
+
+# ---- PixelCNN prior ---------------------------------------------------------------------------
+def small_prior(num_classes=0, layers=4):
+    torch.manual_seed(0)
+    prior = vq.GatedPixelCNN(5, channels=8, layers=layers, kernel=3, num_classes=num_classes)
+    return prior.double()
+
+
+def influence(prior, codes, labels=None):
+    """influence[p, t]: changing the code at raster position p changes the logits at position t."""
+    h, w = codes.shape[1:]
+    with torch.no_grad():
+        base = prior(codes, labels)
+        out = torch.zeros(h * w, h * w, dtype=torch.bool)
+        for p in range(h * w):
+            changed = codes.clone()
+            changed[0, p // w, p % w] = (changed[0, p // w, p % w] + 1) % 5
+            diff = (prior(changed, labels) - base)[0].abs().amax(0)          # (H, W)
+            out[p] = diff.flatten() > 1e-10
+    return out
+
+
+def test_pixelcnn_is_causal_in_raster_order():
+    prior = small_prior(num_classes=2)
+    codes = torch.randint(0, 5, (1, 6, 7), generator=torch.Generator().manual_seed(0))
+    inf = influence(prior, codes, torch.tensor([1]))
+    n = inf.shape[0]
+    for p in range(n):
+        assert not inf[p, :p + 1].any(), f"code {divmod(p, 7)} reaches an earlier logit"
+    assert inf[:n - 1].any(1).all()              # and every code informs some later position
+
+
+def test_pixelcnn_has_no_blind_spot():
+    """The original masked PixelCNN cannot see up and to the right; the two stacks can."""
+    prior = small_prior(layers=4)
+    codes = torch.randint(0, 5, (1, 6, 7), generator=torch.Generator().manual_seed(1))
+    inf = influence(prior, codes)
+    i, j = 3, 3
+    for a, b in [(2, 4), (2, 5), (1, 5), (2, 3), (2, 2), (1, 1), (3, 2), (3, 1)]:
+        assert inf[a * 7 + b, i * 7 + j], f"({a}, {b}) does not reach ({i}, {j})"
+
+
+def test_pixelcnn_rows_above_do_not_need_rows_below():
+    """Sampling runs the prior on rows 0..i only; that must give the full grid's logits."""
+    prior = small_prior(num_classes=3)
+    codes = torch.randint(0, 5, (2, 5, 6), generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 2])
+    with torch.no_grad():
+        full = prior(codes, labels)
+        for i in range(5):
+            torch.testing.assert_close(prior(codes[:, :i + 1], labels), full[:, :, :i + 1])
+        other = prior(codes, torch.tensor([1, 1]))
+    assert not torch.allclose(full[0], other[0])            # the class changes the prediction
+
+
+def test_prior_nll_is_log_k_for_a_uniform_prior():
+    prior = small_prior()
+    with torch.no_grad():
+        for p in prior.head[-1].parameters():
+            p.zero_()                                        # all logits 0: uniform over 5 codes
+        codes = torch.randint(0, 5, (3, 4, 4))
+        assert vq.prior_nll(prior, codes).item() == pytest.approx(math.log(5))
+
+
+# ---- the script end to end --------------------------------------------------------------------
+TINY = ["--limit", 256, "--batch-size", 32, "--eval-limit", 64, "--hidden", 16, "--res-hidden", 8,
+        "--res-layers", 1, "--codes", 32, "--code-dim", 8, "--prior-channels", 16,
+        "--prior-layers", 3, "--prior-kernel", 3, "--prior-batch-size", 32, "--prior-conditional",
+        "--log-every", 2, "--device", "cpu"]
+
+
+def png_size(path):
+    import matplotlib.image
+    h, w = matplotlib.image.imread(path).shape[:2]
+    return w, h
+
+
+def test_vq_vae_and_prior_end_to_end_and_resume(tmp_path, script):
+    common = ["--data-root", tmp_path / "data", *TINY]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    script("vq_vae.py", *common, "--epochs", 2, "--prior-epochs", 1, "--out", straight,
+           env=ONE_THREAD)
+    for name in ("checkpoint.pt", "prior.pt", "metrics.json", "history.json", "losses.png",
+                 "reconstructions.png", "code_usage.png", "samples.png", "prior_losses.png",
+                 "prior_history.json"):
+        assert (straight / name).stat().st_size > 0, name
+    # 32 originals above their reconstructions and 64 samples: 8 x 8 tiles of 64 px
+    assert png_size(straight / "reconstructions.png") == png_size(straight / "samples.png") \
+        == (8 * 66 + 2, 8 * 66 + 2)
+
+    m = json.loads((straight / "metrics.json").read_text())
+    test = m["test"]
+    assert m["steps"] == 16 and m["epochs"] == 2 and test["images"] == 64
+    assert 0 < test["recon_error"] < 10 and math.isfinite(test["psnr"]) and test["psnr"] > 0
+    assert test["recon_error"] == pytest.approx(test["mse"] / m["data_variance"])
+    assert 1 <= test["perplexity"] <= test["used_codes"] <= 32
+    assert sum(test["code_counts"]) == 64 * 16 * 16
+    assert test["used_codes"] == sum(c > 0 for c in test["code_counts"])
+    prior = m["prior"]
+    assert prior["uniform_bits_per_code"] == 5.0                               # log2(32)
+    assert 0 < prior["test_bits_per_code"] < 5.5
+    assert prior["steps"] == 8 and prior["config"]["num_classes"] == 3
+
+    history = json.loads((straight / "history.json").read_text())
+    assert [h["step"] for h in history] == [8, 16]
+    assert history[1]["test_recon_error"] < history[0]["test_recon_error"]      # it learns
+    # the prior's checkpoint rebuilds the prior from its config alone and carries the VQ-VAE
+    state = utils.load_checkpoint(straight / "prior.pt")
+    assert state["kind"] == "vq_vae_prior" and state["vq_step"] == 16
+    vq.build_prior(state["config"]).load_state_dict(state["model"])
+    model = vq.build_model(argparse.Namespace(**state["args"]), channels=1)
+    model.load_state_dict(state["vqvae"])
+
+    # stopped after one epoch without a prior, then resumed: the same run, bit for bit
+    script("vq_vae.py", *common, "--epochs", 1, "--prior-epochs", 0, "--out", split,
+           env=ONE_THREAD)
+    assert not (split / "prior.pt").exists()
+    script("vq_vae.py", *common, "--epochs", 2, "--prior-epochs", 1, "--out", split, "--resume",
+           env=ONE_THREAD)
+    a = utils.load_checkpoint(straight / "checkpoint.pt")
+    b = utils.load_checkpoint(split / "checkpoint.pt")
+    assert a["step"] == b["step"] == 16
+    assert [r["loss"] for r in b["log"]] == [r["loss"] for r in a["log"]]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    pa, pb = state, utils.load_checkpoint(split / "prior.pt")
+    for k in pa["model"]:
+        assert torch.equal(pa["model"][k], pb["model"][k]), k
+
+    # the prior resumes too; a VQ-VAE trained further makes the old prior stale: a clear error
+    script("vq_vae.py", *common, "--epochs", 2, "--prior-epochs", 2, "--out", split, "--resume",
+           env=ONE_THREAD)
+    assert utils.load_checkpoint(split / "prior.pt")["step"] == 16
+    assert [h["step"] for h in json.loads((split / "prior_history.json").read_text())] == [8, 16]
+    proc = script("vq_vae.py", *common, "--epochs", 3, "--prior-epochs", 2, "--out", split,
+                  "--resume", check=False, env=ONE_THREAD)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "another VQ-VAE state" in proc.stderr and "prior.pt" in proc.stderr
+
+
+def test_bad_flags_are_clear_errors(tmp_path, script):
+    proc = script("vq_vae.py", "--prior-kernel", 4, "--out", tmp_path, check=False)
+    assert proc.returncode == 1 and "--prior-kernel must be odd" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,843 @@
+"""Vector-quantised VAE (van den Oord et al. 2017, "Neural Discrete Representation Learning"),
+with a gated PixelCNN prior over its codes (van den Oord et al. 2016, "Conditional Image
+Generation with PixelCNN Decoders").
+
+A residual encoder maps x to a grid of vectors z_e(x); each is replaced by its nearest codebook
+entry e_k, k = argmin_j ||z_e - e_j||^2, and a decoder reconstructs x from the grid of codes.
+The gradient skips the non-differentiable lookup (straight-through), and the loss is (eq. 3)
+
+    L = ||x - D(e)||^2 / Var[x] + ||sg[z_e] - e||^2 + beta ||z_e - sg[e]||^2.
+
+With `--codebook ema` (the default, paper appendix A.1) the middle term is replaced by an
+exponential moving average of the encoder outputs assigned to each code. Codes that stop being
+used are re-seeded from encoder outputs of the current batch (dead-code restart).
+
+Once the VQ-VAE is trained, `--prior-epochs N` fits a gated PixelCNN to the code grids of the
+training set; ancestral sampling over the grid, then decoding, gives new images.
+
+    python vq_vae.py --dataset dsprites --limit 20000 --eval-limit 2000 --batch-size 32 \
+        --hidden 64 --max-steps 1200 --epochs 2 --prior-epochs 1 --prior-batch-size 32 \
+        --prior-channels 64 --prior-layers 6 --prior-lr 1e-3 --prior-conditional
+
+Flags: `--code-dim` is the shared `--latent` flag under its VQ name (one value, the dimension D
+of each code vector). The defaults are the reference CIFAR-10 configuration (REFERENCE.md):
+128 hidden channels, 2 residual layers of 32, 512 codes of dimension 64, batch 256, Adam lr 1e-3;
+the reported run is 15,000 steps: `--dataset cifar10 --epochs 77 --max-steps 15000`.
+"""
+import argparse
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import utils
+
+LAPLACE_EPS = 1e-5          # REFERENCE.md: N_i smoothed with eps = 1e-5
+NUM_CLASSES = {"mnist": 10, "cifar10": 10, "dsprites": utils.DSPRITES_SIZES[1]}  # dSprites: shape
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder and decoder (residual, as in the paper: two 4x4 stride-2 convolutions, a 3x3
+# convolution, residual blocks ReLU-3x3-ReLU-1x1)
+# ----------------------------------------------------------------------------------------------
+def grid_size(image_size):
+    """Side of the code grid: the image halved twice (28 -> 7, 32 -> 8, 64 -> 16)."""
+    if image_size % 4 != 0:
+        raise utils.UserError(f"unsupported image size {image_size}: the VQ-VAE halves it twice, "
+                              "so it must be a multiple of 4 (28, 32 and 64 work)")
+    return image_size // 4
+
+
+class ResidualStack(nn.Module):
+    """`layers` blocks x + conv1x1(relu(conv3x3(relu(x)))), then a ReLU; shape-preserving."""
+
+    def __init__(self, channels, res_hidden, layers):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.ReLU(), nn.Conv2d(channels, res_hidden, 3, padding=1),
+                          nn.ReLU(inplace=True), nn.Conv2d(res_hidden, channels, 1))
+            for _ in range(layers))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return F.relu(x)
+
+
+class Encoder(nn.Module):
+    """x (B, C, S, S) -> z_e (B, D, S/4, S/4)."""
+
+    def __init__(self, channels, hidden, res_hidden, res_layers, code_dim):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, hidden // 2, 4, stride=2, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden // 2, hidden, 4, stride=2, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, padding=1),                 # (B, hidden, S/4, S/4)
+            ResidualStack(hidden, res_hidden, res_layers),
+            nn.Conv2d(hidden, code_dim, 1))                          # (B, D, S/4, S/4)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    """Quantised grid (B, D, S/4, S/4) -> reconstruction (B, C, S, S) in the [-0.5, 0.5] scale."""
+
+    def __init__(self, channels, hidden, res_hidden, res_layers, code_dim):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(code_dim, hidden, 3, padding=1),                # (B, hidden, S/4, S/4)
+            ResidualStack(hidden, res_hidden, res_layers),
+            nn.ConvTranspose2d(hidden, hidden // 2, 4, stride=2, padding=1),
+            nn.ReLU(inplace=True),                                    # (B, hidden/2, S/2, S/2)
+            nn.ConvTranspose2d(hidden // 2, channels, 4, stride=2, padding=1))  # (B, C, S, S)
+
+    def forward(self, q):
+        return self.net(q)
+
+
+# ----------------------------------------------------------------------------------------------
+# Vector quantiser
+# ----------------------------------------------------------------------------------------------
+def laplace_smoothing(counts, eps):
+    """N_i -> (N_i + eps) / (sum N + K eps) * sum N: no count is zero and the total is kept.
+    Returns a new tensor; the raw counts are never overwritten (that would compound each step)."""
+    total = counts.sum()
+    return (counts + eps) / (total + counts.numel() * eps) * total
+
+
+def perplexity(counts):
+    """exp(entropy) of the code distribution given by assignment counts (K,): the effective
+    number of codes in use, K when all are used equally, 1 after a total collapse."""
+    p = counts / counts.sum()
+    return torch.exp(-torch.special.xlogy(p, p).sum())
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-neighbour lookup in a codebook of K vectors of dimension D.
+
+    `codebook="ema"`: the codebook is a buffer set to m_i / N_i from exponential moving averages
+    of the counts N_i and sums m_i of the encoder outputs assigned to each code (paper, A.1).
+    `codebook="loss"`: the codebook is an nn.Parameter trained by the term ||sg[z_e] - e||^2.
+    In both variants `ema_count` tracks usage, and with `restart` a code whose count falls below
+    `restart_threshold` is re-seeded from an encoder output of the current batch.
+    State changes only in training mode.
+    """
+
+    def __init__(self, num_codes, code_dim, codebook="ema", decay=0.99, eps=LAPLACE_EPS,
+                 restart=True, restart_threshold=1.0):
+        super().__init__()
+        if codebook not in ("ema", "loss"):
+            raise utils.UserError(f"unknown codebook update {codebook!r}; use ema or loss")
+        self.num_codes, self.code_dim, self.kind = num_codes, code_dim, codebook
+        self.decay, self.eps = decay, eps
+        self.restart, self.restart_threshold = restart, restart_threshold
+        init = torch.empty(num_codes, code_dim).uniform_(-1 / num_codes, 1 / num_codes)
+        if codebook == "ema":
+            self.register_buffer("codebook", init)                       # (K, D)
+            # Each code starts as if it had been assigned once, to itself: m / N = its init.
+            self.register_buffer("ema_sum", init.clone())                # m_i (K, D)
+        else:
+            self.codebook = nn.Parameter(init)                           # (K, D)
+        self.register_buffer("ema_count", torch.ones(num_codes))         # N_i (K,)
+
+    @torch.no_grad()
+    def nearest(self, flat):
+        """Index of the nearest code for each row of `flat` (N, D) and the squared distance to
+        it, both (N,), computed in fp32."""
+        with torch.autocast(device_type=flat.device.type, enabled=False):
+            z, e = flat.float(), self.codebook.float()
+            # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2                         (N, K)
+            dist = z.pow(2).sum(1, keepdim=True) - 2 * z @ e.t() + e.pow(2).sum(1)
+            nearest = dist.min(1)
+            return nearest.indices, nearest.values.clamp(min=0)
+
+    def lookup(self, indices):
+        """Codes of an index grid (B, H, W) -> (B, D, H, W)."""
+        return F.embedding(indices, self.codebook).permute(0, 3, 1, 2)
+
+    def forward(self, z_e):
+        """z_e (B, D, H, W) -> quantised (B, D, H, W) with a straight-through gradient,
+        indices (B, H, W) and named terms (commitment, codebook, perplexity, used)."""
+        b, d, h, w = z_e.shape
+        z = z_e.float()
+        flat = z.permute(0, 2, 3, 1).reshape(-1, d)                         # (B*H*W, D)
+        indices, dist = self.nearest(flat)                                  # (B*H*W,) each
+        q = F.embedding(indices, self.codebook).view(b, h, w, d).permute(0, 3, 1, 2)
+        terms = {
+            "commitment": F.mse_loss(z, q.detach()),                        # ||z_e - sg[e]||^2
+            "codebook": (F.mse_loss(z.detach(), q) if self.kind == "loss"   # ||sg[z_e] - e||^2
+                         else z.new_zeros(())),
+        }
+        counts = torch.bincount(indices, minlength=self.num_codes).float()  # n_i (K,)
+        terms["perplexity"] = perplexity(counts)
+        terms["used"] = (counts > 0).float().mean()
+        if self.training:
+            if self.kind == "ema":
+                self.ema_update(flat, indices)
+            else:
+                with torch.no_grad():
+                    self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+            if self.restart:
+                self.restart_dead_codes(flat, dist)
+        # Straight-through (paper, sec. 3.1): the value is exactly e, the gradient with respect to
+        # z_e is the identity (z - sg[z] is 0 with derivative 1), none reaches the codebook.
+        quantized = q.detach() + (z - z.detach())
+        return quantized, indices.view(b, h, w), terms
+
+    @torch.no_grad()
+    def ema_update(self, flat, indices):
+        """One EMA step on encoder outputs `flat` (N, D) assigned to `indices` (N,):
+        N_i <- d N_i + (1-d) n_i ; m_i <- d m_i + (1-d) sum_{j: k_j = i} z_j ;
+        e_i = m_i / N_i' with N_i' the Laplace-smoothed counts (a copy; the buffer stays raw)."""
+        onehot = F.one_hot(indices, self.num_codes).type_as(flat)          # (N, K)
+        counts = onehot.sum(0)                                              # n_i (K,)
+        sums = onehot.t() @ flat                                            # (K, D)
+        self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        smoothed = laplace_smoothing(self.ema_count, self.eps)
+        self.codebook.copy_(self.ema_sum / smoothed[:, None])
+
+    @torch.no_grad()
+    def restart_dead_codes(self, flat, dist):
+        """Re-seed every code whose usage count N_i is below the threshold with an encoder output
+        of the current batch (as in Dhariwal et al. 2020, Jukebox): a row of `flat` (N, D) drawn
+        with probability proportional to its squared distance `dist` (N,) to its nearest code,
+        the k-means++ seeding rule (Arthur & Vassilvitskii 2007). New codes thus go where the
+        codebook quantises worst, not onto copies of the most frequent vector (dSprites'
+        background), where they would only take that vector's assignments from a live code.
+
+        A re-seeded code gets N_i = threshold and m_i = threshold * z, so m_i / N_i is its new
+        vector and it stays alive while it draws at least `threshold` assignments per step.
+        Branch-free (K rows are always drawn from the torch RNG) so that there is no host-device
+        sync and the RNG advances identically every step: a resumed run repeats it exactly."""
+        dead = self.ema_count < self.restart_threshold                      # (K,)
+        weights = dist.float() + 1e-12                 # all rows equally likely if all are exact
+        new = flat[torch.multinomial(weights, self.num_codes, replacement=True)]   # (K, D)
+        self.codebook.copy_(torch.where(dead[:, None], new.to(self.codebook.dtype),
+                                        self.codebook))
+        self.ema_count.copy_(torch.where(dead, self.restart_threshold, self.ema_count))
+        if self.kind == "ema":
+            self.ema_sum.copy_(torch.where(dead[:, None], new * self.restart_threshold,
+                                           self.ema_sum))
+
+
+class VQVAE(nn.Module):
+    def __init__(self, channels, hidden=128, res_hidden=32, res_layers=2, num_codes=512,
+                 code_dim=64, **quantizer):
+        super().__init__()
+        self.encoder = Encoder(channels, hidden, res_hidden, res_layers, code_dim)
+        self.quantizer = VectorQuantizer(num_codes, code_dim, **quantizer)
+        self.decoder = Decoder(channels, hidden, res_hidden, res_layers, code_dim)
+
+    def forward(self, x):
+        """x (B, C, S, S) in [-0.5, 0.5] -> reconstruction, indices (B, S/4, S/4), terms."""
+        q, indices, terms = self.quantizer(self.encoder(x))
+        return self.decoder(q), indices, terms
+
+    @torch.no_grad()
+    def codes(self, x):
+        """Code grid (B, S/4, S/4) of x in [-0.5, 0.5]; never touches the quantiser's state."""
+        z = self.encoder(x).float()                                         # (B, D, H, W)
+        b, d, h, w = z.shape
+        return self.quantizer.nearest(z.permute(0, 2, 3, 1).reshape(-1, d))[0].view(b, h, w)
+
+    @torch.no_grad()
+    def decode_codes(self, indices):
+        """Code grid (B, H, W) -> image (B, C, 4H, 4W) in [0, 1]."""
+        return (self.decoder(self.quantizer.lookup(indices)).float() + 0.5).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss and training step
+# ----------------------------------------------------------------------------------------------
+def vq_vae_loss(x, recon, vq_terms, data_variance, beta):
+    """L = ||x - D(e)||^2 / Var[x] + ||sg[z_e] - e||^2 + beta ||z_e - sg[e]||^2 (paper, eq. 3).
+    The reconstruction term is the mean squared error over pixels divided by the training-set
+    variance ("recon error"); the codebook term is zero with the EMA codebook."""
+    recon_error = F.mse_loss(recon.float(), x) / data_variance
+    loss = recon_error + vq_terms["codebook"] + beta * vq_terms["commitment"]
+    return {"loss": loss, "recon_error": recon_error, **vq_terms}
+
+
+TRAIN_TERMS = ("loss", "recon_error", "commitment", "codebook", "perplexity", "used")
+
+
+def train_step(model, opt, x, data_variance, beta, amp=True, encode=None, decode=None):
+    """One optimiser step on a batch x (B, C, S, S) in [0, 1]; returns the (device) terms.
+    `encode`/`decode` are the (optionally compiled) encoder and decoder; the quantiser, whose
+    buffers change in place, always runs eagerly."""
+    encode = model.encoder if encode is None else encode
+    decode = model.decoder if decode is None else decode
+    x = x - 0.5                                    # the reference scales images to [-0.5, 0.5]
+    with utils.autocast(x.device, amp):
+        z_e = encode(x)                            # (B, D, H, W)
+        q, _, vq_terms = model.quantizer(z_e)      # distances in fp32 inside
+        recon = decode(q)                          # (B, C, S, S)
+    terms = vq_vae_loss(x, recon, vq_terms, data_variance, beta)
+    opt.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    opt.step()
+    return terms
+
+
+# ----------------------------------------------------------------------------------------------
+# Gated PixelCNN prior over the code grid (van den Oord et al. 2016)
+# ----------------------------------------------------------------------------------------------
+def shift_down(x):
+    """Move rows down by one (row 0 becomes zeros): row i then holds what row i-1 saw."""
+    return F.pad(x, (0, 0, 1, -1))
+
+
+def shift_right(x):
+    """Move columns right by one (column 0 becomes zeros)."""
+    return F.pad(x, (1, -1, 0, 0))
+
+
+def gate(x):
+    """tanh(a) * sigmoid(b) over the two halves of the channels (paper, eq. 2)."""
+    a, b = x.chunk(2, dim=1)
+    return torch.tanh(a) * torch.sigmoid(b)
+
+
+class GatedLayer(nn.Module):
+    """One gated layer with a vertical and a horizontal stack (paper, fig. 2).
+
+    Vertical stack: a (k//2+1) x k convolution padded only above, so row i sees rows <= i. It
+    reaches the horizontal stack shifted down one row, i.e. only rows < i: with rows < i taken
+    whole, there is no blind spot. Horizontal stack: a 1 x (k//2+1) convolution padded only on
+    the left (columns <= j of row i), its input shifted right by one in the first layer so that
+    no position sees itself; later layers add a residual connection.
+    """
+
+    def __init__(self, channels, kernel, first=False, num_classes=0):
+        super().__init__()
+        self.pad, self.first = kernel // 2, first
+        self.v_conv = nn.Conv2d(channels, 2 * channels, (kernel // 2 + 1, kernel))
+        self.v_to_h = nn.Conv2d(2 * channels, 2 * channels, 1)
+        self.h_conv = nn.Conv2d(channels, 2 * channels, (1, kernel // 2 + 1))
+        self.h_out = nn.Conv2d(channels, channels, 1)
+        # class conditioning: a learned bias per class on every gate (paper, eq. 4)
+        self.cond = nn.Embedding(num_classes, 2 * channels) if num_classes else None
+
+    def forward(self, v, h, labels=None):
+        p = self.pad
+        v_feat = self.v_conv(F.pad(v, (p, p, p, 0)))                        # (B, 2C, H, W)
+        h_in = shift_right(h) if self.first else h
+        h_feat = self.h_conv(F.pad(h_in, (p, 0, 0, 0))) + self.v_to_h(shift_down(v_feat))
+        if self.cond is not None:
+            bias = self.cond(labels)[:, :, None, None]                      # (B, 2C, 1, 1)
+            v_feat, h_feat = v_feat + bias, h_feat + bias
+        h_new = self.h_out(gate(h_feat))                                    # (B, C, H, W)
+        return gate(v_feat), h_new if self.first else h + h_new
+
+
+class GatedPixelCNN(nn.Module):
+    """p(c) = prod_i p(c_i | c_<i [, class]) over a grid of K-way codes in raster order.
+    Codes (B, H, W) -> logits (B, K, H, W); logit (i, j) depends only on earlier positions."""
+
+    def __init__(self, num_codes, channels=128, layers=12, kernel=5, num_classes=0):
+        super().__init__()
+        self.embed = nn.Embedding(num_codes, channels)
+        self.layers = nn.ModuleList(
+            GatedLayer(channels, kernel, first=i == 0, num_classes=num_classes)
+            for i in range(layers))
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 1),
+                                  nn.ReLU(inplace=True), nn.Conv2d(channels, num_codes, 1))
+
+    def forward(self, codes, labels=None):
+        x = self.embed(codes).permute(0, 3, 1, 2)                            # (B, C, H, W)
+        v = h = x
+        for layer in self.layers:
+            v, h = layer(v, h, labels)
+        return self.head(h)                                                  # (B, K, H, W)
+
+
+def prior_config(args, num_codes, grid, num_classes):
+    """Everything needed to rebuild the prior; stored in prior.pt."""
+    return {"num_codes": num_codes, "channels": args.prior_channels, "layers": args.prior_layers,
+            "kernel": args.prior_kernel, "num_classes": num_classes, "grid": list(grid)}
+
+
+def build_prior(config):
+    return GatedPixelCNN(config["num_codes"], config["channels"], config["layers"],
+                         config["kernel"], config["num_classes"])
+
+
+def prior_nll(prior, codes, labels=None):
+    """Mean negative log-likelihood in nats per code of code grids (B, H, W)."""
+    return F.cross_entropy(prior(codes, labels).float(), codes.long())
+
+
+@torch.no_grad()
+def sample_codes(prior, n, grid, labels=None, generator=None):
+    """Ancestral sampling in raster order, c_i ~ p(c_i | c_<i). Rows below i cannot affect
+    row i (the prior is causal), so each pass runs on rows 0..i only."""
+    device = next(prior.parameters()).device
+    h, w = grid
+    codes = torch.zeros(n, h, w, dtype=torch.long, device=device)
+    for i in range(h):
+        for j in range(w):
+            logits = prior(codes[:, :i + 1], labels)[:, :, i, j].float()    # (n, K)
+            codes[:, i, j] = torch.multinomial(logits.softmax(1), 1, generator=generator)[:, 0]
+    return codes
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation and outputs
+# ----------------------------------------------------------------------------------------------
+def data_variance(images, device):
+    """Variance of the pixel values in [0, 1] over a whole uint8 split (computed once)."""
+    s = s2 = 0.0
+    for x in utils.iterate(images, 4096, device):
+        s += x.sum().item()
+        s2 += x.square().sum().item()
+    n = images.numel()
+    return s2 / n - (s / n) ** 2
+
+
+@torch.no_grad()
+def evaluate(model, images, variance, batch_size, device):
+    """Held-out recon error (MSE / Var), PSNR, and code usage over the whole split."""
+    model.eval()
+    sq_err = sq_err01 = 0.0
+    counts = torch.zeros(model.quantizer.num_codes, device=device)
+    batch_perplexity = []
+    for x in utils.iterate(images, batch_size, device):
+        recon, indices, _ = model(x - 0.5)
+        recon = recon.float()
+        sq_err += F.mse_loss(recon, x - 0.5, reduction="sum").item()
+        sq_err01 += F.mse_loss((recon + 0.5).clamp(0, 1), x, reduction="sum").item()
+        batch_counts = torch.bincount(indices.flatten(), minlength=len(counts)).float()
+        batch_perplexity.append(perplexity(batch_counts))
+        counts += batch_counts
+    model.train()
+    mse, mse01 = sq_err / images.numel(), sq_err01 / images.numel()
+    used = int((counts > 0).sum())
+    k = len(counts)
+    return {"recon_error": mse / variance, "mse": mse,
+            # PSNR of the clamped reconstructions in [0, 1], from the MSE over the whole split
+            "psnr": 10 * math.log10(1 / mse01) if mse01 > 0 else float("inf"),
+            # perplexity of the code distribution over all held-out positions, and the mean
+            # over batches of --batch-size images (the figure reference implementations print)
+            "perplexity": perplexity(counts).item(),
+            "batch_perplexity": torch.stack(batch_perplexity).mean().item(),
+            "used_codes": used, "used_fraction": used / k,
+            "dead_codes_percent": 100 * (k - used) / k,
+            "images": len(images), "code_counts": counts.long().tolist()}
+
+
+@torch.no_grad()
+def save_reconstructions(model, images, path, device, n=32):
+    """Held-out originals above their reconstructions, 8 per row."""
+    model.eval()
+    x = images[:n].to(device).float() / 255
+    recon = model.decode_codes(model.codes(x - 0.5))
+    pairs = torch.stack([x.view(-1, 8, *x.shape[1:]), recon.view(-1, 8, *x.shape[1:])], 1)
+    utils.save_grid(pairs.flatten(0, 2), path, nrow=8)
+    model.train()
+
+
+def plot_code_usage(counts, path, title):
+    """Histogram of code usage: the share of positions assigned to each code, codes sorted by
+    use (utils.plot_bars sizes its figure per bar, too wide for hundreds of codes)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    share = (counts / counts.sum()).sort(descending=True).values
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    floor = share[share > 0].min().item() / 2                    # log scale: unused codes sit here
+    ax.stairs(share.clamp(min=floor).tolist(), range(len(share) + 1), fill=True, baseline=floor)
+    ax.set_yscale("log")
+    ax.set_xlabel("code (sorted by use)")
+    ax.set_ylabel("share of held-out positions")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def class_labels(data):
+    """(labels (N,), number of classes) for class conditioning: dSprites conditions on shape."""
+    if data.name not in NUM_CLASSES or data.labels is None:
+        raise utils.UserError(f"--prior-conditional needs class labels, which {data.name} does not "
+                              f"have; it works with {', '.join(NUM_CLASSES)}")
+    labels = data.labels[:, 1] if data.labels.dim() == 2 else data.labels
+    return labels.long(), NUM_CLASSES[data.name]
+
+
+def epoch_indices(n, batch_size, seed, epoch, start, device):
+    """Index batches of one epoch over n items, the order a pure function of (seed, epoch) as in
+    utils.DeviceBatches (which only slices uint8 images), so a resumed prior run is exact."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g).to(device)
+    for i in range(start, n // batch_size):
+        yield perm[i * batch_size:(i + 1) * batch_size]
+
+
+@torch.no_grad()
+def encode_all(model, images, batch_size, device):
+    """Code grids (N, H, W) of a whole uint8 split, kept on the device as int16/int32."""
+    dtype = torch.int16 if model.quantizer.num_codes <= 2 ** 15 else torch.int32
+    model.eval()
+    codes = torch.cat([model.codes(x - 0.5).to(dtype)
+                       for x in utils.iterate(images, batch_size, device)])
+    model.train()
+    return codes
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # reference CIFAR-10 configuration (REFERENCE.md): batch 256, Adam lr 1e-3, codes of dim 64
+    utils.add_common_args(p, latent=64, lr=1e-3, batch_size=256, epochs=10)
+    p.add_argument("--code-dim", dest="latent", type=int, default=64, metavar="D",
+                   help="dimension D of each code vector; another name for --latent "
+                        "(default: 64)")
+    p.add_argument("--codes", "--num-codes", dest="codes", type=int, default=512,
+                   help="codebook size K (default: 512)")
+    p.add_argument("--hidden", type=int, default=128,
+                   help="channels of the encoder/decoder trunk (default: 128)")
+    p.add_argument("--res-hidden", type=int, default=32,
+                   help="hidden channels of each residual block (default: 32)")
+    p.add_argument("--res-layers", type=int, default=2,
+                   help="residual blocks in the encoder and in the decoder (default: 2)")
+    p.add_argument("--codebook", default="ema", choices=("ema", "loss"),
+                   help="codebook update: ema = moving averages (paper, appendix), loss = the "
+                        "codebook loss term ||sg[z_e] - e||^2 (default: ema)")
+    p.add_argument("--decay", type=float, default=0.99,
+                   help="EMA decay of the codebook counts and sums (default: 0.99)")
+    p.add_argument("--beta", type=float, default=0.25,
+                   help="commitment loss weight (default: 0.25)")
+    p.add_argument("--no-restart", action="store_true",
+                   help="turn dead-code restart off (default: on)")
+    p.add_argument("--restart-threshold", type=float, default=1.0,
+                   help="a code whose EMA count of assignments per step falls below this is "
+                        "re-seeded from an encoder output of the current batch, drawn in "
+                        "proportion to its squared distance to its nearest code (default: 1.0)")
+    p.add_argument("--prior-epochs", type=int, default=10,
+                   help="epochs of the gated PixelCNN prior trained on the code grids once the "
+                        "VQ-VAE is trained; 0 = no prior and no samples (default: 10)")
+    p.add_argument("--prior-max-steps", type=int, default=None,
+                   help="stop the prior after this many steps (default: no limit)")
+    p.add_argument("--prior-batch-size", type=int, default=128,
+                   help="code grids per prior step (default: 128)")
+    p.add_argument("--prior-lr", type=float, default=3e-4,
+                   help="Adam learning rate of the prior (default: 3e-4)")
+    p.add_argument("--prior-channels", type=int, default=128,
+                   help="channels of the prior's stacks (default: 128)")
+    p.add_argument("--prior-layers", type=int, default=12,
+                   help="gated layers of the prior (default: 12)")
+    p.add_argument("--prior-kernel", type=int, default=5,
+                   help="odd kernel width of the prior's convolutions (default: 5)")
+    p.add_argument("--prior-conditional", action="store_true",
+                   help="condition the prior on the class label (dSprites: the shape) "
+                        "(default: off)")
+    return utils.parse_args(p, argv)
+
+
+def check_args(args):
+    utils.check_common_args(args, "vq_vae")
+    positive = {"--codes": args.codes, "--hidden": args.hidden, "--res-hidden": args.res_hidden,
+                "--prior-batch-size": args.prior_batch_size, "--prior-lr": args.prior_lr,
+                "--prior-channels": args.prior_channels, "--prior-layers": args.prior_layers,
+                "--restart-threshold": args.restart_threshold}
+    for flag, value in positive.items():
+        if value <= 0:
+            raise utils.UserError(f"{flag} must be positive, got {value}")
+    if args.codes < 2:
+        raise utils.UserError(f"--codes must be at least 2, got {args.codes}")
+    if args.hidden % 2:
+        raise utils.UserError(f"--hidden must be even (the first layer has hidden/2 channels), "
+                              f"got {args.hidden}")
+    if args.res_layers < 0 or args.prior_epochs < 0 or args.beta < 0:
+        raise utils.UserError("--res-layers, --prior-epochs and --beta must be >= 0")
+    if not 0 < args.decay < 1:
+        raise utils.UserError(f"--decay must lie in (0, 1), got {args.decay}")
+    if args.prior_kernel < 1 or args.prior_kernel % 2 == 0:
+        raise utils.UserError(f"--prior-kernel must be odd, got {args.prior_kernel}")
+    if args.prior_max_steps is not None and args.prior_max_steps <= 0:
+        raise utils.UserError(f"--prior-max-steps must be positive, got {args.prior_max_steps}")
+    return args
+
+
+# Flags that a resumed run takes from its command line when typed; the rest come from
+# checkpoint.pt. The prior's own settings (PRIOR_FLAGS) may be typed until prior.pt exists;
+# from then on they come from prior.pt.
+RESUME_FLAGS = ("epochs", "max_steps", "lr", "device", "out", "resume", "compile", "no_amp",
+                "log_every", "eval_limit", "data_root", "prior_epochs", "prior_max_steps",
+                "prior_lr")
+PRIOR_FLAGS = ("prior_batch_size", "prior_channels", "prior_layers", "prior_kernel",
+               "prior_conditional")
+
+
+def build_model(args, channels):
+    return VQVAE(channels, args.hidden, args.res_hidden, args.res_layers, args.codes, args.latent,
+                 codebook=args.codebook, decay=args.decay, restart=not args.no_restart,
+                 restart_threshold=args.restart_threshold)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: the VQ-VAE, then the prior
+# ----------------------------------------------------------------------------------------------
+def main(args):
+    timer = utils.Timer()
+    args = check_args(args)
+    out = utils.prepare_out(args.out)
+    state = None
+    if args.resume:
+        state = utils.resume_state(args.resume, out, "vq_vae")
+        args = utils.resume_args(args, state, RESUME_FLAGS + PRIOR_FLAGS)
+    device = utils.get_device(args.device)
+    utils.seed_everything(args.seed)
+
+    if args.dataset == "celeba":
+        grid_size(args.image_size)                # refuse a bad size before decoding anything
+    train = utils.load_dataset(args.dataset, args.data_root, "train", args.limit,
+                               args.image_size, args.crop)
+    test = utils.load_dataset(args.dataset, args.data_root, "test", args.eval_limit,
+                              args.image_size, args.crop)
+    grid = (grid_size(train.image_size),) * 2
+    model = build_model(args, train.channels).to(device)
+    opt = utils.adam(model.parameters(), args.lr, device)
+    batches = utils.DeviceBatches(train.images, args.batch_size, device, args.seed)
+    step, log, history = 0, [], []
+    if state is not None:
+        utils.load_state(model, state["model"], "VQ-VAE", out)
+        utils.load_state(opt, state["optimizer"], "VQ-VAE optimiser", out)
+        for group in opt.param_groups:              # a typed --lr applies from here on
+            group["lr"] = args.lr
+        step, log, history = state["step"], state["log"], state["history"]
+        variance = state["data"]["variance"]
+        utils.set_rng_state(state["rng"])
+    else:
+        variance = data_variance(batches.images, device)     # of the training set, once
+    total = len(batches) * args.epochs
+    if args.max_steps is not None:
+        total = min(total, args.max_steps)
+    encode = torch.compile(model.encoder) if args.compile else model.encoder
+    decode = torch.compile(model.decoder) if args.compile else model.decoder
+    data_info = {"channels": train.channels, "image_size": train.image_size, "variance": variance}
+
+    def checkpoint():
+        utils.save_checkpoint(out / "checkpoint.pt", {
+            "kind": "vq_vae", "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "args": vars(args), "step": step, "epoch": step // len(batches), "log": log,
+            "history": history, "rng": utils.rng_state(), "data": data_info})
+
+    def read_running():
+        r = running.read(step, out)         # the one host-device sync per log interval
+        if r is not None:
+            log.append(r)
+        return r
+
+    running = utils.RunningMean()
+    train_time, t0 = 0.0, time.perf_counter()
+    trained_from = step
+
+    bar = tqdm(total=total, initial=step, desc="vq_vae", unit="step", dynamic_ncols=True)
+    with utils.StopSignal() as stop:
+        while step < total and not stop.requested:
+            epoch, start = divmod(step, len(batches))
+            for x in batches.epoch(epoch, start):
+                terms = train_step(model, opt, x, variance, args.beta, not args.no_amp,
+                                   encode, decode)
+                running.add({k: terms[k] for k in TRAIN_TERMS})
+                step += 1
+                bar.update(1)
+                if step % args.log_every == 0:
+                    r = read_running()
+                    bar.set_postfix(recon=f"{r['recon_error']:.4f}", ppl=f"{r['perplexity']:.0f}")
+                if step >= total or stop.requested:
+                    break
+            read_running()
+            train_time += time.perf_counter() - t0
+            if step % len(batches) == 0 or step >= total:      # an epoch ended: score it
+                res = evaluate(model, test.images, variance, args.batch_size, device)
+                history.append({"epoch": step // len(batches), "step": step,
+                                "train_loss": log[-1]["loss"],
+                                "train_recon_error": log[-1]["recon_error"],
+                                "train_perplexity": log[-1]["perplexity"],
+                                "train_used": log[-1]["used"],
+                                **{f"test_{k}": v for k, v in res.items() if k != "code_counts"}})
+                utils.write_json(out / "history.json", history)
+                tqdm.write(f"epoch {history[-1]['epoch']} step {step}: held-out recon error "
+                           f"{res['recon_error']:.4f}, PSNR {res['psnr']:.1f} dB, perplexity "
+                           f"{res['perplexity']:.1f}, codes used {res['used_codes']}/{args.codes}")
+            checkpoint()
+            t0 = time.perf_counter()
+    bar.close()
+    if stop.requested:
+        print(f"stopped at step {step}; checkpoint saved to {out / 'checkpoint.pt'}; "
+              "continue with --resume")
+        return None
+
+    final = evaluate(model, test.images, variance, args.batch_size, device)
+    save_reconstructions(model, test.images, out / "reconstructions.png", device)
+    plot_code_usage(final["code_counts"], out / "code_usage.png",
+                    f"held-out code usage: {final['used_codes']}/{args.codes} codes, "
+                    f"perplexity {final['perplexity']:.0f}")
+    curves = {"train loss": ([r["step"] for r in log], [r["loss"] for r in log]),
+              "train recon error": ([r["step"] for r in log], [r["recon_error"] for r in log])}
+    if history:
+        curves["held-out recon error"] = ([h["step"] for h in history],
+                                          [h["test_recon_error"] for h in history])
+    utils.plot_curves(curves, out / "losses.png", title="VQ-VAE (recon error = MSE / Var[x])")
+    metrics = {"test": final, "steps": step, "epochs": step / len(batches),
+               "train_images": len(train), "data_variance": variance,
+               "device": str(device), "train_time_s": train_time,
+               "images_per_s": (step - trained_from) * args.batch_size / max(train_time, 1e-9),
+               "torch": torch.__version__, "args": vars(args)}
+    utils.write_json(out / "metrics.json", {**metrics, "wall_time_s": timer()})
+    print(f"held-out recon error {final['recon_error']:.4f}, PSNR {final['psnr']:.1f} dB, "
+          f"perplexity {final['perplexity']:.1f}, codes used {final['used_codes']}/{args.codes}; "
+          f"outputs in {out}")
+
+    if args.prior_epochs > 0:
+        prior = train_prior(args, model, train, test, grid, step, out, device)
+        if prior is None:          # stopped by a signal; prior.pt holds its state
+            return None
+        metrics["prior"] = prior
+        utils.write_json(out / "metrics.json", {**metrics, "wall_time_s": timer()})
+    return metrics
+
+
+def train_prior(args, model, train, test, grid, vq_step, out, device):
+    """Fit the gated PixelCNN to the training set's code grids, score held-out bits per code,
+    write samples.png. Resumes from prior.pt with --resume. Returns the prior's metrics."""
+    path = out / "prior.pt"
+    state = None
+    if args.resume and path.exists():
+        state = utils.load_checkpoint(path)
+        utils.check_checkpoint_kind(state, path, "vq_vae_prior")
+        if state["vq_step"] != vq_step or any(
+                not torch.equal(v.cpu(), state["vqvae"][k]) for k, v in model.state_dict().items()):
+            raise utils.UserError(
+                f"{path} was trained on the codes of another VQ-VAE state (step "
+                f"{state['vq_step']}; this run's is step {vq_step}); move {path} away to train "
+                "a new prior")
+        args = utils.resume_args(args, state, RESUME_FLAGS)      # PRIOR_FLAGS from prior.pt
+    labels, num_classes = (None, 0)
+    if args.prior_conditional:
+        labels, num_classes = class_labels(train)
+        labels = labels.to(device)
+    config = state["config"] if state else prior_config(args, model.quantizer.num_codes, grid,
+                                                       num_classes)
+    prior = build_prior(config).to(device)
+    opt = utils.adam(prior.parameters(), args.prior_lr, device)
+    step, log, history = 0, [], []
+    if state is not None:
+        utils.load_state(prior, state["model"], "prior", path)
+        utils.load_state(opt, state["optimizer"], "prior optimiser", path)
+        for group in opt.param_groups:              # a typed --prior-lr applies from here on
+            group["lr"] = args.prior_lr
+        step, log, history = state["step"], state["log"], state["history"]
+        utils.set_rng_state(state["rng"])
+    codes = encode_all(model, train.images, args.batch_size, device)          # (N, H, W)
+    test_codes = encode_all(model, test.images, args.batch_size, device)
+    test_labels = class_labels(test)[0].to(device) if args.prior_conditional else None
+    steps_per_epoch = len(codes) // args.prior_batch_size
+    if steps_per_epoch == 0:
+        raise utils.UserError(f"{len(codes)} code grids are fewer than one prior batch of "
+                              f"{args.prior_batch_size}")
+    total = steps_per_epoch * args.prior_epochs
+    if args.prior_max_steps is not None:
+        total = min(total, args.prior_max_steps)
+    fwd = torch.compile(prior) if args.compile else prior
+    amp = not args.no_amp
+
+    @torch.no_grad()
+    def held_out_bits():
+        prior.eval()
+        nll, n = 0.0, 0
+        for i in range(0, len(test_codes), args.prior_batch_size):
+            c = test_codes[i:i + args.prior_batch_size].long()
+            y = None if test_labels is None else test_labels[i:i + args.prior_batch_size]
+            with utils.autocast(device, amp):
+                nll += prior_nll(prior, c, y).item() * len(c)
+            n += len(c)
+        prior.train()
+        return nll / n / math.log(2)
+
+    def checkpoint():
+        utils.save_checkpoint(path, {
+            "kind": "vq_vae_prior", "model": prior.state_dict(), "optimizer": opt.state_dict(),
+            "args": vars(args), "config": config, "step": step, "log": log, "history": history,
+            "rng": utils.rng_state(), "vq_step": vq_step, "vqvae": model.state_dict(),
+            "data": {"channels": train.channels, "image_size": train.image_size}})
+
+    def read_running():
+        r = running.read(step, out)         # the one host-device sync per log interval
+        if r is not None:
+            log.append({"step": step, "bits_per_code": r["nll"] / math.log(2)})
+            return log[-1]
+        return None
+
+    running = utils.RunningMean()
+    train_time, t0 = 0.0, time.perf_counter()
+
+    bar = tqdm(total=total, initial=step, desc="prior", unit="step", dynamic_ncols=True)
+    with utils.StopSignal() as stop:
+        while step < total and not stop.requested:
+            epoch, start = divmod(step, steps_per_epoch)
+            for idx in epoch_indices(len(codes), args.prior_batch_size, args.seed, epoch, start,
+                                     device):
+                with utils.autocast(device, amp):
+                    nll = prior_nll(fwd, codes[idx].long(),
+                                    None if labels is None else labels[idx])
+                opt.zero_grad(set_to_none=True)
+                nll.backward()
+                opt.step()
+                running.add({"nll": nll})
+                step += 1
+                bar.update(1)
+                if step % args.log_every == 0:
+                    bar.set_postfix(bits=f"{read_running()['bits_per_code']:.3f}")
+                if step >= total or stop.requested:
+                    break
+            read_running()
+            train_time += time.perf_counter() - t0
+            if step % steps_per_epoch == 0 or step >= total:
+                history.append({"epoch": step // steps_per_epoch, "step": step,
+                                "train_bits_per_code": log[-1]["bits_per_code"],
+                                "test_bits_per_code": held_out_bits()})
+                utils.write_json(out / "prior_history.json", history)
+                tqdm.write(f"prior epoch {history[-1]['epoch']} step {step}: held-out "
+                           f"{history[-1]['test_bits_per_code']:.4f} bits/code")
+            checkpoint()
+            t0 = time.perf_counter()
+    bar.close()
+    if stop.requested:
+        print(f"stopped at prior step {step}; saved to {path}; continue with --resume")
+        return None
+
+    bits = held_out_bits()
+    utils.plot_curves({"train": ([r["step"] for r in log], [r["bits_per_code"] for r in log]),
+                       "held-out": ([h["step"] for h in history],
+                                    [h["test_bits_per_code"] for h in history])},
+                      out / "prior_losses.png", title="PixelCNN prior (bits per code)")
+    # 64 samples, 8 per row; with a conditional prior each row is one class
+    gen = torch.Generator(device).manual_seed(args.seed)
+    sample_labels = (torch.arange(64, device=device) // 8 % num_classes
+                     if args.prior_conditional else None)
+    prior.eval()
+    with utils.autocast(device, amp):
+        samples = model.decode_codes(sample_codes(prior, 64, grid, sample_labels, gen))
+    utils.save_grid(samples, out / "samples.png", nrow=8)
+    print(f"prior: held-out {bits:.4f} bits per code "
+          f"({math.log2(model.quantizer.num_codes):.1f} for a uniform prior); samples in "
+          f"{out / 'samples.png'}")
+    return {"test_bits_per_code": bits, "uniform_bits_per_code": math.log2(config["num_codes"]),
+            "steps": step, "epochs": step / steps_per_epoch, "train_time_s": train_time,
+            "config": config, "conditional": bool(args.prior_conditional)}
+
+
+if __name__ == "__main__":
+    main(parse_args())
