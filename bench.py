@@ -262,7 +262,7 @@ def main(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=utils.HelpFormatter)
     p.add_argument("--models", type=lambda s: s.split(","), default=list(MODELS),
                    help=f"comma list of {', '.join(MODELS)}")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))

@@ -105,7 +105,7 @@ def plot_kl_per_dim(log, path, args):
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=utils.HelpFormatter)
     utils.add_common_args(p, latent=10, lr=5e-4, batch_size=64, epochs=30, dataset="celeba")
     p.add_argument("--objective", default="B", choices=("H", "B"),
                    help="H: recon + beta*KL (Higgins); B: recon + gamma*|KL - C| (Burgess)")

@@ -323,7 +323,7 @@ def compute_metrics(model, args, data_root, device, seed, n_points=10_000, n_tra
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=utils.HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a beta_vae.py checkpoint.pt")
     p.add_argument("--data-root", default=None,
                    help="where the data are (default: the training run's --data-root)")

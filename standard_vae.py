@@ -253,7 +253,7 @@ def plot_history(log, history, out, test_key="test_neg_elbo"):
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=utils.HelpFormatter)
     utils.add_common_args(p, latent=10, lr=1e-3, batch_size=128, epochs=10)
     p.add_argument("--recon", default="bce", choices=("bce", "mse"),
                    help="decoder likelihood: bce = Bernoulli, mse = Gaussian")

@@ -706,6 +706,16 @@ def prepare_out(out):
     return out
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default once: not for flags whose help already says it or whose default is
+    None or False."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_common_args(p, latent=10, lr=1e-3, batch_size=64, epochs=10, dataset="dsprites"):
     """The command-line contract shared by the training scripts."""
     add_data_args(p, dataset)
