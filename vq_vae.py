@@ -15,6 +15,12 @@ used are re-seeded from encoder outputs of the current batch (dead-code restart)
 Once the VQ-VAE is trained, `--prior-epochs N` fits a gated PixelCNN to the code grids of the
 training set; ancestral sampling over the grid, then decoding, gives new images.
 
+Under torchrun (`torchrun --nproc_per_node=4 vq_vae.py ...`) both phases train with
+DistributedDataParallel, each rank on its shard of every epoch's order (`--batch-size` and
+`--prior-batch-size` are per rank). The EMA counts and sums are summed over ranks before each
+update and dead-code restarts are drawn on rank 0 and broadcast, so the codebooks stay identical;
+rank 0 alone writes.
+
     python vq_vae.py --dataset dsprites --limit 20000 --eval-limit 2000 --batch-size 32 \
         --hidden 64 --max-steps 1200 --epochs 2 --prior-epochs 1 --prior-batch-size 32 \
         --prior-channels 64 --prior-layers 6 --prior-lr 1e-3 --prior-conditional
@@ -25,10 +31,13 @@ of each code vector). The defaults are the reference CIFAR-10 configuration (REF
 the reported run is 15,000 steps: `--dataset cifar10 --epochs 77 --max-steps 15000`.
 """
 import argparse
+import inspect
 import math
 import time
+from pathlib import Path
 
 import torch
+import torch.distributed
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -173,16 +182,19 @@ class VectorQuantizer(nn.Module):
                          else z.new_zeros(())),
         }
         counts = torch.bincount(indices, minlength=self.num_codes).float()  # n_i (K,)
-        terms["perplexity"] = perplexity(counts)
-        terms["used"] = (counts > 0).float().mean()
         if self.training:
+            # under torchrun the counts (and sums) of all ranks' batches, so that every rank
+            # makes the same update and the usage terms describe the global batch
             if self.kind == "ema":
-                self.ema_update(flat, indices)
+                counts = self.ema_update(flat, indices)
             else:
                 with torch.no_grad():
+                    counts = utils.all_reduce_sum(counts)
                     self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
             if self.restart:
                 self.restart_dead_codes(flat, dist)
+        terms["perplexity"] = perplexity(counts)
+        terms["used"] = (counts > 0).float().mean()
         # Straight-through (paper, sec. 3.1): the value is exactly e, the gradient with respect to
         # z_e is the identity (z - sg[z] is 0 with derivative 1), none reaches the codebook.
         quantized = q.detach() + (z - z.detach())
@@ -192,14 +204,19 @@ class VectorQuantizer(nn.Module):
     def ema_update(self, flat, indices):
         """One EMA step on encoder outputs `flat` (N, D) assigned to `indices` (N,):
         N_i <- d N_i + (1-d) n_i ; m_i <- d m_i + (1-d) sum_{j: k_j = i} z_j ;
-        e_i = m_i / N_i' with N_i' the Laplace-smoothed counts (a copy; the buffer stays raw)."""
-        onehot = F.one_hot(indices, self.num_codes).type_as(flat)          # (N, K)
-        counts = onehot.sum(0)                                              # n_i (K,)
-        sums = onehot.t() @ flat                                            # (K, D)
+        e_i = m_i / N_i' with N_i' the Laplace-smoothed counts (a copy; the buffer stays raw).
+        Under torchrun n_i and the sums run over every rank's batch (one all-reduce), so all
+        ranks apply the same update. Returns n_i (K,)."""
+        with torch.autocast(device_type=flat.device.type, enabled=False):   # fp32 sums
+            onehot = F.one_hot(indices, self.num_codes).type_as(flat)      # (N, K)
+            stats = torch.cat([onehot.sum(0)[:, None], onehot.t() @ flat], 1)  # n_i | sums
+        counts, sums = utils.all_reduce_sum(stats).split([1, self.code_dim], 1)
+        counts = counts[:, 0]                                               # n_i (K,)
         self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         smoothed = laplace_smoothing(self.ema_count, self.eps)
         self.codebook.copy_(self.ema_sum / smoothed[:, None])
+        return counts
 
     @torch.no_grad()
     def restart_dead_codes(self, flat, dist):
@@ -213,10 +230,13 @@ class VectorQuantizer(nn.Module):
         A re-seeded code gets N_i = threshold and m_i = threshold * z, so m_i / N_i is its new
         vector and it stays alive while it draws at least `threshold` assignments per step.
         Branch-free (K rows are always drawn from the torch RNG) so that there is no host-device
-        sync and the RNG advances identically every step: a resumed run repeats it exactly."""
+        sync and the RNG advances identically every step: a resumed run repeats it exactly.
+        Under torchrun every rank draws, but rank 0's rows are broadcast and used by all; the
+        counts that mark the dead codes are already the same on every rank."""
         dead = self.ema_count < self.restart_threshold                      # (K,)
         weights = dist.float() + 1e-12                 # all rows equally likely if all are exact
         new = flat[torch.multinomial(weights, self.num_codes, replacement=True)]   # (K, D)
+        new = broadcast(new.contiguous())
         self.codebook.copy_(torch.where(dead[:, None], new.to(self.codebook.dtype),
                                         self.codebook))
         self.ema_count.copy_(torch.where(dead, self.restart_threshold, self.ema_count))
@@ -233,10 +253,14 @@ class VQVAE(nn.Module):
         self.quantizer = VectorQuantizer(num_codes, code_dim, **quantizer)
         self.decoder = Decoder(channels, hidden, res_hidden, res_layers, code_dim)
 
-    def forward(self, x):
-        """x (B, C, S, S) in [-0.5, 0.5] -> reconstruction, indices (B, S/4, S/4), terms."""
-        q, indices, terms = self.quantizer(self.encoder(x))
-        return self.decoder(q), indices, terms
+    def forward(self, x, encode=None, decode=None):
+        """x (B, C, S, S) in [-0.5, 0.5] -> reconstruction, indices (B, S/4, S/4), terms.
+        `encode`/`decode`: compiled encoder and decoder to use instead (--compile); the
+        quantiser, whose buffers change in place, always runs eagerly."""
+        encode = self.encoder if encode is None else encode
+        decode = self.decoder if decode is None else decode
+        q, indices, terms = self.quantizer(encode(x))          # distances in fp32 inside
+        return decode(q), indices, terms
 
     @torch.no_grad()
     def codes(self, x):
@@ -266,17 +290,16 @@ def vq_vae_loss(x, recon, vq_terms, data_variance, beta):
 TRAIN_TERMS = ("loss", "recon_error", "commitment", "codebook", "perplexity", "used")
 
 
-def train_step(model, opt, x, data_variance, beta, amp=True, encode=None, decode=None):
+def train_step(model, opt, x, data_variance, beta, amp=True, encode=None, decode=None,
+               fwd=None):
     """One optimiser step on a batch x (B, C, S, S) in [0, 1]; returns the (device) terms.
-    `encode`/`decode` are the (optionally compiled) encoder and decoder; the quantiser, whose
-    buffers change in place, always runs eagerly."""
-    encode = model.encoder if encode is None else encode
-    decode = model.decoder if decode is None else decode
+    `fwd` runs the forward pass: the model, or under torchrun its DistributedDataParallel
+    wrapper, which averages the gradients over ranks. `encode`/`decode` are the (optionally
+    compiled) encoder and decoder (see VQVAE.forward)."""
+    fwd = model if fwd is None else fwd
     x = x - 0.5                                    # the reference scales images to [-0.5, 0.5]
     with utils.autocast(x.device, amp):
-        z_e = encode(x)                            # (B, D, H, W)
-        q, _, vq_terms = model.quantizer(z_e)      # distances in fp32 inside
-        recon = decode(q)                          # (B, C, S, S)
+        recon, _, vq_terms = fwd(x, encode, decode)                        # (B, C, S, S)
     terms = vq_vae_loss(x, recon, vq_terms, data_variance, beta)
     opt.zero_grad(set_to_none=True)
     terms["loss"].backward()
@@ -390,7 +413,8 @@ def sample_codes(prior, n, grid, labels=None, generator=None):
 # Evaluation and outputs
 # ----------------------------------------------------------------------------------------------
 def data_variance(images, device):
-    """Variance of the pixel values in [0, 1] over a whole uint8 split (computed once)."""
+    """Variance of the pixel values in [0, 1] over a whole uint8 split (computed once). Under
+    torchrun every rank holds the whole training set and computes the same number."""
     s = s2 = 0.0
     for x in utils.iterate(images, 4096, device):
         s += x.sum().item()
@@ -399,32 +423,43 @@ def data_variance(images, device):
     return s2 / n - (s / n) ** 2
 
 
+def accumulator(n, device):
+    """Zeros (n,) for sums kept on the device: float64, or float32 on MPS, which has no float64."""
+    return torch.zeros(n, dtype=torch.float32 if device.type == "mps" else torch.float64,
+                       device=device)
+
+
 @torch.no_grad()
 def evaluate(model, images, variance, batch_size, device):
-    """Held-out recon error (MSE / Var), PSNR, and code usage over the whole split."""
+    """Held-out recon error (MSE / Var), PSNR, and code usage over the whole split.
+
+    Sums stay on the device (one read at the end); under torchrun each rank scores its shard
+    and the sums and code counts are added over ranks.
+    """
     model.eval()
-    sq_err = sq_err01 = 0.0
-    counts = torch.zeros(model.quantizer.num_codes, device=device)
-    batch_perplexity = []
-    for x in utils.iterate(images, batch_size, device):
+    k = model.quantizer.num_codes
+    # squared error, squared error in [0, 1], sum of batch perplexities, batches | counts (K,)
+    sums = accumulator(4 + k, device)
+    for x in utils.iterate(images[utils.DIST.rank::utils.DIST.world], batch_size, device):
         recon, indices, _ = model(x - 0.5)
         recon = recon.float()
-        sq_err += F.mse_loss(recon, x - 0.5, reduction="sum").item()
-        sq_err01 += F.mse_loss((recon + 0.5).clamp(0, 1), x, reduction="sum").item()
-        batch_counts = torch.bincount(indices.flatten(), minlength=len(counts)).float()
-        batch_perplexity.append(perplexity(batch_counts))
-        counts += batch_counts
+        counts = torch.bincount(indices.flatten(), minlength=k).float()
+        sums += torch.cat([torch.stack([
+            F.mse_loss(recon, x - 0.5, reduction="sum"),
+            F.mse_loss((recon + 0.5).clamp(0, 1), x, reduction="sum"),
+            perplexity(counts), torch.ones((), device=device)]), counts]).to(sums.dtype)
     model.train()
+    sums = utils.all_reduce_sum(sums).cpu().double()
+    (sq_err, sq_err01, batch_perplexity, batches), counts = sums[:4].tolist(), sums[4:]
     mse, mse01 = sq_err / images.numel(), sq_err01 / images.numel()
     used = int((counts > 0).sum())
-    k = len(counts)
     return {"recon_error": mse / variance, "mse": mse,
             # PSNR of the clamped reconstructions in [0, 1], from the MSE over the whole split
             "psnr": 10 * math.log10(1 / mse01) if mse01 > 0 else float("inf"),
             # perplexity of the code distribution over all held-out positions, and the mean
             # over batches of --batch-size images (the figure reference implementations print)
             "perplexity": perplexity(counts).item(),
-            "batch_perplexity": torch.stack(batch_perplexity).mean().item(),
+            "batch_perplexity": batch_perplexity / batches,
             "used_codes": used, "used_fraction": used / k,
             "dead_codes_percent": 100 * (k - used) / k,
             "images": len(images), "code_counts": counts.long().tolist()}
@@ -471,12 +506,14 @@ def class_labels(data):
     return labels.long(), NUM_CLASSES[data.name]
 
 
-def epoch_indices(n, batch_size, seed, epoch, start, device):
+def epoch_indices(n, batch_size, seed, epoch, start, device, rank=0, world=1):
     """Index batches of one epoch over n items, the order a pure function of (seed, epoch) as in
-    utils.DeviceBatches (which only slices uint8 images), so a resumed prior run is exact."""
+    utils.DeviceBatches (which only slices uint8 images), so a resumed prior run is exact.
+    With `world > 1`, rank `rank`'s shard of that order, in batches of `batch_size`."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=g).to(device)
-    for i in range(start, n // batch_size):
+    perm = torch.randperm(n, generator=g)
+    perm = perm[rank:n - n % world:world].to(device)          # (n // world,)
+    for i in range(start, len(perm) // batch_size):
         yield perm[i * batch_size:(i + 1) * batch_size]
 
 
@@ -585,29 +622,73 @@ def build_model(args, channels):
 
 
 # ----------------------------------------------------------------------------------------------
+# Under torchrun (distributed plumbing that utils.py does not have yet)
+# ----------------------------------------------------------------------------------------------
+def broadcast(tensor, src=0):
+    """Rank `src`'s `tensor` on every rank, in place (a no-op in a single process)."""
+    if utils.DIST.active:
+        torch.distributed.broadcast(tensor, src)
+    return tensor
+
+
+def data_parallel(module, device):
+    """`module` wrapped in DistributedDataParallel under torchrun (gradients averaged over
+    ranks), else itself. Buffers are not re-broadcast from rank 0 every step: the quantiser
+    keeps its codebook identical on all ranks with its own collectives."""
+    if not utils.DIST.active:
+        return module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    # the flag's name since torch 2.13; before, broadcast_buffers (now deprecated)
+    flag = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
+            else "broadcast_buffers")
+    return DDP(module, device_ids=[device] if device.type == "cuda" else None, **{flag: False})
+
+
+def restore_rng(state):
+    """This rank's RNG state from a checkpoint (`rng_ranks` under torchrun, else `rng`)."""
+    rngs = state.get("rng_ranks") or [state["rng"]]
+    utils.set_rng_state(rngs[utils.DIST.rank] if len(rngs) == utils.DIST.world else rngs[0])
+
+
+def should_stop(stop, step, log_every, device):
+    """Whether to stop after this step on a SIGINT/SIGTERM. Under torchrun the ranks agree at
+    log steps only (one small all-reduce), so that all of them save the same step."""
+    if not utils.DIST.active:
+        return stop.requested is not None
+    return step % log_every == 0 and utils.any_rank(stop.requested, device)
+
+
+# ----------------------------------------------------------------------------------------------
 # Training: the VQ-VAE, then the prior
 # ----------------------------------------------------------------------------------------------
-def main(args):
-    timer = utils.Timer()
-    args = check_args(args)
-    out = utils.prepare_out(args.out)
+def fit(args):
+    """Train the VQ-VAE: data on the device, losses summed there and read every --log-every
+    steps, the held-out recon error scored and checkpoint.pt written at every epoch end,
+    SIGINT/SIGTERM save the current step, `--resume` continues exactly. Under torchrun (the
+    process group is joined here) each rank trains on its shard of every epoch's order with
+    DistributedDataParallel and rank 0 alone writes. Returns None if stopped, else the run."""
+    dist, device = utils.setup_distributed(args.device)
+    out = utils.prepare_out(args.out) if dist.main else Path(args.out)
     state = None
     if args.resume:
         state = utils.resume_state(args.resume, out, "vq_vae")
         args = utils.resume_args(args, state, RESUME_FLAGS + PRIOR_FLAGS)
-    device = utils.get_device(args.device)
+    # The same seed on every rank: the same initial weights. The only other use of the torch
+    # RNG in training is the restart draw, which rank 0 makes for all ranks.
     utils.seed_everything(args.seed)
 
     if args.dataset == "celeba":
         grid_size(args.image_size)                # refuse a bad size before decoding anything
-    train = utils.load_dataset(args.dataset, args.data_root, "train", args.limit,
-                               args.image_size, args.crop)
-    test = utils.load_dataset(args.dataset, args.data_root, "test", args.eval_limit,
-                              args.image_size, args.crop)
+    with utils.main_first():                      # rank 0 builds any data cache alone
+        train = utils.load_dataset(args.dataset, args.data_root, "train", args.limit,
+                                   args.image_size, args.crop)
+        test = utils.load_dataset(args.dataset, args.data_root, "test", args.eval_limit,
+                                  args.image_size, args.crop)
     grid = (grid_size(train.image_size),) * 2
     model = build_model(args, train.channels).to(device)
     opt = utils.adam(model.parameters(), args.lr, device)
-    batches = utils.DeviceBatches(train.images, args.batch_size, device, args.seed)
+    batches = utils.DeviceBatches(train.images, args.batch_size, device, args.seed,
+                                  rank=dist.rank, world=dist.world)
     step, log, history = 0, [], []
     if state is not None:
         utils.load_state(model, state["model"], "VQ-VAE", out)
@@ -616,21 +697,25 @@ def main(args):
             group["lr"] = args.lr
         step, log, history = state["step"], state["log"], state["history"]
         variance = state["data"]["variance"]
-        utils.set_rng_state(state["rng"])
+        restore_rng(state)
     else:
         variance = data_variance(batches.images, device)     # of the training set, once
     total = len(batches) * args.epochs
     if args.max_steps is not None:
         total = min(total, args.max_steps)
-    encode = torch.compile(model.encoder) if args.compile else model.encoder
-    decode = torch.compile(model.decoder) if args.compile else model.decoder
+    fwd = data_parallel(model, device)
+    encode = torch.compile(model.encoder) if args.compile else None
+    decode = torch.compile(model.decoder) if args.compile else None
     data_info = {"channels": train.channels, "image_size": train.image_size, "variance": variance}
 
     def checkpoint():
-        utils.save_checkpoint(out / "checkpoint.pt", {
-            "kind": "vq_vae", "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "args": vars(args), "step": step, "epoch": step // len(batches), "log": log,
-            "history": history, "rng": utils.rng_state(), "data": data_info})
+        rngs = utils.gather_objects(utils.rng_state())       # every rank's, for an exact resume
+        if dist.main:
+            utils.save_checkpoint(out / "checkpoint.pt", {
+                "kind": "vq_vae", "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "args": vars(args), "step": step, "epoch": step // len(batches), "log": log,
+                "history": history, "rng": rngs[0], "rng_ranks": rngs if dist.active else None,
+                "data": data_info})
 
     def read_running():
         r = running.read(step, out)         # the one host-device sync per log interval
@@ -642,20 +727,23 @@ def main(args):
     train_time, t0 = 0.0, time.perf_counter()
     trained_from = step
 
-    bar = tqdm(total=total, initial=step, desc="vq_vae", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc="vq_vae", unit="step", dynamic_ncols=True,
+               disable=not dist.main)
     with utils.StopSignal() as stop:
-        while step < total and not stop.requested:
+        stopping = False
+        while step < total and not stopping:
             epoch, start = divmod(step, len(batches))
             for x in batches.epoch(epoch, start):
                 terms = train_step(model, opt, x, variance, args.beta, not args.no_amp,
-                                   encode, decode)
+                                   encode, decode, fwd)
                 running.add({k: terms[k] for k in TRAIN_TERMS})
                 step += 1
                 bar.update(1)
                 if step % args.log_every == 0:
                     r = read_running()
                     bar.set_postfix(recon=f"{r['recon_error']:.4f}", ppl=f"{r['perplexity']:.0f}")
-                if step >= total or stop.requested:
+                stopping = should_stop(stop, step, args.log_every, device)
+                if step >= total or stopping:
                     break
             read_running()
             train_time += time.perf_counter() - t0
@@ -667,51 +755,79 @@ def main(args):
                                 "train_perplexity": log[-1]["perplexity"],
                                 "train_used": log[-1]["used"],
                                 **{f"test_{k}": v for k, v in res.items() if k != "code_counts"}})
-                utils.write_json(out / "history.json", history)
-                tqdm.write(f"epoch {history[-1]['epoch']} step {step}: held-out recon error "
-                           f"{res['recon_error']:.4f}, PSNR {res['psnr']:.1f} dB, perplexity "
-                           f"{res['perplexity']:.1f}, codes used {res['used_codes']}/{args.codes}")
+                if dist.main:
+                    utils.write_json(out / "history.json", history)
+                    tqdm.write(f"epoch {history[-1]['epoch']} step {step}: held-out recon "
+                               f"error {res['recon_error']:.4f}, PSNR {res['psnr']:.1f} dB, "
+                               f"perplexity {res['perplexity']:.1f}, codes used "
+                               f"{res['used_codes']}/{args.codes}")
             checkpoint()
+            stopping = stopping or should_stop(stop, step, args.log_every, device)
             t0 = time.perf_counter()
     bar.close()
-    if stop.requested:
-        print(f"stopped at step {step}; checkpoint saved to {out / 'checkpoint.pt'}; "
-              "continue with --resume")
+    if stopping:
+        if dist.main:
+            print(f"stopped at step {step}; checkpoint saved to {out / 'checkpoint.pt'}; "
+                  "continue with --resume")
         return None
+    return argparse.Namespace(
+        args=args, model=model, dist=dist, device=device, out=out, train=train, test=test,
+        grid=grid, variance=variance, log=log, history=history, step=step,
+        epochs=step / len(batches), train_time=train_time,
+        images_per_s=(step - trained_from) * args.batch_size * dist.world
+        / max(train_time, 1e-9))
 
-    final = evaluate(model, test.images, variance, args.batch_size, device)
-    save_reconstructions(model, test.images, out / "reconstructions.png", device)
-    plot_code_usage(final["code_counts"], out / "code_usage.png",
-                    f"held-out code usage: {final['used_codes']}/{args.codes} codes, "
-                    f"perplexity {final['perplexity']:.0f}")
-    curves = {"train loss": ([r["step"] for r in log], [r["loss"] for r in log]),
-              "train recon error": ([r["step"] for r in log], [r["recon_error"] for r in log])}
-    if history:
-        curves["held-out recon error"] = ([h["step"] for h in history],
-                                          [h["test_recon_error"] for h in history])
-    utils.plot_curves(curves, out / "losses.png", title="VQ-VAE (recon error = MSE / Var[x])")
-    metrics = {"test": final, "steps": step, "epochs": step / len(batches),
-               "train_images": len(train), "data_variance": variance,
-               "device": str(device), "train_time_s": train_time,
-               "images_per_s": (step - trained_from) * args.batch_size / max(train_time, 1e-9),
-               "torch": torch.__version__, "args": vars(args)}
-    utils.write_json(out / "metrics.json", {**metrics, "wall_time_s": timer()})
-    print(f"held-out recon error {final['recon_error']:.4f}, PSNR {final['psnr']:.1f} dB, "
-          f"perplexity {final['perplexity']:.1f}, codes used {final['used_codes']}/{args.codes}; "
-          f"outputs in {out}")
+
+def main(args):
+    timer = utils.Timer()
+    args = check_args(args)
+    run = fit(args)
+    if run is None:                  # stopped by a signal; checkpoint.pt holds the state
+        utils.cleanup_distributed()
+        return None
+    args, model, device, out, dist = run.args, run.model, run.device, run.out, run.dist
+    final = evaluate(model, run.test.images, run.variance, args.batch_size, device)
+    metrics = {"test": final, "steps": run.step, "epochs": run.epochs,
+               "train_images": len(run.train), "data_variance": run.variance,
+               "device": str(device), "world_size": dist.world, "train_time_s": run.train_time,
+               "images_per_s": run.images_per_s, "torch": torch.__version__, "args": vars(args)}
+    if dist.main:
+        save_reconstructions(model, run.test.images, out / "reconstructions.png", device)
+        plot_code_usage(final["code_counts"], out / "code_usage.png",
+                        f"held-out code usage: {final['used_codes']}/{args.codes} codes, "
+                        f"perplexity {final['perplexity']:.0f}")
+        log, history = run.log, run.history
+        curves = {"train loss": ([r["step"] for r in log], [r["loss"] for r in log]),
+                  "train recon error": ([r["step"] for r in log],
+                                        [r["recon_error"] for r in log])}
+        if history:
+            curves["held-out recon error"] = ([h["step"] for h in history],
+                                              [h["test_recon_error"] for h in history])
+        utils.plot_curves(curves, out / "losses.png",
+                          title="VQ-VAE (recon error = MSE / Var[x])")
+        utils.write_json(out / "metrics.json", {**metrics, "wall_time_s": timer()})
+        print(f"held-out recon error {final['recon_error']:.4f}, PSNR {final['psnr']:.1f} dB, "
+              f"perplexity {final['perplexity']:.1f}, codes used "
+              f"{final['used_codes']}/{args.codes}; outputs in {out}")
 
     if args.prior_epochs > 0:
-        prior = train_prior(args, model, train, test, grid, step, out, device)
+        prior = train_prior(args, model, run.train, run.test, run.grid, run.step, out, device)
         if prior is None:          # stopped by a signal; prior.pt holds its state
+            utils.cleanup_distributed()
             return None
         metrics["prior"] = prior
-        utils.write_json(out / "metrics.json", {**metrics, "wall_time_s": timer()})
+        if dist.main:
+            utils.write_json(out / "metrics.json", {**metrics, "wall_time_s": timer()})
+    utils.cleanup_distributed()
     return metrics
 
 
 def train_prior(args, model, train, test, grid, vq_step, out, device):
     """Fit the gated PixelCNN to the training set's code grids, score held-out bits per code,
-    write samples.png. Resumes from prior.pt with --resume. Returns the prior's metrics."""
+    write samples.png. Resumes from prior.pt with --resume. Under torchrun every rank encodes
+    the whole training set and trains on its shard of each epoch's order with
+    DistributedDataParallel; rank 0 alone writes and samples. Returns the prior's metrics."""
+    dist = utils.DIST
     path = out / "prior.pt"
     state = None
     if args.resume and path.exists():
@@ -739,39 +855,48 @@ def train_prior(args, model, train, test, grid, vq_step, out, device):
         for group in opt.param_groups:              # a typed --prior-lr applies from here on
             group["lr"] = args.prior_lr
         step, log, history = state["step"], state["log"], state["history"]
-        utils.set_rng_state(state["rng"])
+        restore_rng(state)
     codes = encode_all(model, train.images, args.batch_size, device)          # (N, H, W)
     test_codes = encode_all(model, test.images, args.batch_size, device)
     test_labels = class_labels(test)[0].to(device) if args.prior_conditional else None
-    steps_per_epoch = len(codes) // args.prior_batch_size
+    steps_per_epoch = len(codes) // dist.world // args.prior_batch_size
     if steps_per_epoch == 0:
         raise utils.UserError(f"{len(codes)} code grids are fewer than one prior batch of "
-                              f"{args.prior_batch_size}")
+                              f"{args.prior_batch_size}"
+                              f"{f' on each of {dist.world} ranks' if dist.active else ''}")
     total = steps_per_epoch * args.prior_epochs
     if args.prior_max_steps is not None:
         total = min(total, args.prior_max_steps)
-    fwd = torch.compile(prior) if args.compile else prior
+    fwd = data_parallel(prior, device)
+    fwd = torch.compile(fwd) if args.compile else fwd
     amp = not args.no_amp
 
     @torch.no_grad()
     def held_out_bits():
+        """Each rank scores its shard of the held-out grids; the sums are added over ranks."""
         prior.eval()
-        nll, n = 0.0, 0
-        for i in range(0, len(test_codes), args.prior_batch_size):
-            c = test_codes[i:i + args.prior_batch_size].long()
-            y = None if test_labels is None else test_labels[i:i + args.prior_batch_size]
+        shard = slice(dist.rank, None, dist.world)
+        grids = test_codes[shard]
+        grid_labels = None if test_labels is None else test_labels[shard]
+        nll = accumulator(1, device)              # summed over grids
+        for i in range(0, len(grids), args.prior_batch_size):
+            c = grids[i:i + args.prior_batch_size].long()
+            y = None if grid_labels is None else grid_labels[i:i + args.prior_batch_size]
             with utils.autocast(device, amp):
-                nll += prior_nll(prior, c, y).item() * len(c)
-            n += len(c)
+                nll += prior_nll(prior, c, y).to(nll.dtype) * len(c)
         prior.train()
-        return nll / n / math.log(2)
+        return utils.all_reduce_sum(nll).item() / len(test_codes) / math.log(2)
 
     def checkpoint():
-        utils.save_checkpoint(path, {
-            "kind": "vq_vae_prior", "model": prior.state_dict(), "optimizer": opt.state_dict(),
-            "args": vars(args), "config": config, "step": step, "log": log, "history": history,
-            "rng": utils.rng_state(), "vq_step": vq_step, "vqvae": model.state_dict(),
-            "data": {"channels": train.channels, "image_size": train.image_size}})
+        rngs = utils.gather_objects(utils.rng_state())       # every rank's, for an exact resume
+        if dist.main:
+            utils.save_checkpoint(path, {
+                "kind": "vq_vae_prior", "model": prior.state_dict(),
+                "optimizer": opt.state_dict(), "args": vars(args), "config": config,
+                "step": step, "log": log, "history": history, "rng": rngs[0],
+                "rng_ranks": rngs if dist.active else None, "vq_step": vq_step,
+                "vqvae": model.state_dict(),
+                "data": {"channels": train.channels, "image_size": train.image_size}})
 
     def read_running():
         r = running.read(step, out)         # the one host-device sync per log interval
@@ -783,12 +908,14 @@ def train_prior(args, model, train, test, grid, vq_step, out, device):
     running = utils.RunningMean()
     train_time, t0 = 0.0, time.perf_counter()
 
-    bar = tqdm(total=total, initial=step, desc="prior", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc="prior", unit="step", dynamic_ncols=True,
+               disable=not dist.main)
     with utils.StopSignal() as stop:
-        while step < total and not stop.requested:
+        stopping = False
+        while step < total and not stopping:
             epoch, start = divmod(step, steps_per_epoch)
             for idx in epoch_indices(len(codes), args.prior_batch_size, args.seed, epoch, start,
-                                     device):
+                                     device, dist.rank, dist.world):
                 with utils.autocast(device, amp):
                     nll = prior_nll(fwd, codes[idx].long(),
                                     None if labels is None else labels[idx])
@@ -800,7 +927,8 @@ def train_prior(args, model, train, test, grid, vq_step, out, device):
                 bar.update(1)
                 if step % args.log_every == 0:
                     bar.set_postfix(bits=f"{read_running()['bits_per_code']:.3f}")
-                if step >= total or stop.requested:
+                stopping = should_stop(stop, step, args.log_every, device)
+                if step >= total or stopping:
                     break
             read_running()
             train_time += time.perf_counter() - t0
@@ -808,32 +936,36 @@ def train_prior(args, model, train, test, grid, vq_step, out, device):
                 history.append({"epoch": step // steps_per_epoch, "step": step,
                                 "train_bits_per_code": log[-1]["bits_per_code"],
                                 "test_bits_per_code": held_out_bits()})
-                utils.write_json(out / "prior_history.json", history)
-                tqdm.write(f"prior epoch {history[-1]['epoch']} step {step}: held-out "
-                           f"{history[-1]['test_bits_per_code']:.4f} bits/code")
+                if dist.main:
+                    utils.write_json(out / "prior_history.json", history)
+                    tqdm.write(f"prior epoch {history[-1]['epoch']} step {step}: held-out "
+                               f"{history[-1]['test_bits_per_code']:.4f} bits/code")
             checkpoint()
+            stopping = stopping or should_stop(stop, step, args.log_every, device)
             t0 = time.perf_counter()
     bar.close()
-    if stop.requested:
-        print(f"stopped at prior step {step}; saved to {path}; continue with --resume")
+    if stopping:
+        if dist.main:
+            print(f"stopped at prior step {step}; saved to {path}; continue with --resume")
         return None
 
     bits = held_out_bits()
-    utils.plot_curves({"train": ([r["step"] for r in log], [r["bits_per_code"] for r in log]),
-                       "held-out": ([h["step"] for h in history],
-                                    [h["test_bits_per_code"] for h in history])},
-                      out / "prior_losses.png", title="PixelCNN prior (bits per code)")
-    # 64 samples, 8 per row; with a conditional prior each row is one class
-    gen = torch.Generator(device).manual_seed(args.seed)
-    sample_labels = (torch.arange(64, device=device) // 8 % num_classes
-                     if args.prior_conditional else None)
-    prior.eval()
-    with utils.autocast(device, amp):
-        samples = model.decode_codes(sample_codes(prior, 64, grid, sample_labels, gen))
-    utils.save_grid(samples, out / "samples.png", nrow=8)
-    print(f"prior: held-out {bits:.4f} bits per code "
-          f"({math.log2(model.quantizer.num_codes):.1f} for a uniform prior); samples in "
-          f"{out / 'samples.png'}")
+    if dist.main:
+        utils.plot_curves({"train": ([r["step"] for r in log], [r["bits_per_code"] for r in log]),
+                           "held-out": ([h["step"] for h in history],
+                                        [h["test_bits_per_code"] for h in history])},
+                          out / "prior_losses.png", title="PixelCNN prior (bits per code)")
+        # 64 samples, 8 per row; with a conditional prior each row is one class
+        gen = torch.Generator(device).manual_seed(args.seed)
+        sample_labels = (torch.arange(64, device=device) // 8 % num_classes
+                         if args.prior_conditional else None)
+        prior.eval()
+        with utils.autocast(device, amp):
+            samples = model.decode_codes(sample_codes(prior, 64, grid, sample_labels, gen))
+        utils.save_grid(samples, out / "samples.png", nrow=8)
+        print(f"prior: held-out {bits:.4f} bits per code "
+              f"({math.log2(model.quantizer.num_codes):.1f} for a uniform prior); samples in "
+              f"{out / 'samples.png'}")
     return {"test_bits_per_code": bits, "uniform_bits_per_code": math.log2(config["num_codes"]),
             "steps": step, "epochs": step / steps_per_epoch, "train_time_s": train_time,
             "config": config, "conditional": bool(args.prior_conditional)}

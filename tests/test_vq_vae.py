@@ -1,5 +1,5 @@
 """VQ-VAE: the EMA codebook against the textbook formulas, the straight-through gradient, dead-code
-restart, the PixelCNN prior's causality, and the script end to end."""
+restart, the PixelCNN prior's causality, the script end to end, and under torchrun."""
 import argparse
 import json
 import math
@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 import utils
 import vq_vae as vq
+from conftest import ROOT
+from test_distributed import torchrun
 
 # Subprocess runs use one thread: the tensors of the tiny configurations are too small to gain
 # from more, and two busy OpenMP pools on a 2-core machine slow each other down many times over.
@@ -423,3 +425,126 @@ def test_bad_flags_are_clear_errors(tmp_path, script):
     proc = script("vq_vae.py", "--prior-kernel", 4, "--out", tmp_path, check=False)
     assert proc.returncode == 1 and "--prior-kernel must be odd" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# ---- torchrun: two CPU processes (gloo) -------------------------------------------------------
+# 256 images, 16 per rank and step: 8 steps per epoch on each of the two ranks
+DDP_TINY = ["--limit", 256, "--batch-size", 16, "--eval-limit", 64, "--hidden", 16,
+            "--res-hidden", 8, "--res-layers", 1, "--codes", 32, "--code-dim", 8,
+            "--log-every", 2, "--device", "cpu"]
+DDP_PRIOR = ["--prior-channels", 16, "--prior-layers", 3, "--prior-kernel", 3,
+             "--prior-batch-size", 16, "--prior-conditional"]
+
+
+@pytest.fixture(scope="module")
+def ddp_worker(tmp_path_factory):
+    """One launch of tests/vq_ddp_worker.py on 2 ranks: the quantiser checks, then 6 steps of
+    vq_vae.fit with each codebook kind (run folders run/ and run-loss/)."""
+    out = tmp_path_factory.mktemp("vq_ddp")
+    torchrun(ROOT / "tests" / "vq_ddp_worker.py", out, "--data-root", out / "data", *DDP_TINY,
+             "--max-steps", 6, "--out", out / "run")
+    return out
+
+
+def load_ranks(folder, name, key=None):
+    states = [torch.load(folder / f"{name}{r}.pt", weights_only=True) for r in (0, 1)]
+    return [s[key] for s in states] if key else states
+
+
+def test_torchrun_ema_update_is_the_update_on_the_joint_batch(ddp_worker):
+    """Each rank quantises half a batch; with the counts and sums all-reduced, both ranks make
+    the update that one process makes on the whole batch."""
+    a, b = load_ranks(ddp_worker, "quantizer", "ema")
+    for k in a["after"]:
+        assert torch.equal(a["after"][k], b["after"][k]), k
+    q = vq.VectorQuantizer(16, 4, "ema", decay=0.9, restart=False)
+    q.load_state_dict(a["before"])
+    _, _, terms = q(a["joint"])
+    for k, v in q.state_dict().items():
+        assert not torch.equal(v, a["before"][k]), k
+        torch.testing.assert_close(a["after"][k], v, rtol=1e-6, atol=1e-7)
+    # the usage terms logged in training describe the joint batch too
+    torch.testing.assert_close(a["perplexity"], terms["perplexity"])
+    torch.testing.assert_close(a["used"], terms["used"])
+    # a rank's half alone gives another update: the reduction is what makes them agree
+    alone = vq.VectorQuantizer(16, 4, "ema", decay=0.9, restart=False)
+    alone.load_state_dict(a["before"])
+    alone(a["joint"][:2])
+    assert not torch.allclose(alone.ema_sum, a["after"]["ema_sum"])
+
+
+@pytest.mark.parametrize("kind", ["ema", "loss"])
+def test_torchrun_dead_code_restart_takes_rank_0s_vectors_on_every_rank(ddp_worker, kind):
+    """15 of 16 codes dead, each rank with its own batch and RNG seed: both ranks re-seed them
+    with the same vectors, encoder outputs of rank 0's batch."""
+    a, b = load_ranks(ddp_worker, "quantizer", f"restart/{kind}")
+    assert torch.equal(a["codebook"], b["codebook"])
+    assert torch.equal(a["ema_count"], b["ema_count"])
+    assert torch.equal(a["ema_count"][1:], torch.ones(15))      # all 15 were restarted
+    rows = [s["batch"].permute(0, 2, 3, 1).reshape(-1, 4) for s in (a, b)]     # (N, D) each
+    for e in a["codebook"][1:]:
+        assert (rows[0] == e).all(1).any()
+        assert not (rows[1] == e).all(1).any()
+
+
+@pytest.mark.parametrize("name", ["fit", "fit_loss"])
+def test_torchrun_training_keeps_weights_and_codebooks_identical_on_all_ranks(ddp_worker, name):
+    a, b = load_ranks(ddp_worker, name)
+    assert a["step"] == b["step"] == 6
+    # the ranks trained on disjoint shards, so unreduced codebook statistics would diverge
+    assert a["batches"].shape == b["batches"].shape == (6, 16, 1, 64, 64)
+    seen = [s["batches"].flatten(0, 1).flatten(1) for s in (a, b)]              # (96, 4096)
+    assert not (seen[0][:, None] == seen[1][None]).all(-1).any()
+    for k in a["model"]:                  # parameters, codebook, EMA counts and sums: bit for bit
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert not torch.equal(a["model"]["quantizer.ema_count"], torch.ones(32))
+    # the data variance is the whole training set's on every rank
+    train = utils.load_dataset("dsprites", ddp_worker / "data", "train", 256)
+    assert a["variance"] == b["variance"] == vq.data_variance(train.images, torch.device("cpu"))
+    # rank 0's checkpoint holds the plain module's state, the same as every rank's
+    saved = utils.load_checkpoint(ddp_worker / ("run" if name == "fit" else "run-loss")
+                                  / "checkpoint.pt")
+    assert saved["step"] == 6 and saved["args"]["codebook"] == ("ema" if name == "fit" else "loss")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], saved["model"][k]), k
+
+
+def test_torchrun_script_writes_once_from_rank_0_and_resumes_both_phases(tmp_path, ddp_worker):
+    out = tmp_path / "run"
+    common = ["--data-root", tmp_path / "data", *DDP_TINY, *DDP_PRIOR, "--out", out]
+    torchrun(ROOT / "vq_vae.py", *common, "--max-steps", 4, "--prior-epochs", 1,
+             "--prior-max-steps", 2)
+    # what one process writes, written once: no second save, no stray temporary file
+    assert sorted(p.name for p in out.iterdir()) == sorted([
+        "checkpoint.pt", "prior.pt", "metrics.json", "history.json", "losses.png",
+        "reconstructions.png", "code_usage.png", "samples.png", "prior_losses.png",
+        "prior_history.json"])
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["steps"] == 4 and m["prior"]["steps"] == 2
+    # both ranks' shards of the held-out set are scored and added up
+    assert m["test"]["images"] == 64 and sum(m["test"]["code_counts"]) == 64 * 16 * 16
+    assert m["test"]["recon_error"] == pytest.approx(m["test"]["mse"] / m["data_variance"])
+    # the checkpoints rebuild in one process, from their stored args alone
+    state = utils.load_checkpoint(out / "checkpoint.pt")
+    assert state["step"] == 4 and len(state["rng_ranks"]) == 2
+    vq.build_model(argparse.Namespace(**state["args"]), channels=1).load_state_dict(state["model"])
+    prior = utils.load_checkpoint(out / "prior.pt")
+    assert prior["step"] == 2 and prior["vq_step"] == 4 and len(prior["rng_ranks"]) == 2
+    vq.build_prior(prior["config"]).load_state_dict(prior["model"])
+
+    # the prior resumes under torchrun; the VQ-VAE, already complete, is not trained again
+    torchrun(ROOT / "vq_vae.py", *common, "--max-steps", 4, "--prior-epochs", 1,
+             "--prior-max-steps", 4, "--resume")
+    assert not (out / "checkpoint.prev.pt").exists()
+    prior = utils.load_checkpoint(out / "prior.pt")
+    assert prior["step"] == 4 and [r["step"] for r in prior["log"]] == [2, 4]
+    assert [h["step"] for h in json.loads((out / "prior_history.json").read_text())] == [2, 4]
+
+    # the VQ-VAE resumes under torchrun: steps 4 to 6 give the worker's 6 straight steps
+    torchrun(ROOT / "vq_vae.py", *common, "--max-steps", 6, "--prior-epochs", 0, "--resume")
+    resumed = utils.load_checkpoint(out / "checkpoint.pt")
+    straight = utils.load_checkpoint(ddp_worker / "run" / "checkpoint.pt")
+    assert resumed["step"] == straight["step"] == 6
+    assert [r["loss"] for r in resumed["log"]] == [r["loss"] for r in straight["log"]]
+    for k in straight["model"]:
+        assert torch.equal(resumed["model"][k], straight["model"][k]), k
