@@ -27,6 +27,7 @@ import torch
 import beta_vae as bv
 import standard_vae as sv
 import utils
+import vq_vae as vq
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,30 +77,8 @@ class JpegFolder(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------------------------
 # Models: each script's default configuration, on 3x64x64 images
 # ----------------------------------------------------------------------------------------------
-def setup_standard(device):
-    args = sv.check_args(sv.parse_args(["--dataset", "celeba", "--batch-size", "64"]))
-    model = sv.build_model(args, 3, 64).to(device)
-
-    def loss_fn(x, out, step):
-        logits, mu, logvar = out
-        return sv.vae_loss(x, logits, mu, logvar, args.recon, model.log_sigma)
-    return model, loss_fn, args.lr
-
-
-def setup_beta(device):
-    args = bv.check_args(bv.parse_args(["--dataset", "celeba"]))
-    model = bv.build_model(args, 3, 64).to(device)
-
-    def loss_fn(x, out, step):
-        logits, mu, logvar = out
-        return bv.beta_vae_loss(x, logits, mu, logvar, step, args, model.log_sigma)
-    return model, loss_fn, args.lr
-
-
-MODELS = {"standard_vae": setup_standard, "beta_vae": setup_beta}
-
-
-def make_step(model, loss_fn, lr, device, amp, channels_last=False):
+def vae_step(model, loss_fn, lr, device, amp, channels_last):
+    """The training step of standard_vae.fit / beta_vae: forward, loss, backward, Adam."""
     opt = utils.adam(model.parameters(), lr, device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -108,13 +87,50 @@ def make_step(model, loss_fn, lr, device, amp, channels_last=False):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with utils.autocast(device, amp):
-            out = model(x)
-        terms = loss_fn(x, out, i)
+            logits, mu, logvar = model(x)
+        terms = loss_fn(x, logits, mu, logvar, i)
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         opt.step()
         return terms
     return step
+
+
+def setup_standard(device, amp=True, channels_last=False):
+    args = sv.check_args(sv.parse_args(["--dataset", "celeba", "--batch-size", "64"]))
+    model = sv.build_model(args, 3, 64).to(device)
+    loss = lambda x, logits, mu, logvar, i: sv.vae_loss(x, logits, mu, logvar, args.recon,
+                                                        model.log_sigma)
+    return vae_step(model, loss, args.lr, device, amp, channels_last)
+
+
+def setup_beta(device, amp=True, channels_last=False):
+    args = bv.check_args(bv.parse_args(["--dataset", "celeba"]))
+    model = bv.build_model(args, 3, 64).to(device)
+    loss = lambda x, logits, mu, logvar, i: bv.beta_vae_loss(x, logits, mu, logvar, i, args,
+                                                             model.log_sigma)
+    return vae_step(model, loss, args.lr, device, amp, channels_last)
+
+
+def setup_vq(device, amp=True, channels_last=False):
+    """vq_vae.py's default model (the reference CIFAR-10 configuration) on 64x64 images."""
+    args = vq.check_args(vq.parse_args(["--dataset", "celeba"]))
+    model = vq.build_model(args, 3).to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    opt = utils.adam(model.parameters(), args.lr, device)
+    variance = 0.06                  # a typical pixel variance; it only scales the loss
+
+    def step(x, i):
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        terms = vq.train_step(model, opt, x, variance, args.beta, amp)
+        return {"loss": terms["loss"], "recon": terms["recon_error"],
+                "kl": terms["commitment"]}           # the three numbers logged
+    return step
+
+
+MODELS = {"standard_vae": setup_standard, "beta_vae": setup_beta, "vq_vae": setup_vq}
 
 
 def sync(device):
@@ -137,8 +153,7 @@ def timed(run_steps, steps, warmup, batch, device):
 # ----------------------------------------------------------------------------------------------
 def bench_limit(name, device, batch, steps, warmup, channels_last=False):
     torch.manual_seed(0)
-    model, loss_fn, lr = MODELS[name](device)
-    step = make_step(model, loss_fn, lr, device, amp=True, channels_last=channels_last)
+    step = MODELS[name](device, amp=True, channels_last=channels_last)
     x = torch.rand(batch, 3, 64, 64, device=device)
     counter = iter(range(10**9))
     return timed(lambda n: [step(x, next(counter)) for _ in range(n)], steps, warmup, batch,
@@ -147,12 +162,9 @@ def bench_limit(name, device, batch, steps, warmup, channels_last=False):
 
 def bench_ours(name, device, images, batch, steps, warmup, log_every=100):
     torch.manual_seed(0)
-    model, loss_fn, lr = MODELS[name](device)
-    step = make_step(model, loss_fn, lr, device, amp=True)
-    batches = utils.DeviceBatches(images, batch, device, seed=0,
-                                  channels_last=device.type == "cuda")
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    cuda = device.type == "cuda"
+    step = MODELS[name](device, amp=True, channels_last=cuda)    # as the scripts do on CUDA
+    batches = utils.DeviceBatches(images, batch, device, seed=0, channels_last=cuda)
     running = utils.RunningMean()
     state = {"i": 0, "it": iter(())}
 
@@ -172,8 +184,7 @@ def bench_ours(name, device, images, batch, steps, warmup, log_every=100):
 
 def bench_baseline(name, device, folder, batch, steps, warmup, workers):
     torch.manual_seed(0)
-    model, loss_fn, lr = MODELS[name](device)
-    step = make_step(model, loss_fn, lr, device, amp=False)
+    step = MODELS[name](device, amp=False)
     loader = torch.utils.data.DataLoader(JpegFolder(folder), batch_size=batch, shuffle=True,
                                          num_workers=workers, drop_last=True,
                                          persistent_workers=workers > 0)
@@ -195,8 +206,7 @@ def bench_baseline(name, device, folder, batch, steps, warmup, workers):
 def epoch_seconds(name, device, images, batch):
     """One epoch of the ours path over `images`, timed whole."""
     torch.manual_seed(0)
-    model, loss_fn, lr = MODELS[name](device)
-    step = make_step(model, loss_fn, lr, device, amp=True)
+    step = MODELS[name](device, amp=True)
     batches = utils.DeviceBatches(images, batch, device, seed=0)
     sync(device)
     t = time.perf_counter()
@@ -204,6 +214,24 @@ def epoch_seconds(name, device, images, batch):
         step(x, i)
     sync(device)
     return time.perf_counter() - t
+
+
+def data_epoch_seconds(device, images, folder, batch, workers):
+    """One epoch of data alone, no model: the decoded cache on the device vs JPEGs via PIL."""
+    batches = utils.DeviceBatches(images, batch, device, seed=0)
+    sync(device)
+    t = time.perf_counter()
+    for x in batches.epoch(0):
+        pass
+    sync(device)
+    cache_s = time.perf_counter() - t
+    loader = torch.utils.data.DataLoader(JpegFolder(folder), batch_size=batch, shuffle=True,
+                                         num_workers=workers, drop_last=True)
+    t = time.perf_counter()
+    for x, _ in loader:
+        x.to(device)
+    sync(device)
+    return {"cache": cache_s, "imagefolder_pil": time.perf_counter() - t}
 
 
 def main(args):
@@ -252,6 +280,8 @@ def main(args):
         small = utils.load_celeba(root, "train", image_size=32).images
         extras["epoch_s_32px"] = {args.images: epoch_seconds(name, device, small,
                                                              args.batch_size)}
+        extras["data_only_epoch_s"] = data_epoch_seconds(device, images, folder, args.batch_size,
+                                                         args.workers)
         result["extras_" + name] = extras
         print(json.dumps(extras, indent=1))
     if args.out:

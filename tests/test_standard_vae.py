@@ -153,7 +153,7 @@ def test_bench_runs_all_three_pipelines(tmp_path, script):
     script("bench.py", "--images", 48, "--batch-size", 16, "--steps", 2, "--warmup", 1,
            "--workers", 0, "--device", "cpu", "--data-root", tmp_path / "data", "--out", out)
     result = json.loads(out.read_text())
-    for name in ("standard_vae", "beta_vae"):
+    for name in ("standard_vae", "beta_vae", "vq_vae"):
         r = result["models"][name]
         assert min(r["baseline"], r["ours"], r["limit"]) > 0
         assert r["ours_over_limit"] == pytest.approx(r["ours"] / r["limit"])
