@@ -45,6 +45,19 @@ def default_widths(image_size, width=32):
     return [width * (1 if i < n // 2 else 2) for i in range(n)]
 
 
+def he_init(module):
+    """He et al. 2015 (Kaiming normal) weights and zero biases for a ReLU network.
+
+    PyTorch's default init shrinks activations layer by layer, so a fresh encoder's output barely
+    depends on the image; under the strong KL pressure of beta-VAE (gamma*|KL - C| with C near 0)
+    it then collapses for good (measured: constant posterior means, recon stuck at the mean
+    image). He init keeps the signal and the encoder learns."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+
+
 class Encoder(nn.Module):
     """x (B, C, S, S) -> mu, logvar (B, latent): 4x4 stride-2 convolutions, then two FC layers."""
 
@@ -60,6 +73,7 @@ class Encoder(nn.Module):
             nn.Flatten(), nn.Linear(c * s * s, hidden), nn.ReLU(inplace=True),
             nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
             nn.Linear(hidden, 2 * latent))                          # (B, 2 * latent)
+        he_init(self)
 
     def forward(self, x):
         mu, logvar = self.fc(self.convs(x)).float().chunk(2, dim=1)
@@ -82,6 +96,7 @@ class Decoder(nn.Module):
             layers += [nn.ConvTranspose2d(w_in, w_out, 4, stride=2, padding=1),
                        nn.ReLU(inplace=True)]
         self.deconvs = nn.Sequential(*layers[:-1])                 # (B, C, S, S) logits
+        he_init(self)
 
     def forward(self, z):
         return self.deconvs(self.fc(z))

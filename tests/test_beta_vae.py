@@ -156,3 +156,16 @@ def test_analysis_refuses_a_damaged_checkpoint(tmp_path, script):
     bad.write_bytes(b"not a checkpoint")
     proc = script("beta_vae_analyze.py", "--checkpoint", bad, "--traverse", check=False)
     assert proc.returncode == 1 and "damaged" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_fresh_encoder_output_depends_on_the_image(tmp_path):
+    """Regression: with PyTorch's default init the Burgess encoder's posterior means varied by
+    ~3e-4 across dSprites images, and under gamma*|KL - C| training collapsed to a constant code
+    (recon stuck at the mean image). He init keeps the means image-dependent from step 0."""
+    args = bv.check_args(bv.parse_args(["--dataset", "dsprites"]))
+    torch.manual_seed(0)
+    model = bv.build_model(args, 1, 64)
+    x = utils.load_dataset("dsprites", tmp_path, "test", 64).images.float() / 255
+    with torch.no_grad():
+        mu, _ = model.encoder(x)
+    assert mu.std(0).mean() > 0.05
