@@ -96,23 +96,23 @@ def vae_step(model, loss_fn, lr, device, amp, channels_last):
     return step
 
 
-def setup_standard(device, amp=True, channels_last=False):
+def setup_standard(device, amp=True, channels_last=False, size=64):
     args = sv.check_args(sv.parse_args(["--dataset", "celeba", "--batch-size", "64"]))
-    model = sv.build_model(args, 3, 64).to(device)
+    model = sv.build_model(args, 3, size).to(device)
     loss = lambda x, logits, mu, logvar, i: sv.vae_loss(x, logits, mu, logvar, args.recon,
                                                         model.log_sigma)
     return vae_step(model, loss, args.lr, device, amp, channels_last)
 
 
-def setup_beta(device, amp=True, channels_last=False):
+def setup_beta(device, amp=True, channels_last=False, size=64):
     args = bv.check_args(bv.parse_args(["--dataset", "celeba"]))
-    model = bv.build_model(args, 3, 64).to(device)
+    model = bv.build_model(args, 3, size).to(device)
     loss = lambda x, logits, mu, logvar, i: bv.beta_vae_loss(x, logits, mu, logvar, i, args,
                                                              model.log_sigma)
     return vae_step(model, loss, args.lr, device, amp, channels_last)
 
 
-def setup_vq(device, amp=True, channels_last=False):
+def setup_vq(device, amp=True, channels_last=False, size=64):
     """vq_vae.py's default model (the reference CIFAR-10 configuration) on 64x64 images."""
     args = vq.check_args(vq.parse_args(["--dataset", "celeba"]))
     model = vq.build_model(args, 3).to(device)
@@ -206,7 +206,7 @@ def bench_baseline(name, device, folder, batch, steps, warmup, workers):
 def epoch_seconds(name, device, images, batch):
     """One epoch of the ours path over `images`, timed whole."""
     torch.manual_seed(0)
-    step = MODELS[name](device, amp=True)
+    step = MODELS[name](device, amp=True, size=images.shape[-1])
     batches = utils.DeviceBatches(images, batch, device, seed=0)
     sync(device)
     t = time.perf_counter()
