@@ -358,8 +358,7 @@ def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl")):
         for group in opt.param_groups:              # a typed --lr applies from here on
             group["lr"] = args.lr
         step, log, history = state["step"], state["log"], state["history"]
-        rngs = state.get("rng_ranks") or [state["rng"]]
-        utils.set_rng_state(rngs[dist.rank] if len(rngs) == dist.world else rngs[0])
+        utils.restore_rng(state)
     first_step = step
     total = len(batches) * args.epochs
     if args.max_steps is not None:
@@ -406,9 +405,7 @@ def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl")):
                 if step % args.log_every == 0:
                     r = read_running()
                     bar.set_postfix(loss=f"{r['loss']:.2f}", kl=f"{r['kl']:.2f}")
-                    # ranks agree on a stop at a log step, so all save the same step
-                    stopping = dist.active and utils.any_rank(stop.requested, device)
-                stopping = stopping or (not dist.active and stop.requested is not None)
+                stopping = utils.should_stop(stop, step, args.log_every, device)
                 if step >= total or stopping:
                     break
             read_running()

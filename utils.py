@@ -601,6 +601,14 @@ def load_dsprites(root, split, limit=None):
 
 
 # ---- batches ----------------------------------------------------------------------------------
+def epoch_order(n, seed, epoch, rank=0, world=1):
+    """This rank's shard of the epoch's permutation of n items: a pure function of
+    (seed, epoch), so a resumed run replays exactly; ranks take interleaved, disjoint shares."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    return perm[rank:n - n % world:world]
+
+
 class DeviceBatches:
     """Mini-batches sliced from a uint8 image tensor that lives on the training device.
 
@@ -633,9 +641,8 @@ class DeviceBatches:
 
     def epoch(self, epoch, start=0):
         """Yield the float batches of `epoch`, beginning at batch `start`."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        perm = torch.randperm(len(self.images), generator=g)
-        perm = perm[self.rank:len(perm) - len(perm) % self.world:self.world].to(self.device)
+        perm = epoch_order(len(self.images), self.seed, epoch, self.rank, self.world)
+        perm = perm.to(self.device)
         for i in range(start, self.steps_per_epoch):
             yield self.to_float(self.images[perm[i * self.batch_size:(i + 1) * self.batch_size]])
 
@@ -1125,6 +1132,28 @@ def any_rank(flag, device):
     if not DIST.active:
         return bool(flag)
     return bool(all_reduce_sum(torch.tensor([float(bool(flag))], device=device)).item())
+
+
+def broadcast(tensor, src=0):
+    """Rank `src`'s `tensor` on every rank, in place (a no-op in a single process)."""
+    if DIST.active:
+        import torch.distributed as dist
+        dist.broadcast(tensor, src)
+    return tensor
+
+
+def should_stop(stop, step, log_every, device):
+    """Whether to stop after this step on a SIGINT/SIGTERM. Under torchrun the ranks agree at
+    log steps only (one small all-reduce), so that all of them save the same step."""
+    if not DIST.active:
+        return stop.requested is not None
+    return step % log_every == 0 and any_rank(stop.requested, device)
+
+
+def restore_rng(state):
+    """This rank's RNG state from a checkpoint (`rng_ranks` under torchrun, else `rng`)."""
+    rngs = state.get("rng_ranks") or [state["rng"]]
+    set_rng_state(rngs[DIST.rank] if len(rngs) == DIST.world else rngs[0])
 
 
 def barrier():

@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -236,7 +235,7 @@ class VectorQuantizer(nn.Module):
         dead = self.ema_count < self.restart_threshold                      # (K,)
         weights = dist.float() + 1e-12                 # all rows equally likely if all are exact
         new = flat[torch.multinomial(weights, self.num_codes, replacement=True)]   # (K, D)
-        new = broadcast(new.contiguous())
+        new = utils.broadcast(new.contiguous())
         self.codebook.copy_(torch.where(dead[:, None], new.to(self.codebook.dtype),
                                         self.codebook))
         self.ema_count.copy_(torch.where(dead, self.restart_threshold, self.ema_count))
@@ -507,12 +506,9 @@ def class_labels(data):
 
 
 def epoch_indices(n, batch_size, seed, epoch, start, device, rank=0, world=1):
-    """Index batches of one epoch over n items, the order a pure function of (seed, epoch) as in
-    utils.DeviceBatches (which only slices uint8 images), so a resumed prior run is exact.
-    With `world > 1`, rank `rank`'s shard of that order, in batches of `batch_size`."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=g)
-    perm = perm[rank:n - n % world:world].to(device)          # (n // world,)
+    """Index batches of one epoch over n items (the prior's code grids), in the order of
+    utils.epoch_order, so a resumed prior run is exact; rank `rank`'s shard under torchrun."""
+    perm = utils.epoch_order(n, seed, epoch, rank, world).to(device)     # (n // world,)
     for i in range(start, len(perm) // batch_size):
         yield perm[i * batch_size:(i + 1) * batch_size]
 
@@ -624,13 +620,6 @@ def build_model(args, channels):
 # ----------------------------------------------------------------------------------------------
 # Under torchrun (distributed plumbing that utils.py does not have yet)
 # ----------------------------------------------------------------------------------------------
-def broadcast(tensor, src=0):
-    """Rank `src`'s `tensor` on every rank, in place (a no-op in a single process)."""
-    if utils.DIST.active:
-        torch.distributed.broadcast(tensor, src)
-    return tensor
-
-
 def data_parallel(module, device):
     """`module` wrapped in DistributedDataParallel under torchrun (gradients averaged over
     ranks), else itself. Buffers are not re-broadcast from rank 0 every step: the quantiser
@@ -642,20 +631,6 @@ def data_parallel(module, device):
     flag = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
             else "broadcast_buffers")
     return DDP(module, device_ids=[device] if device.type == "cuda" else None, **{flag: False})
-
-
-def restore_rng(state):
-    """This rank's RNG state from a checkpoint (`rng_ranks` under torchrun, else `rng`)."""
-    rngs = state.get("rng_ranks") or [state["rng"]]
-    utils.set_rng_state(rngs[utils.DIST.rank] if len(rngs) == utils.DIST.world else rngs[0])
-
-
-def should_stop(stop, step, log_every, device):
-    """Whether to stop after this step on a SIGINT/SIGTERM. Under torchrun the ranks agree at
-    log steps only (one small all-reduce), so that all of them save the same step."""
-    if not utils.DIST.active:
-        return stop.requested is not None
-    return step % log_every == 0 and utils.any_rank(stop.requested, device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -697,7 +672,7 @@ def fit(args):
             group["lr"] = args.lr
         step, log, history = state["step"], state["log"], state["history"]
         variance = state["data"]["variance"]
-        restore_rng(state)
+        utils.restore_rng(state)
     else:
         variance = data_variance(batches.images, device)     # of the training set, once
     total = len(batches) * args.epochs
@@ -742,7 +717,7 @@ def fit(args):
                 if step % args.log_every == 0:
                     r = read_running()
                     bar.set_postfix(recon=f"{r['recon_error']:.4f}", ppl=f"{r['perplexity']:.0f}")
-                stopping = should_stop(stop, step, args.log_every, device)
+                stopping = utils.should_stop(stop, step, args.log_every, device)
                 if step >= total or stopping:
                     break
             read_running()
@@ -762,7 +737,7 @@ def fit(args):
                                f"perplexity {res['perplexity']:.1f}, codes used "
                                f"{res['used_codes']}/{args.codes}")
             checkpoint()
-            stopping = stopping or should_stop(stop, step, args.log_every, device)
+            stopping = stopping or utils.should_stop(stop, step, args.log_every, device)
             t0 = time.perf_counter()
     bar.close()
     if stopping:
@@ -855,7 +830,7 @@ def train_prior(args, model, train, test, grid, vq_step, out, device):
         for group in opt.param_groups:              # a typed --prior-lr applies from here on
             group["lr"] = args.prior_lr
         step, log, history = state["step"], state["log"], state["history"]
-        restore_rng(state)
+        utils.restore_rng(state)
     codes = encode_all(model, train.images, args.batch_size, device)          # (N, H, W)
     test_codes = encode_all(model, test.images, args.batch_size, device)
     test_labels = class_labels(test)[0].to(device) if args.prior_conditional else None
@@ -927,7 +902,7 @@ def train_prior(args, model, train, test, grid, vq_step, out, device):
                 bar.update(1)
                 if step % args.log_every == 0:
                     bar.set_postfix(bits=f"{read_running()['bits_per_code']:.3f}")
-                stopping = should_stop(stop, step, args.log_every, device)
+                stopping = utils.should_stop(stop, step, args.log_every, device)
                 if step >= total or stopping:
                     break
             read_running()
@@ -941,7 +916,7 @@ def train_prior(args, model, train, test, grid, vq_step, out, device):
                     tqdm.write(f"prior epoch {history[-1]['epoch']} step {step}: held-out "
                                f"{history[-1]['test_bits_per_code']:.4f} bits/code")
             checkpoint()
-            stopping = stopping or should_stop(stop, step, args.log_every, device)
+            stopping = stopping or utils.should_stop(stop, step, args.log_every, device)
             t0 = time.perf_counter()
     bar.close()
     if stopping:
