@@ -77,27 +77,44 @@ def latent_traversal(model, x, dims, span=3.0, steps=7):
     return images.view(len(dims), len(x) * steps, *images.shape[1:])
 
 
-def save_traversal(model, images, kl_per_dim, path, seeds=3, steps=7, span=3.0):
-    """traversal.png: one row per latent, ordered by KL (largest first), KL printed beside it."""
+def save_traversal(model, images, kl_per_dim, path, seeds=3, steps=7, span=3.0, rows=None):
+    """traversal.png: one row per latent, ordered by KL (largest first), KL printed beside it;
+    `rows` keeps only that many latents (the most informative)."""
     device = next(model.parameters()).device
     x = images[:seeds].to(device).float() / 255
     kl = torch.as_tensor(kl_per_dim)
-    order = torch.argsort(kl, descending=True).tolist()
+    order = torch.argsort(kl, descending=True).tolist()[:rows]
     grid = latent_traversal(model, x, order, span, steps)
     labels = [f"z{d:<2d} KL {kl[d]:5.2f}" for d in order]
     utils.save_labelled_rows(grid, labels, path, gap_every=steps)
     return order
 
 
-def plot_kl_per_dim(log, path, args):
-    """kl_per_dim.png: each latent's KL and the total over training (sparse dims stay flat)."""
+def plot_kl_per_dim(log, path, args, informative=0.5, ax=None):
+    """kl_per_dim.png (or a panel `ax`): each latent's KL, the total and C over training.
+
+    Latents ending above `informative` nats get a colour and a legend entry, largest first; the
+    rest are thin grey lines under one entry, so 32 latents stay readable.
+    """
     steps = [r["step"] for r in log]
-    curves = {f"z{d}": (steps, [r["kl_dims"][d] for r in log])
-              for d in range(len(log[0]["kl_dims"]))}
+    final = log[-1]["kl_dims"]
+    order = sorted(range(len(final)), key=lambda d: -final[d])
+    curves, styles = {}, {}
+    quiet = [d for d in order if final[d] < informative]
+    for rank, d in enumerate(d for d in order if final[d] >= informative):
+        curves[f"z{d}"] = (steps, [r["kl_dims"][d] for r in log])
+        styles[f"z{d}"] = {"color": f"C{rank % 10}"}
+    for i, d in enumerate(quiet):
+        curves[f"z{d}"] = (steps, [r["kl_dims"][d] for r in log])
+        styles[f"z{d}"] = {"color": "0.6", "linewidth": 0.8,
+                           "label": f"{len(quiet)} latents < {informative} nat" if i == 0 else None}
     curves["total KL"] = (steps, [r["kl"] for r in log])
+    styles["total KL"] = {"color": "black", "linewidth": 2}
     if args.objective == "B":
         curves["capacity C"] = (steps, [capacity(s, args.c_max, args.c_steps) for s in steps])
-    utils.plot_curves(curves, path, xlabel="step", title="KL per latent dimension (nats)")
+        styles["capacity C"] = {"color": "black", "linestyle": "--", "linewidth": 1}
+    utils.plot_curves(curves, path, xlabel="step", styles=styles, ax=ax, legend="upper left",
+                      title=f"KL per latent dimension (nats), {len(final)} latents")
 
 
 # ----------------------------------------------------------------------------------------------

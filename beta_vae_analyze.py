@@ -318,6 +318,66 @@ def compute_metrics(model, args, data_root, device, seed, n_points=10_000, n_tra
                          "factors": names, "representation": "posterior mean", "seed": seed}}
 
 
+def evaluate_held_out(model, train_args, root, device, n=2000):
+    """The first `n` test images and standard_vae.evaluate on them (KL per dim, active units)."""
+    from standard_vae import evaluate
+    test = utils.load_dataset(train_args.dataset, root, "test", n,
+                              getattr(train_args, "image_size", 64),
+                              getattr(train_args, "crop", 148))
+    train_args.binarize = getattr(train_args, "binarize", False)
+    return test, evaluate(model, test.images, train_args, test.binary, device)
+
+
+# ----------------------------------------------------------------------------------------------
+# How many latents carry information (e.g. latent 10 vs latent 32)
+# ----------------------------------------------------------------------------------------------
+def compare_latents(paths, args, device, out, informative=0.5):
+    """latent_compare.png / .json: one column per beta-VAE run; top, each latent's KL over
+    training (from the checkpoint's log); bottom, held-out KL per latent, largest first.
+
+    A latent "carries information" when its held-out KL exceeds `informative` nats; active units
+    (variance of the posterior mean over images > 0.01, Burda et al. 2016) are reported too.
+    """
+    runs = []
+    for path in paths:
+        model, train_args, state = load_model(path, device)
+        if state["kind"] != "beta_vae":
+            raise utils.UserError(f"--compare needs beta_vae.py checkpoints; {path} is "
+                                  f"{state['kind']}")
+        root = args.data_root or train_args.data_root
+        _, held_out = evaluate_held_out(model, train_args, root, device)
+        runs.append((path, train_args, state, held_out))
+    fig, axes = utils.plot_figure(2, len(runs), panel=(6, 4))
+    summary = []
+    for col, (path, train_args, state, held_out) in enumerate(runs):
+        kl = held_out["kl_per_dim"]
+        order = sorted(range(len(kl)), key=lambda d: -kl[d])
+        carrying = sum(k > informative for k in kl)
+        beta_vae.plot_kl_per_dim(state["log"], None, train_args, informative, ax=axes[0, col])
+        axes[0, col].set_title(f"latent {train_args.latent}: KL per latent during training",
+                               fontsize="medium")
+        utils.plot_bars([kl[d] for d in order], ax=axes[1, col], labels=[f"z{d}" for d in order],
+                        xlabel="latent, by held-out KL",
+                        title=f"held out: {carrying} of {len(kl)} latents > {informative} nat, "
+                              f"{held_out['active_units']} active units")
+        summary.append({"checkpoint": str(path), "latent": train_args.latent,
+                        "step": state["step"], "kl_per_dim": kl, "latents_by_kl": order,
+                        "latents_above_threshold": carrying,
+                        "active_units": held_out["active_units"], "kl": held_out["kl"],
+                        "recon": held_out["recon"], "neg_elbo": held_out["neg_elbo"]})
+    top = max(max(r[3]["kl_per_dim"]) for r in runs) * 1.05
+    for ax in axes[1]:
+        ax.set_ylim(0, top)
+    utils.save_figure(fig, out / "latent_compare.png")
+    utils.write_json(out / "latent_compare.json",
+                     {"threshold_nats": informative, "test_images": 2000, "runs": summary})
+    for r in summary:
+        print(f"latent {r['latent']}: {r['latents_above_threshold']} latents > {informative} "
+              f"nat, {r['active_units']} active units, KL {r['kl']:.2f}, recon {r['recon']:.2f}")
+    print(f"latent_compare.png and latent_compare.json written to {out}")
+    return summary
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
@@ -342,6 +402,10 @@ def parse_args(argv=None):
     p.add_argument("--strengths", default="0:1.5:10",
                    help="alphas: start:stop:count or a comma list; for negatives write --strengths=-1:1.5:11")
     p.add_argument("--traverse", action="store_true", help="draw traversal.png")
+    p.add_argument("--compare", nargs="+", default=None, metavar="CHECKPOINT",
+                   help="other beta_vae.py checkpoints (e.g. --latent 32) to set beside "
+                        "--checkpoint -> latent_compare.png/.json: KL per latent, one column per "
+                        "run")
     p.add_argument("--metrics", action="store_true",
                    help="MIG and FactorVAE score on dsprites -> disentanglement.json")
     p.add_argument("--points", type=int, default=10_000,
@@ -350,16 +414,21 @@ def parse_args(argv=None):
     p.add_argument("--eval-votes", type=int, default=5_000, help="FactorVAE evaluation votes")
     p.add_argument("--seeds", type=int, default=3, help="seed images of the traversal")
     p.add_argument("--span", type=float, default=3.0, help="traverse each latent over +-span")
+    p.add_argument("--rows", type=int, default=0,
+                   help="traversal rows: the latents with the most KL (0 = every latent)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--seed", type=int, default=0, help="random seed of the metrics")
     return p.parse_args(argv)
 
 
 def main(args):
-    if not (args.traverse or args.metrics or args.attribute):
-        raise utils.UserError("nothing to do: pass --attribute NAME, --traverse and/or --metrics")
+    if not (args.traverse or args.metrics or args.attribute or args.compare):
+        raise utils.UserError("nothing to do: pass --attribute NAME, --traverse, --compare "
+                              "CHECKPOINT and/or --metrics")
     if args.n_images <= 0 or args.n_show <= 0:
         raise utils.UserError("--n-images and --n-show must be positive")
+    if args.rows < 0:
+        raise utils.UserError("--rows must be >= 0 (0 = every latent)")
     device = utils.get_device(args.device)
     path = Path(args.checkpoint)
     model, train_args, state = load_model(path, device)
@@ -369,15 +438,13 @@ def main(args):
     if args.attribute:
         attribute_analysis(model, train_args, root, args, device, out)
     if args.traverse:
-        test = utils.load_dataset(train_args.dataset, root, "test", 2000,
-                                  getattr(train_args, "image_size", 64),
-                                  getattr(train_args, "crop", 148))
-        from standard_vae import evaluate
-        train_args.binarize = getattr(train_args, "binarize", False)
-        kl = evaluate(model, test.images, train_args, test.binary, device)["kl_per_dim"]
-        order = beta_vae.save_traversal(model, test.images, kl, out / "traversal.png",
-                                        seeds=args.seeds, span=args.span)
+        test, held_out = evaluate_held_out(model, train_args, root, device)
+        order = beta_vae.save_traversal(model, test.images, held_out["kl_per_dim"],
+                                        out / "traversal.png", seeds=args.seeds, span=args.span,
+                                        rows=args.rows or None)
         print(f"traversal.png written to {out} (latents by KL: {order})")
+    if args.compare:
+        compare_latents([path, *map(Path, args.compare)], args, device, out)
     if args.metrics:
         results = compute_metrics(model, train_args, root, device, args.seed, args.points,
                                   args.train_votes, args.eval_votes)

@@ -960,38 +960,69 @@ def _pyplot():
     return plt
 
 
-def plot_curves(curves, path, xlabel="step", title=None, logy=False):
-    """Plot named series {name: (xs, ys)} on one axis."""
+def plot_figure(rows=1, cols=1, panel=(6, 4)):
+    """A figure of rows x cols panels, each `panel` inches; returns (fig, 2-D array of axes)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, axes = plt.subplots(rows, cols, figsize=(panel[0] * cols, panel[1] * rows),
+                             squeeze=False)
+    return fig, axes
+
+
+def save_figure(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+
+
+def plot_curves(curves, path=None, xlabel="step", title=None, logy=False, styles=None, ax=None,
+                legend="best"):
+    """Plot named series {name: (xs, ys)} on one axis: saved to `path`, or drawn into `ax`.
+
+    `styles` maps a name to extra matplotlib line options (colour, width, dashes); a style with
+    label=None keeps that series out of the legend. `legend` is its location; more than eight
+    entries go in two columns.
+    """
+    fig = None
+    if ax is None:
+        fig, axes = plot_figure()
+        ax = axes[0, 0]
+    styles = styles or {}
     for name, (xs, ys) in curves.items():
-        ax.plot(xs, ys, label=name, marker="o" if len(xs) < 30 else None, markersize=3)
+        style = {"label": name, "marker": "o" if len(xs) < 30 else None, "markersize": 3,
+                 **styles.get(name, {})}
+        ax.plot(xs, ys, **style)
     ax.set_xlabel(xlabel)
     if logy:
-        ax.set_yscale("symlog")
+        ax.set_yscale("log")
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    entries = len(ax.get_legend_handles_labels()[1])
+    ax.legend(fontsize="small", loc=legend, ncol=2 if entries > 8 else 1)
+    if fig is not None:
+        save_figure(fig, path)
 
 
-def plot_bars(values, path, xlabel="latent dimension", ylabel="KL (nats)", title=None):
-    plt = _pyplot()
+def plot_bars(values, path=None, xlabel="latent dimension", ylabel="KL (nats)", title=None,
+              labels=None, ax=None):
+    """Bar chart of `values` (tick `labels` default to the indices): saved to `path` or drawn
+    into `ax`."""
     values = [float(v) for v in values]
-    fig, ax = plt.subplots(figsize=(max(4, 0.3 * len(values) + 2), 3.5))
+    fig = None
+    if ax is None:
+        fig, axes = plot_figure(panel=(max(4, 0.3 * len(values) + 2), 3.5))
+        ax = axes[0, 0]
     ax.bar(range(len(values)), values)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
-    if len(values) <= 32:
+    if labels is not None:
+        ax.set_xticks(range(len(values)), labels, rotation=90, fontsize="small")
+    elif len(values) <= 32:
         ax.set_xticks(range(len(values)))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    if fig is not None:
+        save_figure(fig, path)
 
 
 class Timer:
@@ -1038,10 +1069,11 @@ class StopSignal:
         return False
 
 
-def save_labelled_rows(images, labels, path, gap_every=None):
+def save_labelled_rows(images, labels, path, gap_every=None, zoom=1):
     """Save a (rows, cols, C, H, W) float batch in [0, 1] as a grid with one text label per row.
 
-    `gap_every` puts a wider gap after every that many columns (to separate seed images).
+    `gap_every` puts a wider gap after every that many columns (to separate seed images); `zoom`
+    scales the whole figure (1 = one screen pixel per image pixel).
     """
     tv = import_torchvision()
     plt = _pyplot()
@@ -1057,7 +1089,7 @@ def save_labelled_rows(images, labels, path, gap_every=None):
     height, width = pixels.shape[:2]
     dpi = 100
     label_w = 110
-    fig = plt.figure(figsize=((width + label_w) / dpi * 2, height / dpi * 2), dpi=dpi)
+    fig = plt.figure(figsize=((width + label_w) / dpi * zoom, height / dpi * zoom), dpi=dpi)
     ax = fig.add_axes([label_w / (width + label_w), 0, width / (width + label_w), 1])
     ax.imshow(pixels, interpolation="nearest")
     ax.axis("off")

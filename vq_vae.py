@@ -774,12 +774,14 @@ def main(args):
         log, history = run.log, run.history
         curves = {"train loss": ([r["step"] for r in log], [r["loss"] for r in log]),
                   "train recon error": ([r["step"] for r in log],
-                                        [r["recon_error"] for r in log])}
+                                        [r["recon_error"] for r in log]),
+                  "train commitment": ([r["step"] for r in log],
+                                       [r["commitment"] for r in log])}
         if history:
             curves["held-out recon error"] = ([h["step"] for h in history],
                                               [h["test_recon_error"] for h in history])
-        utils.plot_curves(curves, out / "losses.png",
-                          title="VQ-VAE (recon error = MSE / Var[x])")
+        utils.plot_curves(curves, out / "losses.png", logy=True,
+                          title="VQ-VAE (recon error = MSE / Var[x], log scale)")
         utils.write_json(out / "metrics.json", {**metrics, "wall_time_s": timer()})
         print(f"held-out recon error {final['recon_error']:.4f}, PSNR {final['psnr']:.1f} dB, "
               f"perplexity {final['perplexity']:.1f}, codes used "

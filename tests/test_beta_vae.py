@@ -1,5 +1,6 @@
 """beta-VAE objectives and schedules, disentanglement metrics on synthetic codes, end to end."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -65,6 +66,19 @@ def test_traversal_rows_sweep_one_latent_each():
         z[0] = 2.0                                   # row 1 sweeps z0; seed 1, last step (+2)
         expected = torch.sigmoid(model.decoder(z[None]))[0]
     torch.testing.assert_close(grid[1, 5], expected)
+
+
+def test_traversal_png_keeps_the_most_informative_rows(tmp_path):
+    from PIL import Image
+    torch.manual_seed(0)
+    model = sv.VAE(1, 28, 4, [8, 8], hidden=16).eval()
+    images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
+    kl = [0.1, 3.0, 0.2, 2.0]
+    assert bv.save_traversal(model, images, kl, tmp_path / "all.png") == [1, 3, 2, 0]
+    assert bv.save_traversal(model, images, kl, tmp_path / "two.png", rows=2) == [1, 3]
+    tall, short = (Image.open(tmp_path / n).size for n in ("all.png", "two.png"))
+    assert tall[0] == short[0]
+    assert (tall[1], short[1]) == (4 * (28 + 2) + 2, 2 * (28 + 2) + 2)      # rows of 28 px + pad
 
 
 # ---- metrics on synthetic codes ----------------------------------------------------------------
@@ -149,6 +163,39 @@ def test_beta_vae_trains_resumes_exactly_and_is_analysed(tmp_path, script):
     assert set(result["mutual_information"]["z0"]) == {"shape", "scale", "orientation",
                                                        "posX", "posY"}
     assert (tmp_path / "analysis" / "traversal.png").stat().st_size > 0
+
+    # --compare: the held-out KL per latent of each run, recomputed here, and identical runs
+    # (straight and split are bit-identical) give identical columns
+    script("beta_vae_analyze.py", "--checkpoint", straight / "checkpoint.pt", "--compare",
+           split / "checkpoint.pt", "--out", tmp_path / "compare")
+    compare = json.loads((tmp_path / "compare" / "latent_compare.json").read_text())
+    first, second = compare["runs"]
+    model, train_args, _ = ba.load_model(straight / "checkpoint.pt", "cpu")
+    _, held_out = ba.evaluate_held_out(model, train_args, tmp_path / "data", "cpu")
+    assert first["kl_per_dim"] == pytest.approx(held_out["kl_per_dim"])
+    assert first["kl_per_dim"] == second["kl_per_dim"] and first["latent"] == 4
+    kl = first["kl_per_dim"]
+    assert [kl[d] for d in first["latents_by_kl"]] == sorted(kl, reverse=True)
+    assert first["latents_above_threshold"] == sum(k > 0.5 for k in kl)
+    assert first["active_units"] == held_out["active_units"]
+    assert (tmp_path / "compare" / "latent_compare.png").stat().st_size > 0
+
+
+def test_kl_plot_names_informative_latents_and_groups_the_rest():
+    """With 32 latents the KL plot labels only those above the threshold (largest first) and
+    puts the quiet ones under one legend entry."""
+    steps, dims = [100, 200], 32
+    final = [0.01] * dims
+    final[5], final[2], final[7] = 9.0, 4.0, 0.6
+    log = [{"step": s, "kl": sum(final) * s / 200, "kl_dims": [k * s / 200 for k in final]}
+           for s in steps]
+    args = bv.check_args(bv.parse_args(["--dataset", "dsprites", "--latent", str(dims)]))
+    fig, axes = utils.plot_figure()
+    bv.plot_kl_per_dim(log, None, args, informative=0.5, ax=axes[0, 0])
+    _, labels = axes[0, 0].get_legend_handles_labels()
+    assert labels == ["z5", "z2", "z7", "29 latents < 0.5 nat", "total KL", "capacity C"]
+    assert len(axes[0, 0].lines) == dims + 2
+    utils.save_figure(fig, os.devnull)
 
 
 def test_analysis_refuses_a_damaged_checkpoint(tmp_path, script):
