@@ -23,12 +23,12 @@ beta-metrics:
 # the same objective trained 5x longer (C over 25,000 steps, 30,000 steps), three seeds
 beta-dsprites-30k:
 	for s in 0 1 2; do $(THREADS) $(PY) beta_vae.py --dataset dsprites --objective B --c-steps 25000 --max-steps 30000 --seed $$s --eval-limit 5000 --out runs/beta_B30k_seed$$s; done
-	for s in 0 1 2; do $(PY) beta_vae_analyze.py --checkpoint runs/beta_B30k_seed$$s/checkpoint.pt --traverse --metrics; done
+	for s in 0 1 2; do $(PY) beta_vae_analyze.py --checkpoint runs/beta_B30k_seed$$s/checkpoint.pt --traverse --metrics --latent-kl; done
 
 # latent 10 (seed 0 of beta-dsprites) versus latent 32, same settings: KL per latent side by side
 beta-latent32: runs/beta_B_seed0/checkpoint.pt
 	$(THREADS) $(PY) beta_vae.py --dataset dsprites --objective B --c-steps 5000 --max-steps 6000 --seed 0 --eval-limit 5000 --latent 32 --out runs/beta_B_latent32
-	$(PY) beta_vae_analyze.py --checkpoint runs/beta_B_seed0/checkpoint.pt --compare runs/beta_B_latent32/checkpoint.pt --out runs/latent_compare
+	$(PY) beta_vae_analyze.py --checkpoint runs/beta_B_seed0/checkpoint.pt --latent-kl runs/beta_B_latent32/checkpoint.pt --out runs/latent_compare
 
 runs/beta_B_seed0/checkpoint.pt:
 	$(THREADS) $(PY) beta_vae.py --dataset dsprites --objective B --c-steps 5000 --max-steps 6000 --seed 0 --eval-limit 5000 --out runs/beta_B_seed0

@@ -331,8 +331,8 @@ def evaluate_held_out(model, train_args, root, device, n=2000):
 # ----------------------------------------------------------------------------------------------
 # How many latents carry information (e.g. latent 10 vs latent 32)
 # ----------------------------------------------------------------------------------------------
-def compare_latents(paths, args, device, out, informative=0.5):
-    """latent_compare.png / .json: one column per beta-VAE run; top, each latent's KL over
+def latent_kl(paths, args, device, out, informative=0.5):
+    """latent_kl.png / .json: one column per beta-VAE run; top, each latent's KL over
     training (from the checkpoint's log); bottom, held-out KL per latent, largest first.
 
     A latent "carries information" when its held-out KL exceeds `informative` nats; active units
@@ -342,7 +342,7 @@ def compare_latents(paths, args, device, out, informative=0.5):
     for path in paths:
         model, train_args, state = load_model(path, device)
         if state["kind"] != "beta_vae":
-            raise utils.UserError(f"--compare needs beta_vae.py checkpoints; {path} is "
+            raise utils.UserError(f"--latent-kl needs beta_vae.py checkpoints; {path} is "
                                   f"{state['kind']}")
         root = args.data_root or train_args.data_root
         _, held_out = evaluate_held_out(model, train_args, root, device)
@@ -368,13 +368,13 @@ def compare_latents(paths, args, device, out, informative=0.5):
     top = max(max(r[3]["kl_per_dim"]) for r in runs) * 1.05
     for ax in axes[1]:
         ax.set_ylim(0, top)
-    utils.save_figure(fig, out / "latent_compare.png")
-    utils.write_json(out / "latent_compare.json",
+    utils.save_figure(fig, out / "latent_kl.png")
+    utils.write_json(out / "latent_kl.json",
                      {"threshold_nats": informative, "test_images": 2000, "runs": summary})
     for r in summary:
         print(f"latent {r['latent']}: {r['latents_above_threshold']} latents > {informative} "
               f"nat, {r['active_units']} active units, KL {r['kl']:.2f}, recon {r['recon']:.2f}")
-    print(f"latent_compare.png and latent_compare.json written to {out}")
+    print(f"latent_kl.png and latent_kl.json written to {out}")
     return summary
 
 
@@ -402,10 +402,10 @@ def parse_args(argv=None):
     p.add_argument("--strengths", default="0:1.5:10",
                    help="alphas: start:stop:count or a comma list; for negatives write --strengths=-1:1.5:11")
     p.add_argument("--traverse", action="store_true", help="draw traversal.png")
-    p.add_argument("--compare", nargs="+", default=None, metavar="CHECKPOINT",
-                   help="other beta_vae.py checkpoints (e.g. --latent 32) to set beside "
-                        "--checkpoint -> latent_compare.png/.json: KL per latent, one column per "
-                        "run")
+    p.add_argument("--latent-kl", nargs="*", default=None, metavar="OTHER",
+                   help="how many latents carry information: KL per latent during training and "
+                        "held out -> latent_kl.png/.json, one column for --checkpoint and one for "
+                        "each OTHER beta_vae.py checkpoint (e.g. a --latent 32 run)")
     p.add_argument("--metrics", action="store_true",
                    help="MIG and FactorVAE score on dsprites -> disentanglement.json")
     p.add_argument("--points", type=int, default=10_000,
@@ -422,9 +422,9 @@ def parse_args(argv=None):
 
 
 def main(args):
-    if not (args.traverse or args.metrics or args.attribute or args.compare):
-        raise utils.UserError("nothing to do: pass --attribute NAME, --traverse, --compare "
-                              "CHECKPOINT and/or --metrics")
+    if not (args.traverse or args.metrics or args.attribute or args.latent_kl is not None):
+        raise utils.UserError("nothing to do: pass --attribute NAME, --traverse, --latent-kl "
+                              "and/or --metrics")
     if args.n_images <= 0 or args.n_show <= 0:
         raise utils.UserError("--n-images and --n-show must be positive")
     if args.rows < 0:
@@ -443,8 +443,8 @@ def main(args):
                                         out / "traversal.png", seeds=args.seeds, span=args.span,
                                         rows=args.rows or None)
         print(f"traversal.png written to {out} (latents by KL: {order})")
-    if args.compare:
-        compare_latents([path, *map(Path, args.compare)], args, device, out)
+    if args.latent_kl is not None:
+        latent_kl([path, *map(Path, args.latent_kl)], args, device, out)
     if args.metrics:
         results = compute_metrics(model, train_args, root, device, args.seed, args.points,
                                   args.train_votes, args.eval_votes)

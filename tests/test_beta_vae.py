@@ -164,11 +164,11 @@ def test_beta_vae_trains_resumes_exactly_and_is_analysed(tmp_path, script):
                                                        "posX", "posY"}
     assert (tmp_path / "analysis" / "traversal.png").stat().st_size > 0
 
-    # --compare: the held-out KL per latent of each run, recomputed here, and identical runs
+    # --latent-kl: the held-out KL per latent of each run, recomputed here, and identical runs
     # (straight and split are bit-identical) give identical columns
-    script("beta_vae_analyze.py", "--checkpoint", straight / "checkpoint.pt", "--compare",
+    script("beta_vae_analyze.py", "--checkpoint", straight / "checkpoint.pt", "--latent-kl",
            split / "checkpoint.pt", "--out", tmp_path / "compare")
-    compare = json.loads((tmp_path / "compare" / "latent_compare.json").read_text())
+    compare = json.loads((tmp_path / "compare" / "latent_kl.json").read_text())
     first, second = compare["runs"]
     model, train_args, _ = ba.load_model(straight / "checkpoint.pt", "cpu")
     _, held_out = ba.evaluate_held_out(model, train_args, tmp_path / "data", "cpu")
@@ -178,7 +178,7 @@ def test_beta_vae_trains_resumes_exactly_and_is_analysed(tmp_path, script):
     assert [kl[d] for d in first["latents_by_kl"]] == sorted(kl, reverse=True)
     assert first["latents_above_threshold"] == sum(k > 0.5 for k in kl)
     assert first["active_units"] == held_out["active_units"]
-    assert (tmp_path / "compare" / "latent_compare.png").stat().st_size > 0
+    assert (tmp_path / "compare" / "latent_kl.png").stat().st_size > 0
 
 
 def test_kl_plot_names_informative_latents_and_groups_the_rest():
