@@ -1069,11 +1069,11 @@ class StopSignal:
         return False
 
 
-def save_labelled_rows(images, labels, path, gap_every=None, zoom=1):
+def save_labelled_rows(images, labels, path, gap_every=None):
     """Save a (rows, cols, C, H, W) float batch in [0, 1] as a grid with one text label per row.
 
-    `gap_every` puts a wider gap after every that many columns (to separate seed images); `zoom`
-    scales the whole figure (1 = one screen pixel per image pixel).
+    `gap_every` puts a wider gap after every that many columns (to separate seed images). One
+    output pixel per image pixel.
     """
     tv = import_torchvision()
     plt = _pyplot()
@@ -1089,7 +1089,7 @@ def save_labelled_rows(images, labels, path, gap_every=None, zoom=1):
     height, width = pixels.shape[:2]
     dpi = 100
     label_w = 110
-    fig = plt.figure(figsize=((width + label_w) / dpi * zoom, height / dpi * zoom), dpi=dpi)
+    fig = plt.figure(figsize=((width + label_w) / dpi, height / dpi), dpi=dpi)
     ax = fig.add_axes([label_w / (width + label_w), 0, width / (width + label_w), 1])
     ax.imshow(pixels, interpolation="nearest")
     ax.axis("off")
@@ -1145,9 +1145,13 @@ def setup_distributed(device_name="auto"):
 
 
 def cleanup_distributed():
+    """Tear the process group down on every rank together: a rank that destroys it while rank 0
+    is still writing outputs can abort at exit ("terminate called without an active
+    exception", seen with gloo under torchrun)."""
     if DIST.active:
         import torch.distributed as dist
         if dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 
