@@ -99,15 +99,16 @@ def plot_kl_per_dim(log, path, args, informative=0.5, ax=None):
     steps = [r["step"] for r in log]
     final = log[-1]["kl_dims"]
     order = sorted(range(len(final)), key=lambda d: -final[d])
-    curves, styles = {}, {}
     quiet = [d for d in order if final[d] < informative]
-    for rank, d in enumerate(d for d in order if final[d] >= informative):
+    curves, styles = {}, {}
+    for rank, d in enumerate(order):                 # informative latents come first
         curves[f"z{d}"] = (steps, [r["kl_dims"][d] for r in log])
-        styles[f"z{d}"] = {"color": f"C{rank % 10}"}
-    for i, d in enumerate(quiet):
-        curves[f"z{d}"] = (steps, [r["kl_dims"][d] for r in log])
-        styles[f"z{d}"] = {"color": "0.6", "linewidth": 0.8,
-                           "label": f"{len(quiet)} latents < {informative} nat" if i == 0 else None}
+        if d not in quiet:
+            styles[f"z{d}"] = {"color": f"C{rank % 10}"}
+        else:                                        # one legend entry for all quiet latents
+            styles[f"z{d}"] = {"color": "0.6", "linewidth": 0.8, "label":
+                               f"{len(quiet)} latents < {informative} nat" if d == quiet[0]
+                               else None}
     curves["total KL"] = (steps, [r["kl"] for r in log])
     styles["total KL"] = {"color": "black", "linewidth": 2}
     if args.objective == "B":

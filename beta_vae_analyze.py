@@ -364,13 +364,14 @@ def latent_kl(paths, args, device, out, informative=0.5):
                         "step": state["step"], "kl_per_dim": kl, "latents_by_kl": order,
                         "latents_above_threshold": carrying,
                         "active_units": held_out["active_units"], "kl": held_out["kl"],
-                        "recon": held_out["recon"], "neg_elbo": held_out["neg_elbo"]})
-    top = max(max(r[3]["kl_per_dim"]) for r in runs) * 1.05
-    for ax in axes[1]:
-        ax.set_ylim(0, top)
+                        "recon": held_out["recon"], "neg_elbo": held_out["neg_elbo"],
+                        "test_images": held_out["images"]})
+    top = max(max(r["kl_per_dim"]) for r in summary)
+    for ax in axes[1]:                               # one KL scale for every run
+        ax.set_ylim(0, max(top * 1.05, 1e-3))
     utils.save_figure(fig, out / "latent_kl.png")
     utils.write_json(out / "latent_kl.json",
-                     {"threshold_nats": informative, "test_images": 2000, "runs": summary})
+                     {"threshold_nats": informative, "runs": summary})
     for r in summary:
         print(f"latent {r['latent']}: {r['latents_above_threshold']} latents > {informative} "
               f"nat, {r['active_units']} active units, KL {r['kl']:.2f}, recon {r['recon']:.2f}")
