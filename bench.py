@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision
 
 import beta_vae as bv
 import standard_vae as sv
@@ -60,8 +61,7 @@ class JpegFolder(torch.utils.data.Dataset):
     """The common pipeline: one PIL decode and transform per item, every epoch."""
 
     def __init__(self, folder, size=64, crop=148):
-        tv = utils.import_torchvision()
-        T = tv.transforms
+        T = torchvision.transforms
         self.paths = sorted((Path(folder) / "img_align_celeba").glob("*.jpg"))
         self.transform = T.Compose([T.CenterCrop(crop), T.Resize(size), T.ToTensor()])
 

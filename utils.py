@@ -3,7 +3,6 @@
 No model or loss lives here; each algorithm is told top to bottom in its own script.
 """
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision
 
 DATASETS = ("mnist", "cifar10", "celeba", "dsprites")
 
@@ -39,40 +39,6 @@ class DatasetNotFound(UserError):
 
 class CheckpointError(UserError):
     pass
-
-
-# ----------------------------------------------------------------------------------------------
-# torchvision
-# ----------------------------------------------------------------------------------------------
-_torchvision_fragment = None
-
-
-def import_torchvision():
-    """Import torchvision, also where its compiled ops cannot load.
-
-    The torchvision wheel on PyPI is built against CUDA PyTorch; next to a CPU-only PyTorch its
-    `_C` library fails to load and torchvision 0.28 then dies at import while registering fake
-    kernels for `nms`/`qnms`. We only use its pure-Python parts (datasets, make_grid), so when the
-    library cannot load we declare those two operator schemas and import the rest normally.
-    """
-    global _torchvision_fragment
-    if "torchvision" in sys.modules:
-        return sys.modules["torchvision"]
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None:
-        raise UserError("torchvision is not installed: pip install -r requirements.txt")
-    libs = list(Path(spec.submodule_search_locations[0]).glob("_C*.so"))
-    try:
-        for lib in libs:
-            torch.ops.load_library(str(lib))
-    except OSError:
-        if _torchvision_fragment is None:
-            _torchvision_fragment = torch.library.Library("torchvision", "FRAGMENT")
-            for op in ("nms", "qnms"):
-                _torchvision_fragment.define(
-                    f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    import torchvision
-    return torchvision
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,13 +111,12 @@ def _limit(data, limit):
 
 def load_mnist(root, split, limit=None):
     """MNIST through torchvision (its `.data`/`.targets` tensors; no per-item PIL)."""
-    tv = import_torchvision()
     train = split == "train"
     try:
-        ds = tv.datasets.MNIST(str(root), train=train, download=False)
+        ds = torchvision.datasets.MNIST(str(root), train=train, download=False)
     except RuntimeError:
         try:  # not on disk: try the download once, quietly
-            ds = tv.datasets.MNIST(str(root), train=train, download=True)
+            ds = torchvision.datasets.MNIST(str(root), train=train, download=True)
         except (RuntimeError, OSError) as e:
             raw = root / "MNIST" / "raw"
             raise DatasetNotFound(
@@ -177,8 +142,8 @@ def load_cifar10(root, split, limit=None):
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     if not all((folder / n).exists() for n in names):
         try:
-            tv = import_torchvision()
-            tv.datasets.utils.download_and_extract_archive(CIFAR_URL, str(root), md5=CIFAR_MD5)
+            torchvision.datasets.utils.download_and_extract_archive(CIFAR_URL, str(root),
+                                                                    md5=CIFAR_MD5)
         except (RuntimeError, OSError) as e:
             missing = [n for n in names if not (folder / n).exists()]
             raise DatasetNotFound(
@@ -948,8 +913,7 @@ def load_state(module, state_dict, what, path):
 # ----------------------------------------------------------------------------------------------
 def save_grid(images, path, nrow=8, padding=2):
     """Save a (N, C, H, W) float batch in [0, 1] as one PNG grid."""
-    tv = import_torchvision()
-    tv.utils.save_image(images.detach().float().clamp(0, 1).cpu(), str(path), nrow=nrow,
+    torchvision.utils.save_image(images.detach().float().clamp(0, 1).cpu(), str(path), nrow=nrow,
                         padding=padding, pad_value=0.5)
 
 
@@ -1075,10 +1039,9 @@ def save_labelled_rows(images, labels, path, gap_every=None):
     `gap_every` puts a wider gap after every that many columns (to separate seed images). One
     output pixel per image pixel.
     """
-    tv = import_torchvision()
     plt = _pyplot()
     rows, cols = images.shape[:2]
-    grid = tv.utils.make_grid(images.flatten(0, 1).detach().float().clamp(0, 1).cpu(),
+    grid = torchvision.utils.make_grid(images.flatten(0, 1).detach().float().clamp(0, 1).cpu(),
                               nrow=cols, padding=2, pad_value=1.0)        # (3, H', W')
     pixels = grid.permute(1, 2, 0).numpy()
     if gap_every:
