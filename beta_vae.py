@@ -9,20 +9,34 @@ the latents gain information one factor at a time:
 
     B:  loss = -E_q[log p(x|z)] + gamma * |KL(q(z|x) || p(z)) - C(step)|     (Burgess, eq. 8)
 
+beta-TCVAE (Chen et al. 2018) splits the average KL into three parts and weights only the total
+correlation, the part that measures dependence between the latents:
+
+    TC: loss = -E_q[log p(x|z)] + I_q(z; n) + beta * TC(z) + sum_j KL(q(z_j) || p(z_j))
+                                                                   (Chen et al., beta-TCVAE)
+
 The encoder and decoder are those of the Standard VAE (standard_vae.py), sized as in Burgess et
 al.: four 4x4 stride-2 convolutions of 32 channels, FC 256, FC 256, 2 x latent outputs.
 
     python beta_vae.py --dataset dsprites --latent 10 --epochs 30
 """
 import argparse
+import math
 
 import torch
 
 import standard_vae as sv
 import utils
 
-# Published settings (Burgess et al. 2018, REFERENCE.md): C_max per dataset, in nats.
+# Published settings (Burgess et al. 2018, REFERENCE.md): C_max per dataset, in nats, raised
+# over 100,000 steps; beta = 4 for objective H (Higgins et al. 2017) and 6 for TC (Chen et al.).
 C_MAX = {"dsprites": 25.0, "celeba": 50.0}
+PUBLISHED_C_STEPS = 100_000
+BETA = {"H": 4.0, "TC": 6.0}
+# Shorter runs, where --c-steps / --beta-warmup are not given: C reaches C_max after this share
+# of the run (at most the published 100,000 steps), and beta warms up over this share.
+C_SHARE = 0.5
+WARMUP_SHARE = 0.1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -39,21 +53,104 @@ def beta_at(step, beta, warmup):
     return beta * min(1.0, step / warmup) if warmup > 0 else beta
 
 
-def beta_vae_loss(x, logits, mu, logvar, step, args, log_sigma=None):
+def resolve_schedule(args, total_steps):
+    """Fill in the schedule flags that were not given from the run's length, then say what the
+    schedule is, and warn when a given one cannot finish within the run. Returns the lines."""
+    lines = []
+    if args.objective == "B":
+        how = "--c-steps"
+        if args.c_steps is None:
+            args.c_steps = max(1, min(PUBLISHED_C_STEPS, round(C_SHARE * total_steps)))
+            how = (f"{C_SHARE:.0%} of the run's {total_steps:,} steps, at most "
+                   f"{PUBLISHED_C_STEPS:,}; --c-steps sets it")
+        lines.append(f"schedule: C rises linearly from 0 to {args.c_max:g} nats over "
+                     f"{args.c_steps:,} steps ({how}), gamma {args.gamma:g}")
+        reached = capacity(total_steps, args.c_max, args.c_steps)
+        if reached < args.c_max:
+            lines.append(f"warning: C will reach only {reached:.2f} of its {args.c_max:g} nats "
+                         f"({reached / args.c_max:.0%}) in {total_steps:,} steps, so the model "
+                         "stays below its capacity: lower --c-steps or train longer")
+    else:
+        how = "--beta-warmup"
+        if args.beta_warmup is None:
+            args.beta_warmup = round(WARMUP_SHARE * total_steps)
+            how = f"{WARMUP_SHARE:.0%} of the run's {total_steps:,} steps; --beta-warmup sets it"
+        weighted = "KL" if args.objective == "H" else "total correlation"
+        lines.append(f"schedule: beta on the {weighted} rises linearly from 0 to {args.beta:g} "
+                     f"over {args.beta_warmup:,} steps ({how})")
+        if args.beta_warmup > total_steps:
+            lines.append(f"warning: beta will reach {total_steps / args.beta_warmup:.2f} of "
+                         f"{args.beta:g} in {total_steps:,} steps (lower --beta-warmup)")
+    return lines
+
+
+def log_normal(z, mu, logvar):
+    """log N(z; mu, exp(logvar)), elementwise."""
+    return -0.5 * (sv.LOG_2PI + logvar + (z - mu).pow(2) * torch.exp(-logvar))
+
+
+def aggregate_log_weights(batch, data_size, estimator):
+    """log w (B, B): q(z) = sum_n q(z|n) / N is estimated on a minibatch as sum_j w_ij q(z|x_j).
+
+    mws, the minibatch-weighted sampling of Chen et al. 2018: every w_ij = 1 / (N B).
+    mss, stratified: the image's own density is exactly one of the N terms (w_ii = 1 / N), and
+    each of the B - 1 other images stands for (N - 1) / (B - 1) of the rest, so
+    w_ij = (N - 1) / (N (B - 1)). The estimate of q(z_i) is unbiased, and exact when the
+    batch is the whole data set.
+    """
+    n = float(data_size)
+    if estimator == "mws":
+        return torch.full((batch, batch), -math.log(n * batch))
+    others = math.log(n - 1) - math.log(n * (batch - 1)) if batch > 1 else -math.inf
+    log_w = torch.full((batch, batch), others)
+    log_w.fill_diagonal_(-math.log(n))
+    return log_w
+
+
+def tc_decomposition(z, mu, logvar, data_size, estimator="mss"):
+    """The average KL split as in Chen et al. 2018, estimated on one minibatch:
+
+        E_n KL(q(z|n) || p(z)) = I_q(z; n)          index-code mutual information
+                               + KL(q(z) || prod_j q(z_j))          total correlation
+                               + sum_j KL(q(z_j) || p(z_j))         dimension-wise KL
+
+    `z` (B, D) holds one sample of each image's q(z|x); q(z) and the marginals q(z_j) are
+    estimated from the whole batch (`aggregate_log_weights`). Returns the three batch means.
+    The three always add up to the batch mean of log q(z|x) - log p(z).
+    """
+    z, mu, logvar = z.float(), mu.float(), logvar.float()
+    log_q_pairs = log_normal(z[:, None], mu[None], logvar[None])     # (B, B, D): z_i | x_j
+    log_w = aggregate_log_weights(len(z), data_size, estimator).to(z.device)
+    log_q_own = log_q_pairs.diagonal().sum(0)                         # (B,): log q(z_i|x_i)
+    log_qz = torch.logsumexp(log_w + log_q_pairs.sum(2), 1)          # (B,): log q(z_i)
+    log_qzj = torch.logsumexp(log_w[..., None] + log_q_pairs, 1)      # (B, D): log q(z_ij)
+    log_pz = log_normal(z, torch.zeros_like(z), torch.zeros_like(z)).sum(1)
+    return {"mi": (log_q_own - log_qz).mean(), "tc": (log_qz - log_qzj.sum(1)).mean(),
+            "dim_kl": (log_qzj.sum(1) - log_pz).mean()}
+
+
+def beta_vae_loss(x, logits, mu, logvar, step, args, log_sigma=None, data_size=None):
     """The objective of `args.objective` at `step`, with the named terms (all fp32, nats)."""
     recon = -sv.log_likelihood(x, logits, args.recon, log_sigma).mean()
     kl_dims = sv.gaussian_kl(mu.float(), logvar.float()).mean(0)          # (latent,)
     kl = kl_dims.sum()
+    terms = {}
+    c = 0.0
     if args.objective == "H":
         beta = beta_at(step, args.beta, args.beta_warmup)
-        c = 0.0
         loss = recon + beta * kl                                           # Higgins, eq. 4
-    else:
+    elif args.objective == "B":
         beta = args.gamma
         c = capacity(step, args.c_max, args.c_steps)
         loss = recon + args.gamma * (kl - c).abs()                         # Burgess, eq. 8
+    else:
+        # a reparameterised sample of its own: any sample of q(z|x) is an unbiased estimate
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        terms = tc_decomposition(z, mu, logvar, data_size, args.tc_estimator)
+        beta = beta_at(step, args.beta, args.beta_warmup)
+        loss = recon + terms["mi"] + beta * terms["tc"] + terms["dim_kl"]  # beta-TCVAE
     return {"loss": loss, "recon": recon, "kl": kl, "kl_dims": kl_dims,
-            "capacity": c, "beta": beta}
+            "capacity": c, "beta": beta, **terms}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,17 +222,24 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=utils.HelpFormatter)
     utils.add_common_args(p, latent=10, lr=5e-4, batch_size=64, epochs=30, dataset="celeba")
-    p.add_argument("--objective", default="B", choices=("H", "B"),
-                   help="H: recon + beta*KL (Higgins); B: recon + gamma*|KL - C| (Burgess)")
-    p.add_argument("--beta", type=float, default=4.0, help="beta of objective H")
-    p.add_argument("--beta-warmup", type=int, default=0,
-                   help="steps of linear beta warm-up from 0 (objective H; 0 = none)")
+    p.add_argument("--objective", default="B", choices=("H", "B", "TC"),
+                   help="H: recon + beta*KL (Higgins); B: recon + gamma*|KL - C| (Burgess); "
+                        "TC: recon + MI + beta*TC + dimension-wise KL (Chen, beta-TCVAE)")
+    p.add_argument("--beta", type=float, default=None,
+                   help="beta of objective H (default 4) or TC (default 6)")
+    p.add_argument("--beta-warmup", type=int, default=None,
+                   help="steps of linear beta warm-up from 0, objectives H and TC (default: "
+                        f"{WARMUP_SHARE:.0%} of the run; 0 = none)")
+    p.add_argument("--tc-estimator", default="mss", choices=("mss", "mws"),
+                   help="objective TC: estimate q(z) on the minibatch by stratified (mss) or "
+                        "minibatch-weighted (mws) sampling")
     p.add_argument("--gamma", type=float, default=1000.0, help="gamma of objective B")
     p.add_argument("--c-max", type=float, default=None,
                    help="final capacity in nats (default: 25 on dsprites, 50 on celeba, "
                         "else 25)")
-    p.add_argument("--c-steps", type=int, default=100_000,
-                   help="steps over which C rises linearly from 0 to --c-max")
+    p.add_argument("--c-steps", type=int, default=None,
+                   help="steps over which C rises linearly from 0 to --c-max (default: "
+                        f"{C_SHARE:.0%} of the run, at most the published {PUBLISHED_C_STEPS:,})")
     p.add_argument("--recon", default="bce", choices=("bce", "mse"),
                    help="decoder likelihood: bce = Bernoulli, mse = Gaussian")
     p.add_argument("--sigma", default="learned",
@@ -150,10 +254,14 @@ def check_args(args):
     utils.check_common_args(args, "beta_vae")
     if args.c_max is None:
         args.c_max = C_MAX.get(args.dataset, 25.0)
+    if args.beta is None:
+        args.beta = BETA.get(args.objective, BETA["H"])
     if args.beta < 0 or args.gamma < 0 or args.c_max < 0:
         raise utils.UserError("--beta, --gamma and --c-max must be >= 0")
-    if args.c_steps < 0 or args.beta_warmup < 0 or args.iw_samples < 0:
+    if min(args.c_steps or 0, args.beta_warmup or 0, args.iw_samples) < 0:
         raise utils.UserError("--c-steps, --beta-warmup and --iw-samples must be >= 0")
+    if args.objective == "TC" and args.batch_size < 2:
+        raise utils.UserError("--objective TC estimates q(z) on the batch: --batch-size >= 2")
     args.binarize = False            # read by standard_vae.evaluate
     return args
 
@@ -169,10 +277,13 @@ def main(args):
     timer = utils.Timer()
     args = check_args(args)
 
-    def loss_fn(x, logits, mu, logvar, step, model):
-        return beta_vae_loss(x, logits, mu, logvar, step, args, model.log_sigma)
+    def loss_fn(x, logits, mu, logvar, step, model, data_size):
+        return beta_vae_loss(x, logits, mu, logvar, step, args, model.log_sigma, data_size)
 
-    run = sv.fit(args, "beta_vae", build_model, loss_fn, ("loss", "recon", "kl", "kl_dims"))
+    keys = ("loss", "recon", "kl", "kl_dims") + (("mi", "tc", "dim_kl") if args.objective == "TC"
+                                                 else ())
+    run = sv.fit(args, "beta_vae", build_model, loss_fn, keys,
+                 lambda total_steps: resolve_schedule(args, total_steps))
     if run is None:
         return None
     args, model, out, test = run.args, run.model, run.out, run.test

@@ -228,6 +228,59 @@ def pick_images(args, train_args, root, data_test, negative_test):
     return torch.stack([found[w] for w in wanted]), wanted
 
 
+@torch.no_grad()
+def attribute_effect(model, images, positive, negative, vector, device, strengths=(1.0,),
+                     batch=500):
+    """How much of an attribute the model and its vector carry, measured in pixels on held-out
+    images. The attribute's signature is s = mean image with it - mean image without it.
+
+    reconstructed: <mean recon(x+) - mean recon(x-), s> / <s, s>, the share of the signature
+        that the model's reconstructions (decoded posterior means) keep: 1 when they keep the
+        whole difference, 0 when the model does not encode the attribute.
+    adds: <mean over x- of decode(mu + v) - decode(mu), s> / <s, s>, the share of the signature
+        that adding the vector puts into images without the attribute; `adds_by_strength` the
+        same with alpha * v for each alpha in `strengths`.
+    Sums are taken on the host in float64.
+    """
+    strengths = torch.as_tensor(sorted({1.0, *map(float, strengths)}))
+    sums = {"pos": 0, "neg": 0, "recon_pos": 0, "recon_neg": 0, "shift": 0}
+    for name, mask in (("pos", positive), ("neg", negative)):
+        for x in utils.iterate(images[mask], batch, device):
+            mu = model.encoder(x)[0]
+            recon = model.mean_image(model.decoder(mu))
+            sums[name] = sums[name] + x.double().sum(0).cpu()
+            sums[f"recon_{name}"] = sums[f"recon_{name}"] + recon.double().sum(0).cpu()
+            if name == "neg":
+                z = mu[:, None] + strengths.to(mu)[None, :, None] * vector.to(mu)   # (B, A, D)
+                moved = model.mean_image(model.decoder(z.flatten(0, 1)))
+                moved = moved.view(len(x), len(strengths), *x.shape[1:]) - recon[:, None]
+                sums["shift"] = sums["shift"] + moved.double().sum(0).cpu()
+    n_pos, n_neg = int(positive.sum()), int(negative.sum())
+    signature = sums["pos"] / n_pos - sums["neg"] / n_neg
+    norm = signature.pow(2).sum()
+    share = lambda d: float((d * signature).sum() / norm)
+    recon_diff = sums["recon_pos"] / n_pos - sums["recon_neg"] / n_neg
+    adds = [share(d) for d in sums["shift"] / n_neg]
+    return {"reconstructed": share(recon_diff), "adds": adds[strengths.tolist().index(1.0)],
+            "adds_by_strength": [[a, v] for a, v in zip(strengths.tolist(), adds)],
+            "signature_rms": float(norm.div(signature.numel()).sqrt()),
+            "held_out_with": n_pos, "held_out_without": n_neg}
+
+
+# A vector is reported as noise when the model keeps less than this share of the signature.
+ENCODED = 0.25
+
+
+def effect_verdict(name, effect):
+    """One line: whether the model reconstructs the attribute and what its vector adds."""
+    kept, adds = effect["reconstructed"], effect["adds"]
+    adds_text = f"; adding the vector puts in {adds:.0%} of it"
+    if kept < ENCODED:
+        return (f"the model does not reconstruct {name} (its reconstructions keep {kept:.0%} of "
+                f"the attribute's pixel signature): the vector is noise{adds_text}")
+    return f"the model reconstructs {name} ({kept:.0%} of its pixel signature){adds_text}"
+
+
 def attribute_analysis(model, train_args, root, args, device, out):
     size, crop = getattr(train_args, "image_size", 64), getattr(train_args, "crop", 148)
     train = utils.load_dataset(train_args.dataset, root, "train", args.n_images, size, crop)
@@ -236,9 +289,13 @@ def attribute_analysis(model, train_args, root, args, device, out):
     positive, negative = attribute_groups(train, args.attribute, args.condition)
     vector = attribute_vector(posterior_means(model, train.images, device), positive, negative)
     test = utils.load_dataset(train_args.dataset, root, "test", args.n_images, size, crop)
-    _, negative_test = attribute_groups(test, args.attribute, args.condition)
-    images, names = pick_images(args, train_args, root, test, negative_test)
+    positive_test, negative_test = attribute_groups(test, args.attribute, args.condition)
     strengths = parse_strengths(args.strengths)
+    effect = None
+    if positive_test.any() and negative_test.any():
+        effect = attribute_effect(model, test.images, positive_test, negative_test, vector,
+                                  device, strengths.tolist())
+    images, names = pick_images(args, train_args, root, test, negative_test)
     grid = apply_vector(model, images.to(device).float() / 255, vector.to(device), strengths)
     tag = "".join(c if c.isalnum() or c in "_-" else "-" for c in args.attribute)
     utils.save_labelled_rows(grid, names, out / f"attribute_{tag}.png", gap_every=1)
@@ -246,11 +303,19 @@ def attribute_analysis(model, train_args, root, args, device, out):
               "strengths": strengths, "n_positive": int(positive.sum()),
               "n_negative": int(negative.sum()), "images": names}
     torch.save(record, out / f"attribute_{tag}.pt")
+    verdict = (effect_verdict(args.attribute, effect) if effect else
+               "no held-out images with and without it: effect not measured")
+    utils.write_json(out / f"attribute_{tag}.json", {
+        "attribute": args.attribute, "condition": args.condition,
+        "train_with": record["n_positive"], "train_without": record["n_negative"],
+        "vector_norm": float(vector.norm()), "effect": effect, "verdict": verdict,
+        "encoded_threshold": ENCODED, "checkpoint": str(args.checkpoint)})
     print(f"{args.attribute}: vector from {record['n_positive']} images with and "
           f"{record['n_negative']} without (norm {vector.norm():.2f}); "
           f"strengths {[round(a, 3) for a in strengths.tolist()]}; "
-          f"wrote {out / f'attribute_{tag}.png'} and .pt")
-    return record
+          f"wrote {out / f'attribute_{tag}.png'}, .pt and .json")
+    print(f"{args.attribute}: {verdict}")
+    return {**record, "effect": effect, "verdict": verdict}
 
 
 # ----------------------------------------------------------------------------------------------

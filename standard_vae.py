@@ -316,15 +316,19 @@ def build_model(args, channels, image_size):
                args.hidden, args.recon, args.sigma)
 
 
-def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl")):
+def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl"), schedule=None):
     """Train a VAE; also the loop of beta_vae.py, which differs only in `loss_fn`.
 
-    `loss_fn(x, logits, mu, logvar, step, model)` returns the named terms; `terms["loss"]` is
-    minimised. Data stay on the device, losses are summed there and read every --log-every
-    steps, the held-out -ELBO is scored and a checkpoint written at every epoch end, and
-    SIGINT/SIGTERM save the current step. `--resume` restores model, optimiser, step, logs and
-    RNG, so the run continues exactly. Under torchrun each rank trains on its shard of every
-    batch order with DistributedDataParallel; rank 0 alone writes. Returns None if stopped by
+    `loss_fn(x, logits, mu, logvar, step, model, data_size)` returns the named terms;
+    `terms["loss"]` is minimised (`data_size`, the number of training images, serves estimators
+    of the aggregate posterior). Data stay on the device, losses are summed there and read every
+    --log-every steps, the held-out -ELBO is scored and a checkpoint written at every epoch end,
+    and SIGINT/SIGTERM save the current step. `--resume` restores model, optimiser, step, logs
+    and RNG, so the run continues exactly; the saved settings are written into `args` itself,
+    so closures that read it see the run's settings. `schedule(total_steps)`, if given, is
+    called once the run's length is known and returns lines to print (rank 0 prints them).
+    Under torchrun each rank trains on its shard of every batch order with
+    DistributedDataParallel; rank 0 alone writes. Returns None if stopped by
     a signal, else the run state.
     """
     dist, device = utils.setup_distributed(args.device)
@@ -332,7 +336,7 @@ def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl")):
     state = None
     if args.resume:
         state = utils.resume_state(args.resume, out, kind)
-        args = utils.resume_args(args, state, RESUME_FLAGS)
+        vars(args).update(vars(utils.resume_args(args, state, RESUME_FLAGS)))
     utils.seed_everything(args.seed)                  # the same initial weights on every rank
     if args.dataset == "celeba":
         feature_size(args.image_size)             # refuse a bad size before decoding anything
@@ -363,6 +367,9 @@ def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl")):
     total = len(batches) * args.epochs
     if args.max_steps is not None:
         total = min(total, args.max_steps)
+    for line in schedule(total) if schedule is not None else ():
+        if dist.main:
+            print(line)
     fwd = model
     if dist.active:
         from torch.nn.parallel import DistributedDataParallel
@@ -395,7 +402,7 @@ def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl")):
             for x in batches.epoch(epoch, start):
                 with utils.autocast(device, not args.no_amp):
                     logits, mu, logvar = fwd(x)
-                terms = loss_fn(x, logits, mu, logvar, step, model)
+                terms = loss_fn(x, logits, mu, logvar, step, model, len(train))
                 opt.zero_grad(set_to_none=True)
                 terms["loss"].backward()
                 opt.step()
@@ -447,7 +454,7 @@ def main(args):
     timer = utils.Timer()
     args = check_args(args)
 
-    def loss_fn(x, logits, mu, logvar, step, model):
+    def loss_fn(x, logits, mu, logvar, step, model, data_size):
         return vae_loss(x, logits, mu, logvar, args.recon, model.log_sigma,
                         kl_weight(step, args.kl_warmup), args.free_bits)
 

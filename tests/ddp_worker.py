@@ -17,7 +17,7 @@ import utils  # noqa: E402
 def fit(out, argv):
     args = sv.check_args(sv.parse_args(argv))
 
-    def loss_fn(x, logits, mu, logvar, step, model):
+    def loss_fn(x, logits, mu, logvar, step, model, data_size):
         return sv.vae_loss(x, logits, mu, logvar, args.recon, model.log_sigma)
 
     run = sv.fit(args, "standard_vae", sv.build_model, loss_fn)

@@ -27,6 +27,7 @@ def test_capacity_schedule_gives_published_values():
 
 def test_defaults_are_the_published_settings():
     args = bv.check_args(bv.parse_args(["--dataset", "dsprites"]))
+    bv.resolve_schedule(args, 300_000)                  # a published-length run
     assert (args.objective, args.gamma, args.c_max, args.c_steps) == ("B", 1000.0, 25.0, 100_000)
     assert (args.lr, args.batch_size, args.latent) == (5e-4, 64, 10)
     model = bv.build_model(args, 1, 64)
@@ -133,6 +134,119 @@ def test_factor_vae_score_is_one_axis_aligned_and_low_rotated():
     assert ba.factor_vae_score(dead, sample, rng, 10, 10, n_global=500)[0] == 0.0
 
 
+def test_schedules_follow_the_run_length_unless_given():
+    # not given: C reaches C_max at C_SHARE of the run, capped at the published 100,000 steps
+    args = bv.check_args(bv.parse_args(["--dataset", "celeba"]))
+    lines = bv.resolve_schedule(args, 1110)
+    assert args.c_steps == round(bv.C_SHARE * 1110) and args.c_max == 50.0
+    assert bv.capacity(1110, args.c_max, args.c_steps) == 50.0
+    assert lines[0].startswith(f"schedule: C rises linearly from 0 to 50 nats over "
+                               f"{args.c_steps:,} steps") and len(lines) == 1
+    args = bv.check_args(bv.parse_args(["--dataset", "celeba"]))
+    bv.resolve_schedule(args, 10**6)
+    assert args.c_steps == 100_000
+    # given and too long for the run: a warning with the numbers
+    args = bv.check_args(bv.parse_args(["--dataset", "celeba", "--c-steps", "100000"]))
+    lines = bv.resolve_schedule(args, 1110)
+    assert args.c_steps == 100_000
+    assert lines[1].startswith("warning: C will reach only 0.56 of its 50 nats (1%) in 1,110 "
+                               "steps")
+    # H and TC warm beta up over WARMUP_SHARE of the run; TC's beta defaults to 6
+    args = bv.check_args(bv.parse_args(["--objective", "TC"]))
+    assert "total correlation" in bv.resolve_schedule(args, 2000)[0]
+    assert (args.beta, args.beta_warmup) == (6.0, round(bv.WARMUP_SHARE * 2000))
+    args = bv.check_args(bv.parse_args(["--objective", "H", "--beta-warmup", "5000"]))
+    assert args.beta == 4.0 and bv.resolve_schedule(args, 1000)[1].startswith(
+        "warning: beta will reach 0.20 of 4")
+
+
+# ---- beta-TCVAE: the KL decomposition against brute force --------------------------------------
+def brute_force_decomposition(z, mu, logvar, weights):
+    """MI, TC and dimension-wise KL per sample with q(z_i) = sum_j weights[i][j] q(z_i|x_j),
+    written as explicit loops over torch.distributions densities."""
+    from torch.distributions import Normal
+    B, D = z.shape
+    mi, tc, dim_kl = [], [], []
+    for i in range(B):
+        q = [Normal(mu[j], torch.exp(0.5 * logvar[j])) for j in range(B)]
+        log_own = q[i].log_prob(z[i]).sum()
+        qz = sum(weights[i][j] * q[j].log_prob(z[i]).sum().exp() for j in range(B))
+        qzd = [sum(weights[i][j] * q[j].log_prob(z[i])[d].exp() for j in range(B))
+               for d in range(D)]
+        log_marginals = sum(torch.log(v) for v in qzd)
+        log_p = Normal(0.0, 1.0).log_prob(z[i]).sum()
+        mi.append(log_own - torch.log(qz))
+        tc.append(torch.log(qz) - log_marginals)
+        dim_kl.append(log_marginals - log_p)
+    return [torch.stack(t).mean() for t in (mi, tc, dim_kl)]
+
+
+@pytest.mark.parametrize("estimator,data_size", [("mss", 5), ("mss", 1000), ("mws", 1000)])
+def test_tc_decomposition_matches_brute_force(estimator, data_size):
+    g = torch.Generator().manual_seed(0)
+    B, D = 5, 3
+    mu = torch.randn(B, D, generator=g, dtype=torch.float64)
+    logvar = torch.randn(B, D, generator=g, dtype=torch.float64) * 0.5
+    z = mu + torch.exp(0.5 * logvar) * torch.randn(B, D, generator=g, dtype=torch.float64)
+    n = data_size
+    if estimator == "mws":
+        weights = [[1 / (n * B)] * B for _ in range(B)]
+    else:   # own density 1/N, every other image (N-1)/(N(B-1)); with N = B: the exact 1/N
+        weights = [[1 / n if i == j else (n - 1) / (n * (B - 1)) for j in range(B)]
+                   for i in range(B)]
+    terms = bv.tc_decomposition(z, mu, logvar, data_size, estimator)
+    expected = brute_force_decomposition(z, mu, logvar, weights)
+    for name, value in zip(("mi", "tc", "dim_kl"), expected):
+        torch.testing.assert_close(terms[name].double(), value.double(), rtol=1e-4, atol=1e-4)
+    # the three parts add up to the sampled KL, log q(z|x) - log p(z)
+    from torch.distributions import Normal
+    sampled_kl = (Normal(mu, torch.exp(0.5 * logvar)).log_prob(z)
+                  - Normal(0.0, 1.0).log_prob(z)).sum(1).mean()
+    torch.testing.assert_close(sum(terms.values()).double(), sampled_kl, rtol=1e-4, atol=1e-4)
+
+
+def test_stratified_estimate_of_q_z_is_unbiased():
+    """Averaged over every batch that holds image n* and B-1 of the other N-1, the stratified
+    estimate of q(z) equals the exact q(z) = sum_n q(z|n) / N."""
+    from itertools import combinations
+    from torch.distributions import Normal
+    g = torch.Generator().manual_seed(1)
+    N, B, D = 6, 3, 2
+    mu = torch.randn(N, D, generator=g, dtype=torch.float64)
+    logvar = torch.randn(N, D, generator=g, dtype=torch.float64) * 0.3
+    z = mu[0] + 0.5 * torch.randn(D, generator=g, dtype=torch.float64)   # a sample of image 0
+    density = lambda n: Normal(mu[n], torch.exp(0.5 * logvar[n])).log_prob(z).sum().exp()
+    exact = sum(density(n) for n in range(N)) / N
+    log_w = bv.aggregate_log_weights(B, N, "mss")[0].double()          # row of image 0
+    estimates = [torch.logsumexp(log_w + torch.stack([density(n).log() for n in (0, *others)]),
+                                 0).exp() for others in combinations(range(1, N), B - 1)]
+    torch.testing.assert_close(torch.stack(estimates).mean(), exact)
+    assert torch.stack(estimates).std() > 0          # single batches do differ
+
+
+def test_tc_objective_is_the_elbo_when_beta_is_one():
+    """recon + MI + beta*TC + dim-KL: at beta = 1 it is recon + log q(z|x) - log p(z), the ELBO
+    with a sampled KL; the TC term alone carries beta."""
+    from torch.distributions import Normal
+    g = torch.Generator().manual_seed(0)
+    x = torch.bernoulli(torch.full((6, 1, 8, 8), 0.3), generator=g)
+    logits, mu, logvar = (torch.randn(6, 1, 8, 8, generator=g), torch.randn(6, 3, generator=g),
+                          torch.randn(6, 3, generator=g))
+    recon = -sv.log_likelihood(x, logits, "bce").mean()
+    losses = {}
+    for beta in (1.0, 5.0):
+        args = bv.check_args(bv.parse_args(["--objective", "TC", "--beta", str(beta),
+                                            "--beta-warmup", "0"]))
+        torch.manual_seed(7)
+        losses[beta] = bv.beta_vae_loss(x, logits, mu, logvar, 10, args, data_size=100)
+    torch.manual_seed(7)
+    z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)                # the loss's sample
+    sampled_kl = (Normal(mu, torch.exp(0.5 * logvar)).log_prob(z)
+                  - Normal(0.0, 1.0).log_prob(z)).sum(1).mean()
+    torch.testing.assert_close(losses[1.0]["loss"], recon + sampled_kl)
+    torch.testing.assert_close(losses[5.0]["loss"] - losses[1.0]["loss"], 4 * losses[1.0]["tc"])
+
+
 # ---- end to end --------------------------------------------------------------------------------
 def test_beta_vae_trains_resumes_exactly_and_is_analysed(tmp_path, script):
     common = ["--dataset", "dsprites", "--data-root", tmp_path / "data", "--limit", 256,
@@ -189,7 +303,8 @@ def test_kl_plot_names_informative_latents_and_groups_the_rest():
     final[5], final[2], final[7] = 9.0, 4.0, 0.6
     log = [{"step": s, "kl": sum(final) * s / 200, "kl_dims": [k * s / 200 for k in final]}
            for s in steps]
-    args = bv.check_args(bv.parse_args(["--dataset", "dsprites", "--latent", str(dims)]))
+    args = bv.check_args(bv.parse_args(["--dataset", "dsprites", "--latent", str(dims),
+                                        "--c-steps", "1000"]))
     fig, axes = utils.plot_figure()
     bv.plot_kl_per_dim(log, None, args, informative=0.5, ax=axes[0, 0])
     _, labels = axes[0, 0].get_legend_handles_labels()

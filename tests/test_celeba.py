@@ -190,3 +190,49 @@ def test_smile_vector_end_to_end_on_a_fixture(tmp_path, script):
     bad = script("beta_vae_analyze.py", "--checkpoint", run / "checkpoint.pt",
                  "--attribute", "Smile", "--n-images", 30, check=False)
     assert bad.returncode == 1 and "Smiling" in bad.stderr and "Traceback" not in bad.stderr
+
+
+class PixelModel:
+    """A stand-in autoencoder: the code is the image itself (or only the pixels `seen`), the
+    decoder returns it, so reconstruction is exact where the code sees."""
+
+    def __init__(self, seen=None):
+        self.seen = seen
+
+    def encoder(self, x):
+        z = x.flatten(1).clone()
+        if self.seen is not None:
+            z[:, ~self.seen] = 0.5
+        return z, torch.zeros_like(z)
+
+    def decoder(self, z):
+        return torch.logit(z.clamp(1e-6, 1 - 1e-6)).view(-1, 1, 4, 4)
+
+    def mean_image(self, logits):
+        return torch.sigmoid(logits)
+
+
+def test_attribute_effect_is_one_for_an_exact_model_and_zero_for_a_blind_one():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(40, 120, (400, 1, 4, 4), generator=g, dtype=torch.uint8)
+    attribute = torch.rand(400, generator=g) < 0.5
+    images[attribute, 0, 0, :2] += 120                      # the attribute: two bright pixels
+    mu = images.flatten(1).float() / 255
+    vector = ba.attribute_vector(mu, attribute, ~attribute)
+    exact = ba.attribute_effect(PixelModel(), images, attribute, ~attribute, vector, "cpu",
+                                strengths=(0.0, 0.5))
+    assert exact["reconstructed"] == pytest.approx(1.0, abs=1e-5)
+    assert exact["adds"] == pytest.approx(1.0, abs=1e-4)     # the vector is the signature
+    assert [a for a, _ in exact["adds_by_strength"]] == [0.0, 0.5, 1.0]
+    assert [v for _, v in exact["adds_by_strength"]] == pytest.approx([0.0, 0.5, 1.0], abs=1e-4)
+    assert "reconstructs Smiling (100%" in ba.effect_verdict("Smiling", exact)
+    # a model that cannot see the attribute's pixels: its reconstructions keep none of it
+    seen = torch.ones(16, dtype=torch.bool)
+    seen[:2] = False
+    blind_model = PixelModel(seen)
+    blind_mu = blind_model.encoder(mu)[0]
+    blind = ba.attribute_effect(blind_model, images, attribute, ~attribute,
+                                ba.attribute_vector(blind_mu, attribute, ~attribute), "cpu")
+    assert abs(blind["reconstructed"]) < 0.05 and abs(blind["adds"]) < 0.05
+    assert "does not reconstruct Smiling" in ba.effect_verdict("Smiling", blind)
+    assert "the vector is noise" in ba.effect_verdict("Smiling", blind)
