@@ -247,6 +247,27 @@ def test_tc_objective_is_the_elbo_when_beta_is_one():
     torch.testing.assert_close(losses[5.0]["loss"] - losses[1.0]["loss"], 4 * losses[1.0]["tc"])
 
 
+def test_metric_codes_encode_each_distinct_image_once(tmp_path):
+    """The code table returns exactly what encoding the drawn images returns, and images drawn
+    again are looked up, not encoded again."""
+    torch.manual_seed(0)
+    model = sv.VAE(1, 64, 3, [8] * 4, hidden=16).eval()
+    represent = ba.dsprites_encoder(model, tmp_path, "cpu", chunk=64)
+    rng = np.random.default_rng(0)
+    first = ba.sample_dsprites_factors(100, rng)
+    again = np.concatenate([first[:40], ba.sample_dsprites_factors(60, rng), first[:40]])
+    codes_first, codes_again = represent(first), represent(again)
+    distinct = lambda f: len(np.unique(f @ np.array(utils.DSPRITES_STRIDES[1:]), axis=0))
+    assert represent.encoded == distinct(np.concatenate([first, again]))
+    classes = np.zeros((len(again), 6), np.int64)
+    classes[:, 1:] = again
+    index = torch.from_numpy(classes @ np.array(utils.DSPRITES_STRIDES))
+    with torch.no_grad():
+        direct = model.encoder(utils.dsprites_images(tmp_path, index).float() / 255)[0].numpy()
+    np.testing.assert_allclose(codes_again, direct, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(codes_again[:40], codes_first[:40])
+
+
 # ---- end to end --------------------------------------------------------------------------------
 def test_beta_vae_trains_resumes_exactly_and_is_analysed(tmp_path, script):
     common = ["--dataset", "dsprites", "--data-root", tmp_path / "data", "--limit", 256,
