@@ -230,11 +230,18 @@ def pick_images(args, train_args, root, data_test, negative_test):
     return torch.stack([found[w] for w in wanted]), wanted
 
 
+def pixel_signature(images, positive, negative):
+    """The attribute's signature in pixels: mean image with it minus mean image without it."""
+    mean = lambda mask: images[mask].double().div(255).mean(0)
+    return mean(positive) - mean(negative)
+
+
 @torch.no_grad()
-def attribute_effect(model, images, positive, negative, vector, device, strengths=(1.0,),
-                     batch=500):
+def attribute_effect(model, images, positive, negative, vector, signature, device,
+                     strengths=(1.0,), batch=500):
     """How much of an attribute the model and its vector carry, measured in pixels on held-out
-    images. The attribute's signature is s = mean image with it - mean image without it.
+    `images`, against the attribute's `signature` s (`pixel_signature` of the training images,
+    so that the chance differences between the held-out groups cannot score as signal).
 
     reconstructed: <mean recon(x+) - mean recon(x-), s> / <s, s>, the share of the signature
         that the model's reconstructions (decoded posterior means) keep: 1 when they keep the
@@ -245,12 +252,11 @@ def attribute_effect(model, images, positive, negative, vector, device, strength
     Sums are taken on the host in float64.
     """
     strengths = torch.as_tensor(sorted({1.0, *map(float, strengths)}))
-    sums = {"pos": 0, "neg": 0, "recon_pos": 0, "recon_neg": 0, "shift": 0}
+    sums = {"recon_pos": 0, "recon_neg": 0, "shift": 0}
     for name, mask in (("pos", positive), ("neg", negative)):
         for x in utils.iterate(images[mask], batch, device):
             mu = model.encoder(x)[0]
             recon = model.mean_image(model.decoder(mu))
-            sums[name] = sums[name] + x.double().sum(0).cpu()
             sums[f"recon_{name}"] = sums[f"recon_{name}"] + recon.double().sum(0).cpu()
             if name == "neg":
                 z = mu[:, None] + strengths.to(mu)[None, :, None] * vector.to(mu)   # (B, A, D)
@@ -258,12 +264,12 @@ def attribute_effect(model, images, positive, negative, vector, device, strength
                 moved = moved.view(len(x), len(strengths), *x.shape[1:]) - recon[:, None]
                 sums["shift"] = sums["shift"] + moved.double().sum(0).cpu()
     n_pos, n_neg = int(positive.sum()), int(negative.sum())
-    signature = sums["pos"] / n_pos - sums["neg"] / n_neg
+    signature = signature.double().cpu()
     norm = signature.pow(2).sum()
     share = lambda d: float((d * signature).sum() / norm)
-    recon_diff = sums["recon_pos"] / n_pos - sums["recon_neg"] / n_neg
     adds = [share(d) for d in sums["shift"] / n_neg]
-    return {"reconstructed": share(recon_diff), "adds": adds[strengths.tolist().index(1.0)],
+    return {"reconstructed": share(sums["recon_pos"] / n_pos - sums["recon_neg"] / n_neg),
+            "adds": adds[strengths.tolist().index(1.0)],
             "adds_by_strength": [[a, v] for a, v in zip(strengths.tolist(), adds)],
             "signature_rms": float(norm.div(signature.numel()).sqrt()),
             "held_out_with": n_pos, "held_out_without": n_neg}
@@ -296,7 +302,8 @@ def attribute_analysis(model, train_args, root, args, device, out):
     effect = None
     if positive_test.any() and negative_test.any():
         effect = attribute_effect(model, test.images, positive_test, negative_test, vector,
-                                  device, strengths.tolist())
+                                  pixel_signature(train.images, positive, negative), device,
+                                  strengths.tolist())
     images, names = pick_images(args, train_args, root, test, negative_test)
     grid = apply_vector(model, images.to(device).float() / 255, vector.to(device), strengths)
     tag = "".join(c if c.isalnum() or c in "_-" else "-" for c in args.attribute)
