@@ -4,7 +4,7 @@
 PY ?= python
 THREADS ?= OMP_NUM_THREADS=1
 
-.PHONY: test quickstart beta-dsprites beta-metrics beta-dsprites-30k beta-latent32 attribute-dsprites vq-dsprites bench all
+.PHONY: test quickstart beta-dsprites beta-metrics beta-dsprites-30k beta-latent32 beta-objectives attribute-dsprites faces-attributes metric-crosscheck vq-dsprites bench all
 
 test:
 	$(PY) -m pytest
@@ -32,6 +32,31 @@ beta-latent32: runs/beta_B_seed0/checkpoint.pt
 
 runs/beta_B_seed0/checkpoint.pt:
 	$(THREADS) $(PY) beta_vae.py --dataset dsprites --objective B --c-steps 5000 --max-steps 6000 --seed 0 --eval-limit 5000 --out runs/beta_B_seed0
+
+# objectives B (Burgess), H (Higgins, beta 4) and TC (beta-TCVAE, beta 6) at one CPU-budget
+# length, three seeds each, with their default schedules sized to the run
+OBJ_STEPS ?= 3000
+beta-objectives:
+	for s in 0 1 2; do for o in B TC H; do \
+	  $(THREADS) $(PY) beta_vae.py --dataset dsprites --objective $$o --max-steps $(OBJ_STEPS) --seed $$s --eval-limit 5000 --out runs/beta_$${o}_3k_seed$$s && \
+	  $(THREADS) $(PY) beta_vae_analyze.py --checkpoint runs/beta_$${o}_3k_seed$$s/checkpoint.pt --traverse --metrics --latent-kl; done; done
+
+# attribute arithmetic on synthetic CelebA-format faces: the headline command before and after
+# run-length-aware schedules, and objective H with beta 1
+FACES = data/faces3k
+faces-attributes:
+	$(PY) tests/faces.py --n 3000 --root $(FACES)
+	$(THREADS) $(PY) beta_vae.py --dataset celeba --data-root $(FACES) --latent 10 --epochs 30 --eval-limit 300 --c-steps 100000 --out runs/faces3k_B_c100k
+	$(THREADS) $(PY) beta_vae.py --dataset celeba --data-root $(FACES) --latent 10 --epochs 30 --eval-limit 300 --out runs/faces3k_B
+	$(THREADS) $(PY) beta_vae.py --dataset celeba --data-root $(FACES) --latent 10 --epochs 30 --eval-limit 300 --objective H --beta 1 --beta-warmup 0 --out runs/faces3k_H1
+	for r in faces3k_B_c100k faces3k_B faces3k_H1; do for a in Smiling Eyeglasses; do \
+	  $(PY) beta_vae_analyze.py --checkpoint runs/$$r/checkpoint.pt --attribute $$a --n-images 5000 --strengths=0:2:5; done; done
+
+# MIG and FactorVAE against the independent implementation of the disent package (a throwaway
+# virtualenv; disent is not a dependency)
+metric-crosscheck:
+	python3 -m venv --system-site-packages runs/venv_disent && runs/venv_disent/bin/pip install -q disent
+	$(THREADS) runs/venv_disent/bin/python tests/crosscheck_metrics.py --out runs/metric_crosscheck.json
 
 # attribute arithmetic on a dSprites factor
 attribute-dsprites:
