@@ -174,15 +174,17 @@ def latent_traversal(model, x, dims, span=3.0, steps=7):
     return images.view(len(dims), len(x) * steps, *images.shape[1:])
 
 
-def save_traversal(model, images, kl_per_dim, path, seeds=3, steps=7, span=3.0, rows=None):
-    """traversal.png: one row per latent, ordered by KL (largest first), KL printed beside it;
-    `rows` keeps only that many latents (the most informative)."""
+def save_traversal(model, images, kl_per_dim, path, seeds=3, steps=7, span=3.0, rows=None,
+                   names=None):
+    """traversal.png: one row per latent, ordered by KL (largest first), KL printed beside it
+    and, if `names` (latent -> text) is given, what the latent encodes; `rows` keeps only that
+    many latents (the most informative)."""
     device = next(model.parameters()).device
     x = images[:seeds].to(device).float() / 255
     kl = torch.as_tensor(kl_per_dim)
     order = torch.argsort(kl, descending=True).tolist()[:rows]
     grid = latent_traversal(model, x, order, span, steps)
-    labels = [f"z{d:<2d} KL {kl[d]:5.2f}" for d in order]
+    labels = [f"z{d:<2d} KL {kl[d]:5.2f} {(names or {}).get(d, '')}".rstrip() for d in order]
     utils.save_labelled_rows(grid, labels, path, gap_every=steps)
     return order
 

@@ -70,6 +70,24 @@ def mig(codes, factors, bins=20):
     return float(np.mean((top2[0] - top2[1]) / entropy)), mi
 
 
+def latent_factors(mi, entropy, names, floor=0.1):
+    """What each latent encodes, from the (D, K) mutual information: the factor with the largest
+    share of its entropy captured (MI / H), joined by the next one when that share is at least
+    half as large (a mixed latent reads 'posX+posY'); empty below `floor`."""
+    share = mi / entropy[None, :]
+    labels = []
+    for row in share:
+        top = np.argsort(row)[::-1]
+        if row[top[0]] < floor:
+            labels.append("")
+            continue
+        label = names[top[0]]
+        if len(top) > 1 and row[top[1]] >= 0.5 * row[top[0]]:
+            label += "+" + names[top[1]]
+        labels.append(label)
+    return labels
+
+
 def factor_vae_score(represent, sample_factors, rng, n_train=10_000, n_eval=5_000,
                      batch=64, n_global=10_000, min_std=0.05):
     """FactorVAE metric (Kim & Mnih 2018, section 4).
@@ -400,7 +418,11 @@ def compute_metrics(model, args, data_root, device, seed, n_points=10_000, n_tra
     fvae, fvae_train, active = factor_vae_score(represent, sample_dsprites_factors, rng,
                                                 n_train, n_eval, n_global=n_points)
     names = [utils.DSPRITES_FACTORS[i] for i in DSPRITES_SCORED]
+    entropy = np.array([mutual_information(f, f) for f in factors.T])
     return {"mig": score, "factor_vae": fvae, "factor_vae_train_accuracy": fvae_train,
+            "latent_factors": {f"z{j}": label for j, label in
+                               enumerate(latent_factors(mi, entropy, names))},
+            "factor_entropy": dict(zip(names, entropy.tolist())),
             "active_latents": np.flatnonzero(active).tolist(),
             "mutual_information": {f"z{j}": dict(zip(names, row)) for j, row in
                                    enumerate(mi.tolist())},
@@ -530,14 +552,6 @@ def main(args):
     results = {}
     if args.attribute:
         attribute_analysis(model, train_args, root, args, device, out)
-    if args.traverse:
-        test, held_out = evaluate_held_out(model, train_args, root, device)
-        order = beta_vae.save_traversal(model, test.images, held_out["kl_per_dim"],
-                                        out / "traversal.png", seeds=args.seeds, span=args.span,
-                                        rows=args.rows or None)
-        print(f"traversal.png written to {out} (latents by KL: {order})")
-    if args.latent_kl is not None:
-        latent_kl([path, *map(Path, args.latent_kl)], args, device, out)
     if args.metrics:
         results = compute_metrics(model, train_args, root, device, args.seed, args.points,
                                   args.train_votes, args.eval_votes)
@@ -545,6 +559,15 @@ def main(args):
         utils.write_json(out / "disentanglement.json", results)
         print(f"MIG {results['mig']:.3f}, FactorVAE score {results['factor_vae']:.3f} "
               f"-> {out / 'disentanglement.json'}")
+    if args.traverse:       # rows named by the factors they encode when the metrics are known
+        test, held_out = evaluate_held_out(model, train_args, root, device)
+        names = {int(z[1:]): label for z, label in results.get("latent_factors", {}).items()}
+        order = beta_vae.save_traversal(model, test.images, held_out["kl_per_dim"],
+                                        out / "traversal.png", seeds=args.seeds, span=args.span,
+                                        rows=args.rows or None, names=names)
+        print(f"traversal.png written to {out} (latents by KL: {order})")
+    if args.latent_kl is not None:
+        latent_kl([path, *map(Path, args.latent_kl)], args, device, out)
     return results
 
 

@@ -1042,7 +1042,7 @@ def save_labelled_rows(images, labels, path, gap_every=None):
     plt = _pyplot()
     rows, cols = images.shape[:2]
     grid = torchvision.utils.make_grid(images.flatten(0, 1).detach().float().clamp(0, 1).cpu(),
-                              nrow=cols, padding=2, pad_value=1.0)        # (3, H', W')
+                                       nrow=cols, padding=2, pad_value=1.0)   # (3, H', W')
     pixels = grid.permute(1, 2, 0).numpy()
     if gap_every:
         w = images.shape[-1] + 2
@@ -1051,7 +1051,7 @@ def save_labelled_rows(images, labels, path, gap_every=None):
         pixels = np.concatenate(sum(([b, sep] for b in blocks), [])[:-1], axis=1)
     height, width = pixels.shape[:2]
     dpi = 100
-    label_w = 110
+    label_w = max(110, 8 * max(map(len, labels), default=0) + 12)   # monospace 9 pt: ~7.5 px
     fig = plt.figure(figsize=((width + label_w) / dpi, height / dpi), dpi=dpi)
     ax = fig.add_axes([label_w / (width + label_w), 0, width / (width + label_w), 1])
     ax.imshow(pixels, interpolation="nearest")

@@ -118,6 +118,16 @@ def test_mig_is_one_for_a_perfect_code_and_zero_for_shared_or_noise():
     assert 0.05 < mixed < 0.9
 
 
+def test_latents_are_named_by_the_factors_they_encode():
+    names = ["shape", "scale", "posX"]
+    entropy = np.array([1.0, 2.0, 4.0])
+    mi = np.array([[0.9, 0.1, 0.2],        # shape alone
+                   [0.0, 0.2, 2.0],        # posX (its share 0.5 beats scale's 0.1)
+                   [0.0, 1.0, 1.6],        # posX 0.4 and scale 0.5: mixed, largest first
+                   [0.05, 0.1, 0.1]])      # nothing above the floor
+    assert ba.latent_factors(mi, entropy, names) == ["shape", "posX", "scale+posX", ""]
+
+
 def test_factor_vae_score_is_one_axis_aligned_and_low_rotated():
     rng = np.random.default_rng(0)
     sizes = SIZES[1:]                                  # four factors
@@ -297,6 +307,7 @@ def test_beta_vae_trains_resumes_exactly_and_is_analysed(tmp_path, script):
     assert 0 <= result["mig"] <= 1 and 0 <= result["factor_vae"] <= 1
     assert set(result["mutual_information"]["z0"]) == {"shape", "scale", "orientation",
                                                        "posX", "posY"}
+    assert set(result["latent_factors"]) == {"z0", "z1", "z2", "z3"}
     assert (tmp_path / "analysis" / "traversal.png").stat().st_size > 0
 
     # --latent-kl: the held-out KL per latent of each run, recomputed here, and identical runs
