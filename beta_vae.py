@@ -127,21 +127,21 @@ def parse_args(argv=None):
     utils.add_common_args(p, latent=10, lr=5e-4, batch_size=64, epochs=30, dataset="celeba")
     p.add_argument("--objective", default="B", choices=("H", "B"),
                    help="H: recon + beta*KL (Higgins); B: recon + gamma*|KL - C| (Burgess)")
-    p.add_argument("--beta", type=float, default=4.0, help="beta of objective H")
+    p.add_argument("--beta", type=utils.nonneg_float, default=4.0, help="beta of objective H")
     p.add_argument("--beta-warmup", type=int, default=0,
                    help="steps of linear beta warm-up from 0 (objective H; 0 = none)")
-    p.add_argument("--gamma", type=float, default=1000.0, help="gamma of objective B")
-    p.add_argument("--c-max", type=float, default=None,
+    p.add_argument("--gamma", type=utils.nonneg_float, default=1000.0, help="gamma of objective B")
+    p.add_argument("--c-max", type=utils.nonneg_float, default=None,
                    help="final capacity in nats (default: 25 on dsprites, 50 on celeba, "
                         "else 25)")
     p.add_argument("--c-steps", type=int, default=100_000,
                    help="steps over which C rises linearly from 0 to --c-max")
     p.add_argument("--recon", default="bce", choices=("bce", "mse"),
                    help="decoder likelihood: bce = Bernoulli, mse = Gaussian")
-    p.add_argument("--sigma", default="learned",
+    p.add_argument("--sigma", default="learned", type=utils.decoder_sigma,
                    help="Gaussian decoder std: 'learned' or a number (--recon mse)")
-    p.add_argument("--hidden", type=int, default=256, help="units of the FC layers")
-    p.add_argument("--iw-samples", type=int, default=0,
+    p.add_argument("--hidden", type=utils.positive_int, default=256, help="units of the FC layers")
+    p.add_argument("--iw-samples", type=utils.nonneg_int, default=0,
                    help="importance samples of a final IW-NLL (0 = skip)")
     return utils.parse_args(p, argv)
 
@@ -193,4 +193,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    utils.run_command(main, parse_args)
