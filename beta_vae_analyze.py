@@ -275,12 +275,17 @@ def load_model(path, device):
     if state.get("kind") not in ("beta_vae", "standard_vae"):
         utils.check_checkpoint_kind(state, path, "beta_vae")
     args = argparse.Namespace(**state["args"])
-    data = state["data"]
-    if state["kind"] == "beta_vae":
-        model = beta_vae.build_model(args, data["channels"], data["image_size"])
-    else:
-        import standard_vae
-        model = standard_vae.build_model(args, data["channels"], data["image_size"])
+    data = state.get("data")
+    try:
+        if state["kind"] == "beta_vae":
+            model = beta_vae.build_model(args, data["channels"], data["image_size"])
+        else:
+            import standard_vae
+            model = standard_vae.build_model(args, data["channels"], data["image_size"])
+    except (TypeError, KeyError, ValueError, AttributeError) as e:
+        raise utils.CheckpointError(f"{path} lacks or garbles what rebuilds its model (args or "
+                                    f"data: {type(e).__name__} {str(e)[:100]}); use a checkpoint "
+                                    "written by beta_vae.py or standard_vae.py") from None
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:

@@ -388,7 +388,8 @@ def cifar_batch_that_runs_a_command(finished, tmp):
 def cifar_batch_that_calls_eval(finished, tmp):
     cifar_batches(tmp, Payload(eval, f"open({str(tmp / 'pwned')!r}, 'w')"))
     return Row("vq_vae.py", ["--dataset", "cifar10", "--data-root", tmp / "data",
-                             "--out", tmp / "run"], 1, "eval, which no CIFAR", absent=[tmp / "pwned"])
+                             "--out", tmp / "run"], 1, "eval, which no CIFAR",
+               absent=[tmp / "pwned"])
 
 
 def symlinks_planted_at_temporary_names(finished, tmp):
@@ -496,6 +497,16 @@ def checkpoint_with(change, message):
     return row
 
 
+def analysis_of_a_checkpoint_without_its_data_entry(finished, tmp):
+    run = copy_run(finished, tmp)
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    del state["data"]
+    torch.save(state, run / "checkpoint.pt")
+    return Row("beta_vae_analyze.py", ["--checkpoint", run / "checkpoint.pt", "--traverse"], 1,
+               "lacks or garbles what rebuilds its model", keep=[run / "checkpoint.pt"],
+               absent=[run / "traversal.png"])
+
+
 def flag(script, *args, message, status=2, subprocess=False):
     def row(finished, tmp):
         return Row(script, [*args, "--out", tmp / "run"] if script != "beta_vae_analyze.py"
@@ -569,6 +580,7 @@ ROWS = [
     checkpoint_with(lambda s: s.update(step="12"), "'step' is a str"),
     checkpoint_with(lambda s: s.update(step=-3), "expected a step >= 0"),
     checkpoint_with(lambda s: s.update(rng={"torch": 1}), "random-number state is malformed"),
+    analysis_of_a_checkpoint_without_its_data_entry,
     # 3. tracebacks: numbers, checked as they are parsed
     flag("standard_vae.py", "--log-every", "0", message="--log-every: must be a positive"),
     flag("standard_vae.py", "--width", "0", message="--width: must be a positive integer"),
