@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -32,8 +33,32 @@ import vq_vae as vq
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: a CelebA-format fixture (official layout), written once
+# Data: a CelebA-format fixture (official layout), written once into a folder bench.py owns
 # ----------------------------------------------------------------------------------------------
+OWNED = ".vae_bench_fixture"          # marks a folder that bench.py created
+
+
+def fixture_root(path):
+    """The folder for the fixture and its cache: a new temporary one, or `path` when bench.py
+    created it (it holds the OWNED mark) or it does not exist yet. A benchmark never writes into
+    a data folder it did not create, so any other folder is refused."""
+    if path is None:
+        root = Path(tempfile.mkdtemp(prefix="vae_bench_"))
+    else:
+        root = Path(path)
+        if root.exists() and not (root / OWNED).is_file():
+            raise utils.UserError(f"--data-root {root} exists and was not created by bench.py, "
+                                  "which never writes into a data folder it did not create; "
+                                  "give a new folder (bench.py creates it and keeps the fixture "
+                                  "there), or leave --data-root out for a temporary one")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise utils.UserError(f"cannot create --data-root {root}: {e.strerror}") from None
+    (root / OWNED).touch()
+    return root
+
+
 def write_jpeg_fixture(root, n, seed=0):
     """n 178x218 JPEGs of smooth random colour fields in CelebA's official layout."""
     from PIL import Image
@@ -235,10 +260,22 @@ def data_epoch_seconds(device, images, folder, batch, workers):
 
 
 def main(args):
+    if args.images < args.batch_size:
+        raise utils.UserError(f"--images {args.images} is fewer than one batch of "
+                              f"--batch-size {args.batch_size}")
     device = utils.get_device(args.device)
-    root = Path(args.data_root or tempfile.mkdtemp(prefix="vae_bench_"))
+    root = fixture_root(args.data_root)
+    try:
+        return run_benchmarks(args, device, root)
+    finally:
+        if args.data_root is None:             # the temporary fixture goes with the run
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def run_benchmarks(args, device, root):
     t = time.perf_counter()
-    folder = write_jpeg_fixture(root, args.images)
+    with utils.building(root, f"the bench fixture in {root}"):
+        folder = write_jpeg_fixture(root, args.images)
     fixture_s = time.perf_counter() - t
     fresh = not (folder / "celeba_cache_crop148_64px.npy").exists()
     t = time.perf_counter()
@@ -290,19 +327,34 @@ def main(args):
     return result
 
 
+def model_list(text):
+    """--models: a comma list of known model names."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown model {', '.join(unknown) or repr(text)}; "
+                                         f"choose from {', '.join(MODELS)}")
+    return names
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=utils.HelpFormatter)
-    p.add_argument("--models", type=lambda s: s.split(","), default=list(MODELS),
+    p.add_argument("--models", type=model_list, default=list(MODELS),
                    help=f"comma list of {', '.join(MODELS)}")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--images", type=int, default=2048, help="JPEGs in the fixture")
-    p.add_argument("--steps", type=int, default=40, help="timed steps per measurement")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the baseline")
+    p.add_argument("--batch-size", type=utils.positive_int, default=64)
+    p.add_argument("--images", type=utils.positive_int, default=2048,
+                   help="JPEGs in the fixture")
+    p.add_argument("--steps", type=utils.positive_int, default=40,
+                   help="timed steps per measurement")
+    p.add_argument("--warmup", type=utils.nonneg_int, default=5, help="untimed steps first")
+    p.add_argument("--workers", type=utils.nonneg_int, default=2,
+                   help="DataLoader workers of the baseline")
     p.add_argument("--data-root", default=None,
-                   help="keep the JPEG fixture and cache here (default: a temporary folder)")
+                   help="a new folder that bench.py creates to keep the JPEG fixture and cache "
+                        "for later runs; never an existing data folder (default: a temporary "
+                        "folder, removed at the end)")
     p.add_argument("--extras", action="store_true",
                    help="also threads, channels-last and epoch-time scaling (first model)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -310,4 +362,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    utils.run_command(main, parse_args)

@@ -227,27 +227,27 @@ def parse_args(argv=None):
     p.add_argument("--objective", default="B", choices=("H", "B", "TC"),
                    help="H: recon + beta*KL (Higgins); B: recon + gamma*|KL - C| (Burgess); "
                         "TC: recon + MI + beta*TC + dimension-wise KL (Chen, beta-TCVAE)")
-    p.add_argument("--beta", type=float, default=None,
+    p.add_argument("--beta", type=utils.nonneg_float, default=None,
                    help="beta of objective H (default 4) or TC (default 6)")
-    p.add_argument("--beta-warmup", type=int, default=None,
+    p.add_argument("--beta-warmup", type=utils.nonneg_int, default=None,
                    help="steps of linear beta warm-up from 0, objectives H and TC (default: "
                         f"{WARMUP_SHARE:.0%} of the run; 0 = none)")
     p.add_argument("--tc-estimator", default="mss", choices=("mss", "mws"),
                    help="objective TC: estimate q(z) on the minibatch by stratified (mss) or "
                         "minibatch-weighted (mws) sampling")
-    p.add_argument("--gamma", type=float, default=1000.0, help="gamma of objective B")
-    p.add_argument("--c-max", type=float, default=None,
+    p.add_argument("--gamma", type=utils.nonneg_float, default=1000.0, help="gamma of objective B")
+    p.add_argument("--c-max", type=utils.nonneg_float, default=None,
                    help="final capacity in nats (default: 25 on dsprites, 50 on celeba, "
                         "else 25)")
-    p.add_argument("--c-steps", type=int, default=None,
+    p.add_argument("--c-steps", type=utils.nonneg_int, default=None,
                    help="steps over which C rises linearly from 0 to --c-max (default: "
                         f"{C_SHARE:.0%} of the run, at most the published {PUBLISHED_C_STEPS:,})")
     p.add_argument("--recon", default="bce", choices=("bce", "mse"),
                    help="decoder likelihood: bce = Bernoulli, mse = Gaussian")
-    p.add_argument("--sigma", default="learned",
+    p.add_argument("--sigma", default="learned", type=utils.decoder_sigma,
                    help="Gaussian decoder std: 'learned' or a number (--recon mse)")
-    p.add_argument("--hidden", type=int, default=256, help="units of the FC layers")
-    p.add_argument("--iw-samples", type=int, default=0,
+    p.add_argument("--hidden", type=utils.positive_int, default=256, help="units of the FC layers")
+    p.add_argument("--iw-samples", type=utils.nonneg_int, default=0,
                    help="importance samples of a final IW-NLL (0 = skip)")
     return utils.parse_args(p, argv)
 
@@ -258,10 +258,6 @@ def check_args(args):
         args.c_max = C_MAX.get(args.dataset, 25.0)
     if args.beta is None:
         args.beta = BETA.get(args.objective, BETA["H"])
-    if args.beta < 0 or args.gamma < 0 or args.c_max < 0:
-        raise utils.UserError("--beta, --gamma and --c-max must be >= 0")
-    if min(args.c_steps or 0, args.beta_warmup or 0, args.iw_samples) < 0:
-        raise utils.UserError("--c-steps, --beta-warmup and --iw-samples must be >= 0")
     if args.objective == "TC" and args.batch_size < 2:
         raise utils.UserError("--objective TC estimates q(z) on the batch: --batch-size >= 2")
     args.binarize = False            # read by standard_vae.evaluate
@@ -286,8 +282,6 @@ def main(args):
                                                  else ())
     run = sv.fit(args, "beta_vae", build_model, loss_fn, keys,
                  lambda total_steps: resolve_schedule(args, total_steps))
-    if run is None:
-        return None
     args, model, out, test = run.args, run.model, run.out, run.test
     final = sv.evaluate(model, test.images, args, test.binary, run.device, args.iw_samples)
     c = capacity(run.step, args.c_max, args.c_steps) if args.objective == "B" else None
@@ -306,4 +300,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    utils.run_command(main, parse_args)

@@ -137,11 +137,18 @@ def parse_label_value(data, name, value):
     names = data.value_names.get(name)
     if names and value in names:
         return names.index(value)
+    count = len(names) if names else (
+        utils.DSPRITES_SIZES[utils.DSPRITES_FACTORS.index(name)] if data.name == "dsprites"
+        else {"celeba": 2, "mnist": 10, "cifar10": 10}[data.name])
     try:
-        return int(value)
+        number = int(value)
+        if not 0 <= number < count:
+            raise ValueError
+        return number
     except ValueError:
-        hint = f" (one of {', '.join(names)} or a class number)" if names else ""
-        raise utils.UserError(f"bad value {value!r} for {name}{hint}") from None
+        hint = f"one of {', '.join(names)} or a class number 0 to {count - 1}" if names else \
+            f"a class number 0 to {count - 1}"
+        raise utils.UserError(f"bad value {value!r} for {name}: {name} takes {hint}") from None
 
 
 def select(data, spec):
@@ -203,9 +210,13 @@ def parse_strengths(text):
     try:
         if ":" in text:
             start, stop, count = text.split(":")
-            return torch.linspace(float(start), float(stop), int(count))
-        return torch.tensor([float(v) for v in text.split(",")])
-    except ValueError:
+            strengths = torch.linspace(float(start), float(stop), utils.positive_int(count))
+        else:
+            strengths = torch.tensor([float(v) for v in text.split(",")])
+        if not strengths.isfinite().all():
+            raise ValueError
+        return strengths
+    except (ValueError, argparse.ArgumentTypeError):
         raise utils.UserError(f"bad --strengths {text!r}: use start:stop:count or a comma "
                               "list") from None
 
@@ -232,8 +243,10 @@ def pick_images(args, train_args, root, data_test, negative_test):
             rows = [int(w) for w in wanted]
             return data_test.images[rows], [f"test {i}" for i in rows]
         except (ValueError, IndexError):
-            raise utils.UserError(f"--images takes indices into the test split (0 to "
-                                  f"{len(data_test) - 1}) for {train_args.dataset}") from None
+            within = "the whole test split" if len(data_test) < args.n_images else \
+                f"the first --n-images {args.n_images} test images (raise it to reach further)"
+            raise utils.UserError(f"--images takes indices 0 to {len(data_test) - 1} into "
+                                  f"{within} for {train_args.dataset}") from None
     found = {}
     for split in ("test", "valid", "train"):
         data = data_test if split == "test" else utils.load_dataset(
@@ -329,7 +342,7 @@ def attribute_analysis(model, train_args, root, args, device, out):
     record = {"vector": vector, "attribute": args.attribute, "condition": args.condition,
               "strengths": strengths, "n_positive": int(positive.sum()),
               "n_negative": int(negative.sum()), "images": names}
-    torch.save(record, out / f"attribute_{tag}.pt")
+    utils.atomic_write(out / f"attribute_{tag}.pt", lambda f: torch.save(record, f))
     verdict = (effect_verdict(args.attribute, effect) if effect else
                "no held-out images with and without it: effect not measured")
     utils.write_json(out / f"attribute_{tag}.json", {
@@ -354,12 +367,17 @@ def load_model(path, device):
     if state.get("kind") not in ("beta_vae", "standard_vae"):
         utils.check_checkpoint_kind(state, path, "beta_vae")
     args = argparse.Namespace(**state["args"])
-    data = state["data"]
-    if state["kind"] == "beta_vae":
-        model = beta_vae.build_model(args, data["channels"], data["image_size"])
-    else:
-        import standard_vae
-        model = standard_vae.build_model(args, data["channels"], data["image_size"])
+    data = state.get("data")
+    try:
+        if state["kind"] == "beta_vae":
+            model = beta_vae.build_model(args, data["channels"], data["image_size"])
+        else:
+            import standard_vae
+            model = standard_vae.build_model(args, data["channels"], data["image_size"])
+    except (TypeError, KeyError, ValueError, AttributeError) as e:
+        raise utils.CheckpointError(f"{path} lacks or garbles what rebuilds its model (args or "
+                                    f"data: {type(e).__name__} {str(e)[:100]}); use a checkpoint "
+                                    "written by beta_vae.py or standard_vae.py") from None
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
@@ -508,12 +526,13 @@ def parse_args(argv=None):
                         "(scale, shape=heart) or digit=3 on MNIST -> attribute_<name>.png")
     p.add_argument("--condition", default="",
                    help="restrict both groups, e.g. 'Male=0' for smiling women minus women")
-    p.add_argument("--n-images", type=int, default=5000,
+    p.add_argument("--n-images", type=utils.positive_int, default=5000,
                    help="labelled training images the vector is averaged over")
     p.add_argument("--images", default=None,
                    help="images to edit: CelebA file names (000008.jpg,...) or test indices "
                         "(default: the first --n-show test images without the attribute)")
-    p.add_argument("--n-show", type=int, default=6, help="images to edit when not named")
+    p.add_argument("--n-show", type=utils.positive_int, default=6,
+                   help="images to edit when not named")
     p.add_argument("--strengths", default="0:1.5:10",
                    help="alphas: start:stop:count or a comma list; for negatives write --strengths=-1:1.5:11")
     p.add_argument("--traverse", action="store_true", help="draw traversal.png")
@@ -523,16 +542,21 @@ def parse_args(argv=None):
                         "each OTHER beta_vae.py checkpoint (e.g. a --latent 32 run)")
     p.add_argument("--metrics", action="store_true",
                    help="MIG and FactorVAE score on dsprites -> disentanglement.json")
-    p.add_argument("--points", type=int, default=10_000,
+    p.add_argument("--points", type=utils.number(int, lambda v: v >= 2, "an integer >= 2"),
+                   default=10_000,
                    help="points for MIG and the global variances")
-    p.add_argument("--train-votes", type=int, default=10_000, help="FactorVAE training votes")
-    p.add_argument("--eval-votes", type=int, default=5_000, help="FactorVAE evaluation votes")
-    p.add_argument("--seeds", type=int, default=3, help="seed images of the traversal")
-    p.add_argument("--span", type=float, default=3.0, help="traverse each latent over +-span")
-    p.add_argument("--rows", type=int, default=0,
+    p.add_argument("--train-votes", type=utils.positive_int, default=10_000,
+                   help="FactorVAE training votes")
+    p.add_argument("--eval-votes", type=utils.positive_int, default=5_000,
+                   help="FactorVAE evaluation votes")
+    p.add_argument("--seeds", type=utils.positive_int, default=3,
+                   help="seed images of the traversal")
+    p.add_argument("--span", type=utils.positive_float, default=3.0,
+                   help="traverse each latent over +-span")
+    p.add_argument("--rows", type=utils.nonneg_int, default=0,
                    help="traversal rows: the latents with the most KL (0 = every latent)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    p.add_argument("--seed", type=int, default=0, help="random seed of the metrics")
+    p.add_argument("--seed", type=utils.nonneg_int, default=0, help="random seed of the metrics")
     return p.parse_args(argv)
 
 
@@ -540,10 +564,8 @@ def main(args):
     if not (args.traverse or args.metrics or args.attribute or args.latent_kl is not None):
         raise utils.UserError("nothing to do: pass --attribute NAME, --traverse, --latent-kl "
                               "and/or --metrics")
-    if args.n_images <= 0 or args.n_show <= 0:
-        raise utils.UserError("--n-images and --n-show must be positive")
-    if args.rows < 0:
-        raise utils.UserError("--rows must be >= 0 (0 = every latent)")
+    if args.attribute:
+        parse_strengths(args.strengths)           # a bad --strengths is refused before any work
     device = utils.get_device(args.device)
     path = Path(args.checkpoint)
     model, train_args, state = load_model(path, device)
@@ -572,4 +594,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    utils.run_command(main, parse_args)

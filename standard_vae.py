@@ -272,37 +272,28 @@ def parse_args(argv=None):
     utils.add_common_args(p, latent=10, lr=1e-3, batch_size=128, epochs=10)
     p.add_argument("--recon", default="bce", choices=("bce", "mse"),
                    help="decoder likelihood: bce = Bernoulli, mse = Gaussian")
-    p.add_argument("--sigma", default="learned",
+    p.add_argument("--sigma", default="learned", type=utils.decoder_sigma,
                    help="Gaussian decoder std: 'learned' or a number such as 0.1 (--recon mse)")
     p.add_argument("--binarize", action=argparse.BooleanOptionalAction, default=None,
                    help="dynamic binarisation, x ~ Bernoulli(intensity) redrawn every time "
                         "(default: on for mnist with --recon bce)")
-    p.add_argument("--kl-warmup", type=int, default=0,
+    p.add_argument("--kl-warmup", type=utils.nonneg_int, default=0,
                    help="steps of linear KL warm-up from 0 to 1 (0 = none)")
-    p.add_argument("--free-bits", type=float, default=0.0,
+    p.add_argument("--free-bits", type=utils.nonneg_float, default=0.0,
                    help="minimum KL per latent dimension in nats (0 = off)")
-    p.add_argument("--width", type=int, default=32, help="channels of the first conv layer")
-    p.add_argument("--hidden", type=int, default=256, help="units of the FC layers")
-    p.add_argument("--iw-samples", type=int, default=100,
+    p.add_argument("--width", type=utils.positive_int, default=32, help="channels of the first conv layer")
+    p.add_argument("--hidden", type=utils.positive_int, default=256, help="units of the FC layers")
+    p.add_argument("--iw-samples", type=utils.nonneg_int, default=100,
                    help="importance samples K of the final IW-NLL (0 = skip)")
     return utils.parse_args(p, argv)
 
 
 def check_args(args):
     utils.check_common_args(args, "standard_vae")
-    if args.sigma != "learned":
-        try:
-            if float(args.sigma) <= 0:
-                raise ValueError
-        except ValueError:
-            raise utils.UserError(f"--sigma must be 'learned' or a positive number, "
-                                  f"got {args.sigma!r}") from None
     if args.binarize is None:
         args.binarize = args.dataset == "mnist" and args.recon == "bce"
     if args.binarize and args.recon != "bce":
         raise utils.UserError("--binarize goes with --recon bce")
-    if args.free_bits < 0 or args.kl_warmup < 0 or args.iw_samples < 0:
-        raise utils.UserError("--free-bits, --kl-warmup and --iw-samples must be >= 0")
     return args
 
 
@@ -328,11 +319,12 @@ def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl"), sche
     so closures that read it see the run's settings. `schedule(total_steps)`, if given, is
     called once the run's length is known and returns lines to print (rank 0 prints them).
     Under torchrun each rank trains on its shard of every batch order with
-    DistributedDataParallel; rank 0 alone writes. Returns None if stopped by
-    a signal, else the run state.
+    DistributedDataParallel; rank 0 alone writes. Returns the run state; a stop by a signal
+    raises utils.Stopped once the checkpoint is saved.
     """
     dist, device = utils.setup_distributed(args.device)
-    out = utils.prepare_out(args.out) if dist.main else Path(args.out)
+    out = utils.prepare_out(args.out, not args.resume, args.overwrite) if dist.main \
+        else Path(args.out)
     state = None
     if args.resume:
         state = utils.resume_state(args.resume, out, kind)
@@ -363,6 +355,9 @@ def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl"), sche
             group["lr"] = args.lr
         step, log, history = state["step"], state["log"], state["history"]
         utils.restore_rng(state)
+        utils.set_aside_current(args.resume, out)
+    if dist.main:                                 # a full disk is found now, not after an epoch
+        utils.reserve_space(out, utils.checkpoint_bytes(model))
     first_step = step
     total = len(batches) * args.epochs
     if args.max_steps is not None:
@@ -433,7 +428,7 @@ def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl"), sche
             print(f"stopped at step {step}; checkpoint saved to {out / 'checkpoint.pt'}; "
                   "continue with --resume")
         utils.cleanup_distributed()
-        return None
+        raise utils.Stopped(stop.requested)
     return argparse.Namespace(
         args=args, model=model, train=train, test=test, device=device, out=out, log=log,
         history=history, step=step, epochs=step / len(batches), train_time=train_time,
@@ -459,8 +454,6 @@ def main(args):
                         kl_weight(step, args.kl_warmup), args.free_bits)
 
     run = fit(args, "standard_vae", build_model, loss_fn)
-    if run is None:
-        return None
     args, model, out = run.args, run.model, run.out
     final = evaluate(model, run.test.images, args, run.test.binary, run.device, args.iw_samples)
     metrics = run_metrics(run, final, timer)
@@ -478,4 +471,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    utils.run_command(main, parse_args)

@@ -3,11 +3,16 @@
 No model or loss lives here; each algorithm is told top to bottom in its own script.
 """
 import argparse
+import contextlib
+import errno
+import gzip
 import json
 import math
 import os
 import pickle
 import random
+import secrets
+import struct
 import sys
 import tempfile
 import time
@@ -72,11 +77,11 @@ def add_data_args(p, dataset="dsprites"):
     p.add_argument("--dataset", default=dataset, choices=DATASETS,
                    help="training data (dsprites is rendered locally and works offline)")
     p.add_argument("--data-root", default="data", help="where datasets live")
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--limit", type=positive_int, default=None,
                    help="use only the first N training images (default: all)")
-    p.add_argument("--image-size", type=int, default=64,
+    p.add_argument("--image-size", type=positive_int, default=64,
                    help="CelebA: side of the resized centre crop")
-    p.add_argument("--crop", type=int, default=148,
+    p.add_argument("--crop", type=positive_int, default=148,
                    help="CelebA: side of the centre crop before resizing")
 
 
@@ -109,31 +114,110 @@ def _limit(data, limit):
     return data
 
 
+MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+               "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+MNIST_GET = ("get them with `python -c \"import torchvision; torchvision.datasets.MNIST('{root}', "
+             "download=True)\"` on a machine with internet")
+
+
+def read_idx(path, shape):
+    """A uint8 IDX file (magic 0 0 0x08 ndim, big-endian sizes, then the bytes, optionally
+    gzipped), checked against `shape` (None: any size)."""
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+        raw = f.read()
+    ndim = len(shape)
+    if raw[:4] != bytes([0, 0, 8, ndim]):
+        raise ValueError(f"its magic number is {raw[:4].hex() or 'missing'}, not "
+                         f"{bytes([0, 0, 8, ndim]).hex()} (uint8, {ndim} dimensions)")
+    if len(raw) < 4 + 4 * ndim:
+        raise ValueError("its header is cut short")
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    if any(want is not None and d != want for d, want in zip(dims, shape)):
+        want = ["N" if w is None else w for w in shape]
+        raise ValueError(f"it holds {list(dims)}, expected {want}")
+    body = raw[4 + 4 * ndim:]
+    if len(body) != math.prod(dims):
+        raise ValueError(f"it holds {len(body)} bytes of data where its header promises "
+                         f"{math.prod(dims)} (cut short?)")
+    return np.frombuffer(body, np.uint8).reshape(dims)
+
+
 def load_mnist(root, split, limit=None):
-    """MNIST through torchvision (its `.data`/`.targets` tensors; no per-item PIL)."""
-    train = split == "train"
-    try:
-        ds = torchvision.datasets.MNIST(str(root), train=train, download=False)
-    except RuntimeError:
-        try:  # not on disk: try the download once, quietly
-            ds = torchvision.datasets.MNIST(str(root), train=train, download=True)
+    """MNIST from its IDX files (or .gz) in `root`/MNIST/raw; a download is tried only when a
+    file is missing, and a damaged file is named, never taken for a missing one."""
+    raw = root / "MNIST" / "raw"
+    names = MNIST_FILES[split]
+
+    def find():
+        return [next((p for p in (raw / n, raw / f"{n}.gz") if p.is_file()), None) for n in names]
+
+    if None in find():
+        try:                # not on disk: try the download once, quietly
+            torchvision.datasets.MNIST(str(root), train=split == "train", download=True)
         except (RuntimeError, OSError) as e:
-            raw = root / "MNIST" / "raw"
+            missing = [n for n, p in zip(names, find()) if p is None]
             raise DatasetNotFound(
-                f"MNIST not found in {raw} and the download failed ({type(e).__name__}). "
-                "Expected train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-                "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (optionally .gz) there; "
-                "get them with `python -c \"import torchvision; torchvision.datasets.MNIST("
-                f"'{root}', download=True)\"` on a machine with internet. "
+                f"MNIST not found: {raw} lacks {', '.join(missing)} and the download failed "
+                f"({type(e).__name__}). Expected train-images-idx3-ubyte, "
+                "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte "
+                f"(optionally .gz) there; {MNIST_GET.format(root=root)}. "
                 "`--dataset dsprites` works offline.") from None
-    return _limit(ImageSet("mnist", ds.data.unsqueeze(1).contiguous(), ds.targets.clone(),
-                           label_names=["digit"]), limit)
+    arrays = []
+    for path, shape in zip(find(), ((None, 28, 28), (None,))):
+        try:
+            arrays.append(read_idx(path, shape))
+        except (OSError, ValueError, EOFError) as e:       # gzip errors are OSError/EOFError
+            raise UserError(f"{path} is not a valid MNIST IDX file: {e}; delete it and "
+                            f"{MNIST_GET.format(root=root)}") from None
+    images, labels = arrays
+    if len(images) != len(labels) or (labels > 9).any():
+        raise UserError(f"{raw}: {len(images)} images but {len(labels)} labels (or a label "
+                        f"above 9) in the {split} files; replace them with fresh copies: "
+                        f"{MNIST_GET.format(root=root)}")
+    return _limit(ImageSet("mnist", torch.from_numpy(images.copy()).unsqueeze(1),
+                           torch.from_numpy(labels.astype(np.int64)), label_names=["digit"]),
+                  limit)
 
 
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                  "truck")
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
+
+
+class BatchUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR-10 batch and nothing else. A batch is a dict of strings, lists and
+    numbers with numpy arrays in it; those need only the names below. Any other global
+    (os.system, builtins.eval, ...) is refused, so a crafted file cannot run code."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"),
+               ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which no CIFAR-10 "
+                                         "batch holds (refused, not run)")
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path):
+    """(data (N, 3072) uint8, labels (N,) int64) of one CIFAR-10 batch file, checked."""
+    try:
+        with open(path, "rb") as f:
+            batch = BatchUnpickler(f, encoding="latin1").load()
+        data = np.asarray(batch["data"])
+        labels = np.asarray(batch["labels"], dtype=np.int64)
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            raise ValueError(f"its data is {data.dtype} {list(data.shape)}, expected uint8 "
+                             "[N, 3072]")
+        if labels.shape != (len(data),) or not ((labels >= 0) & (labels < 10)).all():
+            raise ValueError(f"it has {labels.size} labels for {len(data)} images, or a label "
+                             "outside 0-9")
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, KeyError, TypeError,
+            AttributeError, IndexError) as e:
+        raise UserError(f"{path} is not a valid CIFAR-10 batch: {str(e)[:200]}; delete it and "
+                        f"extract a fresh copy of {CIFAR_URL}") from None
+    return data, labels
 
 
 def load_cifar10(root, split, limit=None):
@@ -153,13 +237,9 @@ def load_cifar10(root, split, limit=None):
                 "`--dataset dsprites` works offline.") from None
     images, labels = [], []
     for n in names:
-        with open(folder / n, "rb") as f:
-            try:
-                batch = pickle.load(f, encoding="latin1")
-            except (pickle.UnpicklingError, EOFError, ValueError) as e:
-                raise UserError(f"{folder / n} is not a readable CIFAR batch: {e}") from None
-        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch["labels"], dtype=np.int64))
+        data, classes = read_cifar_batch(folder / n)
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.append(classes)
     return _limit(ImageSet("cifar10", torch.from_numpy(np.concatenate(images)),
                            torch.from_numpy(np.concatenate(labels)), label_names=["class"],
                            value_names={"class": list(CIFAR_CLASSES)}), limit)
@@ -273,48 +353,81 @@ class _InProcess:
     def map(self, fn, jobs):
         return map(fn, jobs)
 
+    def shutdown(self, **options):
+        pass
+
+
+def _ignore_sigint():
+    """Worker processes leave Ctrl-C to the main process, which stops them (no tracebacks)."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
 
 def build_celeba_cache(folder, files, crop, size, cache, stamp, chunk=1000, workers=None):
     """Decode every JPEG once into `cache` (N, 3, S, S) uint8 .npy, in parallel, resumably.
 
     Finished chunks are recorded beside the partial file, so an interrupted build continues;
     `stamp` (what the cache was made from) is written to cache.json before the cache appears.
+    The caller holds the folder's build lock, so one process at a time writes the partial file.
     """
     from concurrent.futures import ProcessPoolExecutor
     from tqdm import tqdm
     n = len(files)
+    shape = (n, 3, size, size)
     partial = cache.with_name(cache.stem + ".partial.npy")
     progress = cache.with_name(cache.stem + ".progress.json")
     done = set()
     if partial.exists() and progress.exists():
         try:
             meta = json.loads(progress.read_text())
-            if meta["files"] == n:
+            arr = np.load(partial, mmap_mode="r+")
+            if meta["files"] == n and arr.shape == shape and arr.dtype == np.uint8:
                 done = set(meta["done"])
-        except (ValueError, KeyError):
-            done = set()
+        except (OSError, ValueError, EOFError, KeyError, TypeError):
+            done = set()             # unreadable: start over
     if not done:
-        arr = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(n, 3, size, size))
-    else:
-        arr = np.load(partial, mmap_mode="r+")
+        partial.unlink(missing_ok=True)
+        os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))   # no symlink
+        arr = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
     todo = [i for i in range(0, n, chunk) if i not in done]
     workers = min(workers or os.cpu_count() or 1, len(todo))
     jobs = [([str(folder / f) for f in files[i:i + chunk]], crop, size) for i in todo]
-    with ProcessPoolExecutor(workers) if workers > 1 else _InProcess() as pool, \
-            tqdm(total=n, initial=n - sum(min(chunk, n - i) for i in todo),
-                 desc=f"decoding CelebA into {cache.name}", unit="img") as bar:
-        for i, block in zip(todo, pool.map(_decode_celeba, jobs)):
-            if isinstance(block, str):
-                raise UserError(block)
-            arr[i:i + len(block)] = block
-            arr.flush()
-            done.add(i)
-            progress.write_text(json.dumps({"files": n, "done": sorted(done)}))
-            bar.update(len(block))
+    pool = ProcessPoolExecutor(workers, initializer=_ignore_sigint) if workers > 1 \
+        else _InProcess()
+    try:
+        with tqdm(total=n, initial=n - sum(min(chunk, n - i) for i in todo),
+                  desc=f"decoding CelebA into {cache.name}", unit="img") as bar:
+            for i, block in zip(todo, pool.map(_decode_celeba, jobs)):
+                if isinstance(block, str):
+                    raise UserError(block)
+                arr[i:i + len(block)] = block
+                arr.flush()
+                done.add(i)
+                write_json(progress, {"files": n, "done": sorted(done)})
+                bar.update(len(block))
+    finally:
+        pool.shutdown(cancel_futures=True)     # on Ctrl-C, the chunks not started are dropped
     del arr
-    cache.with_suffix(".json").write_text(json.dumps(stamp))
+    write_json(cache.with_suffix(".json"), stamp)
     os.replace(partial, cache)
     progress.unlink()
+
+
+def open_cache(path, shape, remedy):
+    """Memory-map a cache .npy after checking that it is one: uint8 of `shape`, every byte
+    present. Else one line naming the file, what is wrong and what to do (`remedy`)."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        problem = None if isinstance(arr, np.ndarray) and arr.dtype == np.uint8 and \
+            arr.shape == tuple(shape) else \
+            f"holds {getattr(arr, 'dtype', 'no')} {list(getattr(arr, 'shape', []))}, expected " \
+            f"uint8 {list(shape)}"
+    except (OSError, ValueError, EOFError) as e:
+        problem = f"is not a complete .npy file ({str(e).strip()[:120] or type(e).__name__})"
+    if problem:
+        raise UserError(f"the cache {path} {problem}: it is damaged or was not written by this "
+                        f"version; {remedy}")
+    return arr
 
 
 def load_celeba(root, split, limit=None, image_size=64, crop=148):
@@ -331,21 +444,29 @@ def load_celeba(root, split, limit=None, image_size=64, crop=148):
                         f"e.g. {missing[0]}")
     # cache named by crop and size, so changing either never reuses a stale cache
     cache = attr_file.parent / f"celeba_cache_crop{crop}_{image_size}px.npy"
-    meta = cache.with_suffix(".json")
     stamp = {"files": len(files), "first": files[0], "last": files[-1], "crop": crop,
              "size": image_size}
-    if cache.exists() and (not meta.exists() or json.loads(meta.read_text()) != stamp):
-        cache.unlink()                   # made from other files: rebuild
-    if not cache.exists():
+
+    def current():
         try:
-            build_celeba_cache(folder, files, crop, image_size, cache, stamp)
-        except OSError as e:
-            raise UserError(f"cannot write the CelebA cache {cache}: {e}") from None
+            return cache.exists() and json.loads(cache.with_suffix(".json").read_text()) == stamp
+        except (OSError, ValueError):
+            return False
+
+    if not current():
+        with building(attr_file.parent, f"the CelebA cache {cache}"):
+            if not current():                        # not built by another process meanwhile
+                cache.unlink(missing_ok=True)        # made from other files: rebuild
+                try:
+                    build_celeba_cache(folder, files, crop, image_size, cache, stamp)
+                except OSError as e:
+                    raise UserError(f"cannot write the CelebA cache {cache}: {e}") from None
     rows = np.array([i for i, f in enumerate(files) if partition[f] == CELEBA_SPLITS[split]],
                     np.int64)
     if limit is not None:
         rows = rows[:limit]
-    images = np.load(cache, mmap_mode="r")[rows]
+    images = open_cache(cache, (len(files), 3, image_size, image_size),
+                        f"delete it and rerun to decode {folder} again")[rows]
     data = ImageSet("celeba", torch.from_numpy(images), torch.from_numpy(attrs[rows]),
                     label_names=names)
     data.files = [files[i] for i in rows]
@@ -450,29 +571,31 @@ def _inside_ellipse(u, v):
     return (u / ELLIPSE_SEMI_AXES[0]) ** 2 + (v / ELLIPSE_SEMI_AXES[1]) ** 2 <= 1
 
 
-def _render_all_dsprites(path):
-    """Render the full grid into `path` (.npy, (737280, 64, 64) uint8), in parallel, resumably."""
-    from tqdm import tqdm
-    n, part = DSPRITES_STRIDES[0], 40960                     # one part per (shape, scale)
-    tmp = path.with_suffix(".partial.npy")
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, 64, 64))
-    threads = torch.get_num_threads()
+def _render_all_dsprites(path, part=8192):
+    """Render the full grid into `path` (.npy, (737280, 64, 64) uint8), in parallel threads.
+    An interrupted render (Ctrl-C, an error) leaves no partial file: the parts under way
+    finish, the rest are dropped and the temporary file is removed."""
     from concurrent.futures import ThreadPoolExecutor
+    from tqdm import tqdm
+    n = DSPRITES_STRIDES[0]
 
     def work(i):
         idx = torch.arange(i, min(i + part, n))
         arr[i:i + len(idx)] = render_dsprites(dsprites_classes(idx))[:, 0].numpy()
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(max(1, os.cpu_count() or 1))
     try:
-        with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
+        with replacing(path, ".partial.npy") as tmp:
+            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, 64, 64))
             list(tqdm(pool.map(work, range(0, n, part)), total=math.ceil(n / part),
                       desc=f"rendering dSprites into {path}", unit="part"))
+            arr.flush()
+            del arr
     finally:
+        pool.shutdown(cancel_futures=True)
         torch.set_num_threads(threads)
-    arr.flush()
-    del arr
-    os.replace(tmp, path)
 
 
 def dsprites_split(split):
@@ -499,10 +622,14 @@ def dsprites_cache(root, build=True):
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the dSprites cache folder {folder}: {e}") from None
-    if official:
-        _convert_official_dsprites(official[0], cache)
-    else:
-        _render_all_dsprites(cache)
+    with building(folder, f"the dSprites cache {cache}"):
+        if not cache.exists():                 # not built by another process meanwhile
+            for stale in folder.glob(f".{cache.name}.*"):     # left by a killed build
+                stale.unlink()
+            if official:
+                _convert_official_dsprites(official[0], cache)
+            else:
+                _render_all_dsprites(cache)
     return cache
 
 
@@ -510,32 +637,36 @@ def _convert_official_dsprites(npz, cache):
     """Stream `imgs` (0/1) of the official npz into the cache (0/255) without 3 GB in memory."""
     from tqdm import tqdm
     n = DSPRITES_STRIDES[0]
-    try:
-        with zipfile.ZipFile(npz) as zf:
-            with zf.open("latents_classes.npy") as f:
-                classes = np.lib.format.read_array(f)
-            if classes.shape != (n, 6) or not np.array_equal(classes, dsprites_classes().numpy()):
-                raise ValueError("latents_classes is not the official 737280x6 grid in order")
-            with zf.open("imgs.npy") as f:
-                version = np.lib.format.read_magic(f)
-                shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
-                                         else np.lib.format.read_array_header_2_0(f))
-                if shape != (n, 64, 64) or fortran or dtype != np.uint8:
-                    raise ValueError(f"imgs is {dtype}{list(shape)}, expected uint8[{n}, 64, 64]")
-                tmp = cache.with_suffix(".partial.npy")
-                arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-                chunk = 16384
-                for i in tqdm(range(0, n, chunk), desc=f"converting {npz.name}", unit="chunk"):
-                    m = min(chunk, n - i)
-                    block = np.frombuffer(f.read(m * 4096), np.uint8)
-                    if block.size != m * 4096:
-                        raise ValueError("imgs ends early")
-                    arr[i:i + m] = block.reshape(m, 64, 64) * np.uint8(255)
-                arr.flush()
-                del arr
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        raise UserError(f"{npz} is not a readable official dSprites file: {e}") from None
-    os.replace(tmp, cache)
+    with replacing(cache, ".partial.npy") as tmp:
+        try:
+            with zipfile.ZipFile(npz) as zf:
+                with zf.open("latents_classes.npy") as f:
+                    classes = np.lib.format.read_array(f)
+                if classes.shape != (n, 6) or not np.array_equal(classes,
+                                                                 dsprites_classes().numpy()):
+                    raise ValueError("latents_classes is not the official 737280x6 grid in "
+                                     "order")
+                with zf.open("imgs.npy") as f:
+                    version = np.lib.format.read_magic(f)
+                    shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f)
+                                             if version == (1, 0)
+                                             else np.lib.format.read_array_header_2_0(f))
+                    if shape != (n, 64, 64) or fortran or dtype != np.uint8:
+                        raise ValueError(f"imgs is {dtype}{list(shape)}, expected "
+                                         f"uint8[{n}, 64, 64]")
+                    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+                    chunk = 16384
+                    for i in tqdm(range(0, n, chunk), desc=f"converting {npz.name}",
+                                  unit="chunk"):
+                        m = min(chunk, n - i)
+                        block = np.frombuffer(f.read(m * 4096), np.uint8)
+                        if block.size != m * 4096:
+                            raise ValueError("imgs ends early")
+                        arr[i:i + m] = block.reshape(m, 64, 64) * np.uint8(255)
+                    arr.flush()
+                    del arr
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            raise UserError(f"{npz} is not a readable official dSprites file: {e}") from None
 
 
 def dsprites_images(root, index):
@@ -547,7 +678,8 @@ def dsprites_images(root, index):
     cache = dsprites_cache(root, build=len(index) > 100_000)
     if cache is None:
         return render_dsprites(dsprites_classes(index))
-    imgs = np.load(cache, mmap_mode="r")
+    imgs = open_cache(cache, (DSPRITES_STRIDES[0], 64, 64), "delete it and rerun to build it "
+                      "again (from the official file if present, else rendered)")
     order = np.argsort(index.numpy())          # read the memory map in order, then un-sort
     out = np.empty((len(index), 64, 64), np.uint8)
     out[order] = imgs[index.numpy()[order]]
@@ -666,18 +798,6 @@ def _as_tuple(x):
     return tuple(_as_tuple(i) for i in x) if isinstance(x, (list, tuple)) else x
 
 
-def prepare_out(out):
-    """Create the run folder and prove it is writable before any training starts."""
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        raise UserError(f"cannot write to the output folder {out}: {e.strerror or e}") from None
-    return out
-
-
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each default once: not for flags whose help already says it or whose default is
     None or False."""
@@ -688,28 +808,60 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def number(kind, accept, what):
+    """An argparse `type=` that parses `kind` and accepts only finite values with `accept(v)`:
+    a bad value is refused as the flag is parsed, with one line, before anything runs."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (math.isfinite(value) and accept(value)):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+positive_int = number(int, lambda v: v > 0, "a positive integer")
+nonneg_int = number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = number(float, lambda v: v > 0, "a positive number")
+nonneg_float = number(float, lambda v: v >= 0, "a number >= 0")
+
+
+def decoder_sigma(text):
+    """--sigma: 'learned' or a positive number, kept as typed (the model parses it)."""
+    if text != "learned":
+        positive_float(text)
+    return text
+
+
 def add_common_args(p, latent=10, lr=1e-3, batch_size=64, epochs=10, dataset="dsprites"):
     """The command-line contract shared by the training scripts."""
     add_data_args(p, dataset)
-    p.add_argument("--epochs", type=int, default=epochs, help="epochs")
-    p.add_argument("--max-steps", type=int, default=None,
+    p.add_argument("--epochs", type=positive_int, default=epochs, help="epochs")
+    p.add_argument("--max-steps", type=positive_int, default=None,
                    help="stop after this many optimiser steps")
-    p.add_argument("--batch-size", type=int, default=batch_size,
+    p.add_argument("--batch-size", type=positive_int, default=batch_size,
                    help="images per step")
-    p.add_argument("--lr", type=float, default=lr, help="Adam learning rate")
-    p.add_argument("--latent", type=int, default=latent,
+    p.add_argument("--lr", type=positive_float, default=lr, help="Adam learning rate")
+    p.add_argument("--latent", type=positive_int, default=latent,
                    help="latent dimensions")
     p.add_argument("--out", default=None, help="run folder (default: runs/<script>_<dataset>)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH",
                    help="continue the run in --out from its checkpoint.pt (or from PATH, "
                         "e.g. checkpoint.prev.pt); typed flags such as --epochs or --lr "
-                        "replace the saved ones")
+                        "replace the saved ones; flags that shape the model or data cannot "
+                        "change")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a fresh run in an --out that holds one, deleting its "
+                        "checkpoints and records first (without it, such a folder is refused)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                    help="device (auto = cuda, then mps, then cpu)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--eval-limit", type=int, default=10_000,
+    p.add_argument("--seed", type=nonneg_int, default=0, help="random seed")
+    p.add_argument("--eval-limit", type=positive_int, default=10_000,
                    help="held-out images used for evaluation")
-    p.add_argument("--log-every", type=int, default=100,
+    p.add_argument("--log-every", type=positive_int, default=100,
                    help="steps between reads of the running loss")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--no-amp", action="store_true",
@@ -717,19 +869,12 @@ def add_common_args(p, latent=10, lr=1e-3, batch_size=64, epochs=10, dataset="ds
 
 
 def check_common_args(args, script):
-    if args.latent <= 0:
-        raise UserError(f"--latent must be positive, got {args.latent}")
-    if args.epochs <= 0:
-        raise UserError(f"--epochs must be positive, got {args.epochs}")
-    if args.max_steps is not None and args.max_steps <= 0:
-        raise UserError(f"--max-steps must be positive, got {args.max_steps}")
-    if args.lr <= 0:
-        raise UserError(f"--lr must be positive, got {args.lr}")
+    """What the flags' types cannot check alone (each number is checked as it is parsed)."""
+    if args.resume and getattr(args, "overwrite", False):
+        raise UserError("--overwrite starts a fresh run and --resume continues one: pass one")
     if args.dataset != "celeba" and (args.image_size, args.crop) != (64, 148):
         raise UserError("--image-size and --crop apply to celeba only; the other datasets "
                         "keep their native size")
-    if args.eval_limit is not None and args.eval_limit <= 0:
-        raise UserError(f"--eval-limit must be positive, got {args.eval_limit}")
     if args.out is None:
         args.out = str(Path("runs") / f"{script}_{args.dataset}")
     return args
@@ -748,24 +893,170 @@ def adam(params, lr, device):
 
 
 # ----------------------------------------------------------------------------------------------
+# Files: every write is whole or absent, every run folder has one writer
+# ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def replacing(path, suffix=".tmp"):
+    """A new temporary file beside `path`, yielded as a Path, that replaces `path` when the block
+    ends normally and is removed when it does not (an error, Ctrl-C).
+
+    The name is unique (pid and random) and the file is created with O_CREAT | O_EXCL |
+    O_NOFOLLOW, so a file or symlink planted beside `path` is never followed, and two writers
+    never share one. Permissions follow the umask, as for any new file. A failed write (a full
+    disk, say) is one line naming `path`, which is left as it was.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666))
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, (OSError, RuntimeError)):   # torch.save reports a short write so
+            reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0][:200]
+            raise UserError(f"cannot write {path}: {reason}; {path} is left as it was and no "
+                            "partial file remains (free some disk space, or write elsewhere)"
+                            ) from None
+        raise
+
+
+def atomic_write(path, write, keep_previous=False):
+    """Write a file whole or not at all: `write(f)` fills a fresh temporary file (see
+    `replacing`), which is fsynced, then renamed over `path`. With `keep_previous` the file it
+    replaces stays as <stem>.prev<suffix>, hard-linked first so that `path` exists throughout."""
+    path = Path(path)
+    with replacing(path) as tmp:
+        with open(tmp, "r+b") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_previous and path.is_file():
+            prev = path.with_name(path.stem + ".prev" + path.suffix)
+            with replacing(prev) as prev_tmp:
+                os.unlink(prev_tmp)                 # os.link wants a free name: reuse this one
+                os.link(path, prev_tmp)
+
+
+def _flock(path, wait, what):
+    """An open file on which this process holds fcntl.flock(LOCK_EX), with our pid written in it.
+    Held by another process: wait for it, or a one-line error naming the holder. The kernel
+    releases the lock when the file is closed or the process ends, however it ends."""
+    import fcntl
+    try:
+        f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
+    except OSError as e:
+        raise UserError(f"cannot lock {what} with {path}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = f.read().strip() or "another process"
+        if not wait:
+            f.close()
+            raise UserError(f"{what} is in use by {holder}; wait for it to end, or choose "
+                            "another --out") from None
+        print(f"waiting for {holder}, which holds {what}", file=sys.stderr, flush=True)
+        fcntl.flock(f, fcntl.LOCK_EX)
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} ({' '.join(Path(sys.argv[0]).name.split() + sys.argv[1:])})")
+    f.flush()
+    return f
+
+
+@contextlib.contextmanager
+def building(folder, what):
+    """Hold `folder`/.build.lock while building a data cache there: a second process that
+    needs the same cache waits, then finds it built."""
+    f = _flock(Path(folder) / ".build.lock", True, what)
+    try:
+        yield
+    finally:
+        f.close()
+
+
+_RUN_LOCKS = {}            # run folder -> its lock file, held until this process ends
+
+# What a training run writes into its folder and would mix with another run's
+RUN_FILES = ("checkpoint.pt", "checkpoint.prev.pt", "checkpoint.replaced.pt", "prior.pt",
+             "prior.prev.pt", "history.json", "prior_history.json", "metrics.json")
+
+
+def prepare_out(out, fresh=False, overwrite=False):
+    """Create the run folder and check it, before anything is loaded or trained.
+
+    - This process holds an exclusive lock on `out`/.lock until it ends: a second process
+      writing into the same folder is refused with its pid, never interleaved.
+    - `fresh` (a training run without --resume) refuses a folder that already holds a run;
+      `overwrite` deletes that run's checkpoints and records instead.
+    - A run file that is not a regular file (a folder named checkpoint.pt) is refused.
+    - The folder must be writable.
+    """
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write to the output folder {out}: {e.strerror or e}") from None
+    key = out.resolve()
+    if key not in _RUN_LOCKS:
+        _RUN_LOCKS[key] = _flock(out / ".lock", False, f"the run folder {out}")
+    present = [n for n in RUN_FILES if (out / n).exists() or (out / n).is_symlink()]
+    for name in present:
+        if not (out / name).is_file():
+            raise UserError(f"{out / name} is not a regular file; move it away, or choose "
+                            "another --out")
+    if fresh and present and not overwrite:
+        raise UserError(f"{out} already holds a run ({', '.join(present)}); continue it with "
+                        "--resume, start a new one with another --out, or replace it with "
+                        "--overwrite")
+    if fresh and overwrite:
+        for name in present:
+            (out / name).unlink()
+    return out
+
+
+def reserve_space(folder, nbytes):
+    """Prove that `nbytes` can be written to `folder` (one checkpoint's worth) by allocating
+    them in a temporary file, removed at once: a full disk is reported before training, not
+    after an epoch's work."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".space-check.")
+    try:
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            zeros = bytes(2**20)                     # a file system without fallocate: write
+            for _ in range(0, nbytes, len(zeros)):
+                os.write(fd, zeros)
+            os.fsync(fd)
+    except OSError as e:
+        raise UserError(f"no room for a checkpoint ({nbytes / 2**20:.0f} MB) in {folder}: "
+                        f"{e.strerror or e}; free some space, or choose another --out; nothing "
+                        "was trained") from None
+    finally:
+        os.close(fd)
+        os.unlink(tmp)
+
+
+def checkpoint_bytes(*modules):
+    """About the size of a checkpoint of `modules` and their Adam state (3 copies), plus 1 MB."""
+    n = sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values())
+    return 3 * n + 2**20
+
+
+# ----------------------------------------------------------------------------------------------
 # Checkpoints: atomic writes, the previous one kept, safe loads
 # ----------------------------------------------------------------------------------------------
 def save_checkpoint(path, state):
     """Write `state` atomically to `path`; the checkpoint it replaces becomes *.prev.pt."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if path.exists():
-        prev = path.with_name(path.stem + ".prev.pt")
-        prev_tmp = path.with_name(f".{prev.name}.tmp")
-        if prev_tmp.exists():
-            prev_tmp.unlink()
-        os.link(path, prev_tmp)               # the current file stays in place throughout
-        os.replace(prev_tmp, prev)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(state, f), keep_previous=True)
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -795,10 +1086,8 @@ def check_checkpoint_kind(state, path, kind):
 
 
 def write_json(path, obj):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=2, default=_json_default) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _json_default(x):
@@ -871,21 +1160,60 @@ def parse_args(parser, argv=None):
 
 def resume_args(args, state, flags):
     """The saved run's args; of `flags`, those typed on this command line replace them.
-    --out, --resume and --device always come from the command line."""
+    --out, --resume, --overwrite and --device always come from the command line. Any other
+    typed flag that differs from the saved run (--latent, --dataset: what the checkpoint was
+    built from) is refused, not silently ignored."""
     saved = dict(state["args"])
-    typed = set(getattr(args, "given", ())) | {"out", "resume", "device"}
+    typed = set(getattr(args, "given", ())) | {"out", "resume", "device", "overwrite"}
+    fixed = [k for k in sorted(typed - set(flags) - {"out", "resume", "device", "overwrite"})
+             if k in saved and hasattr(args, k) and getattr(args, k) != saved[k]]
+    if fixed:
+        was = ", ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in fixed)
+        raise UserError(f"{' '.join('--' + k.replace('_', '-') for k in fixed)} cannot change "
+                        f"on --resume: the checkpoint was trained with {was}; drop the flag to "
+                        "continue that run, or start a new run with another --out")
+    for k, v in vars(args).items():               # a flag newer than the checkpoint: its value
+        saved.setdefault(k, v)
     saved.update({k: getattr(args, k) for k in flags if k in typed and hasattr(args, k)})
     saved["given"] = getattr(args, "given", [])
     return argparse.Namespace(**saved)
 
 
-def resume_state(resume, out, kind):
-    """Load the checkpoint that `--resume [PATH]` names (default: out/checkpoint.pt).
+# What --resume needs in a checkpoint, with the type each entry must have
+RESUME_KEYS = {"model": dict, "optimizer": dict, "args": dict, "step": int, "log": list,
+               "history": list, "rng": dict}
 
-    When resuming from another file (say checkpoint.prev.pt after checkpoint.pt was damaged),
-    the current checkpoint.pt is moved to checkpoint.replaced.pt first, so the next save does
-    not rotate it over the good previous one.
-    """
+
+def check_resumable(state, path, keys=RESUME_KEYS):
+    """Every entry that resuming reads is there, of the right type, and the weights are finite;
+    else one line naming `path`, what is wrong and what to do."""
+    prev = path.with_name(path.stem + ".prev.pt")
+    fallback = (f"; continue from {prev} with --resume {prev}" if prev.is_file() and prev != path
+                else "; start a new run with another --out")
+    for key, kind in keys.items():
+        value = state.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+            got = "missing" if key not in state else f"a {type(value).__name__}: {value!r:.60}"
+            raise CheckpointError(f"{path} cannot be resumed: its {key!r} is {got}, expected "
+                                  f"{'a step >= 0' if kind is int else 'a ' + kind.__name__}"
+                                  f"{fallback}")
+    rng = state["rng"]
+    if set(rng) != {"torch", "cuda", "numpy", "python"} or not isinstance(rng["torch"],
+                                                                          torch.Tensor):
+        raise CheckpointError(f"{path} cannot be resumed: its random-number state is malformed, "
+                              f"so the run could not continue exactly{fallback}")
+    tensors = [(f"model {k}", v) for k, v in state["model"].items()]
+    tensors += [(f"optimizer {k}", v) for k, v in state["optimizer"].get("state", {}).items()]
+    for name, value in tensors:
+        for t in (value.values() if isinstance(value, dict) else [value]):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not t.isfinite().all():
+                raise CheckpointError(f"{path} holds non-finite weights ({name} has NaN or "
+                                      f"inf): this checkpoint itself is bad{fallback}")
+
+
+def resume_state(resume, out, kind, keys=RESUME_KEYS):
+    """Load and check the checkpoint that `--resume [PATH]` names (default: out/checkpoint.pt).
+    Nothing is moved or written here: see `set_aside_current` once the states have loaded."""
     current = Path(out) / "checkpoint.pt"
     path = current if resume is True else Path(resume)
     if not path.exists():
@@ -893,16 +1221,26 @@ def resume_state(resume, out, kind):
                               "point --out at the run to continue")
     state = load_checkpoint(path)
     check_checkpoint_kind(state, path, kind)
-    if DIST.main and current.exists() and path.resolve() != current.resolve():
-        os.replace(current, current.with_name("checkpoint.replaced.pt"))
+    check_resumable(state, path, keys)
     return state
+
+
+def set_aside_current(resume, out):
+    """When a run resumed from another file (say checkpoint.prev.pt after checkpoint.pt was
+    damaged) has loaded it, move out/checkpoint.pt to checkpoint.replaced.pt, so that the next
+    save does not rotate it over the good previous one. Called only after every state has
+    loaded: a --resume that fails moves nothing."""
+    current = Path(out) / "checkpoint.pt"
+    if DIST.main and resume is not True and current.exists() \
+            and Path(resume).resolve() != current.resolve():
+        os.replace(current, current.with_name("checkpoint.replaced.pt"))
 
 
 def load_state(module, state_dict, what, path):
     """load_state_dict with one clear sentence instead of a key dump on a mismatch."""
     try:
         module.load_state_dict(state_dict)
-    except (RuntimeError, ValueError, KeyError) as e:
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
         first = str(e).strip().splitlines()[0][:200]
         raise CheckpointError(f"{path} does not fit this {what} (different model or "
                               f"incompatible args): {first}") from None
@@ -913,8 +1251,9 @@ def load_state(module, state_dict, what, path):
 # ----------------------------------------------------------------------------------------------
 def save_grid(images, path, nrow=8, padding=2):
     """Save a (N, C, H, W) float batch in [0, 1] as one PNG grid."""
-    torchvision.utils.save_image(images.detach().float().clamp(0, 1).cpu(), str(path), nrow=nrow,
-                        padding=padding, pad_value=0.5)
+    atomic_write(path, lambda f: torchvision.utils.save_image(
+        images.detach().float().clamp(0, 1).cpu(), f, format="png", nrow=nrow, padding=padding,
+        pad_value=0.5))
 
 
 def _pyplot():
@@ -934,7 +1273,7 @@ def plot_figure(rows=1, cols=1, panel=(6, 4)):
 
 def save_figure(fig, path):
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     _pyplot().close(fig)
 
 
@@ -997,6 +1336,43 @@ class Timer:
         return time.perf_counter() - self.start
 
 
+class Stopped(SystemExit):
+    """A run stopped by a signal (after saving what it could): exit status 128 + the number of
+    the signal that asked for the stop, 130 for SIGINT and 143 for SIGTERM, as shells report a
+    process killed by it, so a job scheduler can tell a stop from a finished run (0) and from
+    an error (1)."""
+
+    def __init__(self, signame="SIGINT"):
+        import signal
+        super().__init__(128 + signal.Signals[signame or "SIGINT"].value)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop: handled exactly like Ctrl-C."""
+
+
+def run_command(main, parse_args):
+    """main(parse_args()) as a command. A SIGINT or SIGTERM outside the training loop
+    (rendering or caching data, the final evaluation, the IW-NLL, the prior, the metrics) stops
+    it with one line and Stopped's exit status: every file is written whole or not at all, so
+    none is left half-written, and the same command (with --resume for a training run) redoes
+    the step. Inside the training loop StopSignal saves a checkpoint first."""
+    import signal
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        main(parse_args())
+    except KeyboardInterrupt as e:
+        name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+        print(f"\n{name} received: stopped; no file is left half-written; run the same command "
+              "again to redo this step (a training run continues with --resume)",
+              file=sys.stderr)
+        raise Stopped(name) from None
+
+
 class StopSignal:
     """Turn the first SIGINT/SIGTERM into a request to checkpoint and stop; a second one exits.
 
@@ -1021,7 +1397,7 @@ class StopSignal:
         if self.requested is not None:
             print(f"\n{signal.Signals(signum).name} again: exiting now without saving",
                   file=sys.stderr)
-            raise SystemExit(130)
+            raise Stopped(self.requested)
         self.requested = signal.Signals(signum).name
         print(f"\n{self.requested} received: saving a checkpoint at the current step, then "
               "stopping (send it again to quit at once)", file=sys.stderr)
@@ -1060,7 +1436,7 @@ def save_labelled_rows(images, labels, path, gap_every=None):
     for r, text in enumerate(labels):
         fig.text(label_w / (width + label_w) - 0.005, 1 - (r + 0.5) * row_h / height, text,
                  ha="right", va="center", fontsize=9, family="monospace")
-    fig.savefig(path, dpi=dpi)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
     plt.close(fig)
 
 
@@ -1152,7 +1528,12 @@ def should_stop(stop, step, log_every, device):
 def restore_rng(state):
     """This rank's RNG state from a checkpoint (`rng_ranks` under torchrun, else `rng`)."""
     rngs = state.get("rng_ranks") or [state["rng"]]
-    set_rng_state(rngs[DIST.rank] if len(rngs) == DIST.world else rngs[0])
+    try:
+        set_rng_state(rngs[DIST.rank] if len(rngs) == DIST.world else rngs[0])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"the checkpoint's random-number state is malformed "
+                              f"({type(e).__name__}: {str(e)[:100]}); it cannot be resumed "
+                              "exactly: start a new run with another --out") from None
 
 
 def barrier():

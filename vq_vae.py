@@ -466,24 +466,23 @@ def evaluate(model, images, variance, batch_size, device):
 
 @torch.no_grad()
 def save_reconstructions(model, images, path, device, n=32):
-    """Held-out originals above their reconstructions, 8 per row."""
+    """Held-out originals above their reconstructions, 8 per row (fewer if fewer images)."""
     model.eval()
-    x = images[:n].to(device).float() / 255
+    cols = min(8, n, len(images))
+    x = images[:min(n, len(images)) // cols * cols].to(device).float() / 255
     recon = model.decode_codes(model.codes(x - 0.5))
-    pairs = torch.stack([x.view(-1, 8, *x.shape[1:]), recon.view(-1, 8, *x.shape[1:])], 1)
-    utils.save_grid(pairs.flatten(0, 2), path, nrow=8)
+    pairs = torch.stack([x.view(-1, cols, *x.shape[1:]), recon.view(-1, cols, *x.shape[1:])], 1)
+    utils.save_grid(pairs.flatten(0, 2), path, nrow=cols)
     model.train()
 
 
 def plot_code_usage(counts, path, title):
     """Histogram of code usage: the share of positions assigned to each code, codes sorted by
     use (utils.plot_bars sizes its figure per bar, too wide for hundreds of codes)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     counts = torch.as_tensor(counts, dtype=torch.float64)
     share = (counts / counts.sum()).sort(descending=True).values
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, axes = utils.plot_figure(panel=(7, 3.5))
+    ax = axes[0, 0]
     floor = share[share > 0].min().item() / 2                    # log scale: unused codes sit here
     ax.stairs(share.clamp(min=floor).tolist(), range(len(share) + 1), fill=True, baseline=floor)
     ax.set_yscale("log")
@@ -491,9 +490,7 @@ def plot_code_usage(counts, path, title):
     ax.set_ylabel("share of held-out positions")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    utils.save_figure(fig, path)
 
 
 def class_labels(data):
@@ -531,44 +528,46 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # reference CIFAR-10 configuration (REFERENCE.md): batch 256, Adam lr 1e-3, codes of dim 64
     utils.add_common_args(p, latent=64, lr=1e-3, batch_size=256, epochs=10)
-    p.add_argument("--code-dim", dest="latent", type=int, default=64, metavar="D",
+    p.add_argument("--code-dim", dest="latent", type=utils.positive_int, default=64, metavar="D",
                    help="dimension D of each code vector; another name for --latent "
                         "(default: 64)")
-    p.add_argument("--codes", "--num-codes", dest="codes", type=int, default=512,
+    p.add_argument("--codes", "--num-codes", dest="codes", default=512,
+                   type=utils.number(int, lambda v: v >= 2, "an integer >= 2"),
                    help="codebook size K (default: 512)")
-    p.add_argument("--hidden", type=int, default=128,
+    p.add_argument("--hidden", type=utils.positive_int, default=128,
                    help="channels of the encoder/decoder trunk (default: 128)")
-    p.add_argument("--res-hidden", type=int, default=32,
+    p.add_argument("--res-hidden", type=utils.positive_int, default=32,
                    help="hidden channels of each residual block (default: 32)")
-    p.add_argument("--res-layers", type=int, default=2,
+    p.add_argument("--res-layers", type=utils.nonneg_int, default=2,
                    help="residual blocks in the encoder and in the decoder (default: 2)")
     p.add_argument("--codebook", default="ema", choices=("ema", "loss"),
                    help="codebook update: ema = moving averages (paper, appendix), loss = the "
                         "codebook loss term ||sg[z_e] - e||^2 (default: ema)")
-    p.add_argument("--decay", type=float, default=0.99,
+    p.add_argument("--decay", default=0.99,
+                   type=utils.number(float, lambda v: 0 < v < 1, "a number in (0, 1)"),
                    help="EMA decay of the codebook counts and sums (default: 0.99)")
-    p.add_argument("--beta", type=float, default=0.25,
+    p.add_argument("--beta", type=utils.nonneg_float, default=0.25,
                    help="commitment loss weight (default: 0.25)")
     p.add_argument("--no-restart", action="store_true",
                    help="turn dead-code restart off (default: on)")
-    p.add_argument("--restart-threshold", type=float, default=1.0,
+    p.add_argument("--restart-threshold", type=utils.positive_float, default=1.0,
                    help="a code whose EMA count of assignments per step falls below this is "
                         "re-seeded from an encoder output of the current batch, drawn in "
                         "proportion to its squared distance to its nearest code (default: 1.0)")
-    p.add_argument("--prior-epochs", type=int, default=10,
+    p.add_argument("--prior-epochs", type=utils.nonneg_int, default=10,
                    help="epochs of the gated PixelCNN prior trained on the code grids once the "
                         "VQ-VAE is trained; 0 = no prior and no samples (default: 10)")
-    p.add_argument("--prior-max-steps", type=int, default=None,
+    p.add_argument("--prior-max-steps", type=utils.positive_int, default=None,
                    help="stop the prior after this many steps (default: no limit)")
-    p.add_argument("--prior-batch-size", type=int, default=128,
+    p.add_argument("--prior-batch-size", type=utils.positive_int, default=128,
                    help="code grids per prior step (default: 128)")
-    p.add_argument("--prior-lr", type=float, default=3e-4,
+    p.add_argument("--prior-lr", type=utils.positive_float, default=3e-4,
                    help="Adam learning rate of the prior (default: 3e-4)")
-    p.add_argument("--prior-channels", type=int, default=128,
+    p.add_argument("--prior-channels", type=utils.positive_int, default=128,
                    help="channels of the prior's stacks (default: 128)")
-    p.add_argument("--prior-layers", type=int, default=12,
+    p.add_argument("--prior-layers", type=utils.positive_int, default=12,
                    help="gated layers of the prior (default: 12)")
-    p.add_argument("--prior-kernel", type=int, default=5,
+    p.add_argument("--prior-kernel", type=utils.positive_int, default=5,
                    help="odd kernel width of the prior's convolutions (default: 5)")
     p.add_argument("--prior-conditional", action="store_true",
                    help="condition the prior on the class label (dSprites: the shape) "
@@ -577,27 +576,16 @@ def parse_args(argv=None):
 
 
 def check_args(args):
+    """What the flags' types cannot check alone (each number is checked as it is parsed)."""
     utils.check_common_args(args, "vq_vae")
-    positive = {"--codes": args.codes, "--hidden": args.hidden, "--res-hidden": args.res_hidden,
-                "--prior-batch-size": args.prior_batch_size, "--prior-lr": args.prior_lr,
-                "--prior-channels": args.prior_channels, "--prior-layers": args.prior_layers,
-                "--restart-threshold": args.restart_threshold}
-    for flag, value in positive.items():
-        if value <= 0:
-            raise utils.UserError(f"{flag} must be positive, got {value}")
-    if args.codes < 2:
-        raise utils.UserError(f"--codes must be at least 2, got {args.codes}")
     if args.hidden % 2:
         raise utils.UserError(f"--hidden must be even (the first layer has hidden/2 channels), "
                               f"got {args.hidden}")
-    if args.res_layers < 0 or args.prior_epochs < 0 or args.beta < 0:
-        raise utils.UserError("--res-layers, --prior-epochs and --beta must be >= 0")
-    if not 0 < args.decay < 1:
-        raise utils.UserError(f"--decay must lie in (0, 1), got {args.decay}")
-    if args.prior_kernel < 1 or args.prior_kernel % 2 == 0:
+    if args.prior_kernel % 2 == 0:
         raise utils.UserError(f"--prior-kernel must be odd, got {args.prior_kernel}")
-    if args.prior_max_steps is not None and args.prior_max_steps <= 0:
-        raise utils.UserError(f"--prior-max-steps must be positive, got {args.prior_max_steps}")
+    if args.prior_conditional and args.prior_epochs > 0 and args.dataset not in NUM_CLASSES:
+        raise utils.UserError(f"--prior-conditional needs class labels, which {args.dataset} "
+                              f"does not have; it works with {', '.join(NUM_CLASSES)}")
     return args
 
 
@@ -641,12 +629,14 @@ def fit(args):
     steps, the held-out recon error scored and checkpoint.pt written at every epoch end,
     SIGINT/SIGTERM save the current step, `--resume` continues exactly. Under torchrun (the
     process group is joined here) each rank trains on its shard of every epoch's order with
-    DistributedDataParallel and rank 0 alone writes. Returns None if stopped, else the run."""
+    DistributedDataParallel and rank 0 alone writes. Returns the run; a stop by a signal
+    raises utils.Stopped once the checkpoint is saved."""
     dist, device = utils.setup_distributed(args.device)
-    out = utils.prepare_out(args.out) if dist.main else Path(args.out)
+    out = utils.prepare_out(args.out, not args.resume, args.overwrite) if dist.main \
+        else Path(args.out)
     state = None
     if args.resume:
-        state = utils.resume_state(args.resume, out, "vq_vae")
+        state = utils.resume_state(args.resume, out, "vq_vae", {**utils.RESUME_KEYS, "data": dict})
         args = utils.resume_args(args, state, RESUME_FLAGS + PRIOR_FLAGS)
     # The same seed on every rank: the same initial weights. The only other use of the torch
     # RNG in training is the restart draw, which rank 0 makes for all ranks.
@@ -671,10 +661,26 @@ def fit(args):
         for group in opt.param_groups:              # a typed --lr applies from here on
             group["lr"] = args.lr
         step, log, history = state["step"], state["log"], state["history"]
-        variance = state["data"]["variance"]
+        variance = state["data"].get("variance")
         utils.restore_rng(state)
+        if not isinstance(variance, float) or not 0 < variance < math.inf:
+            raise utils.CheckpointError(f"{out / 'checkpoint.pt'} cannot be resumed: its data "
+                                        f"variance is {variance!r}, not a positive number")
+        utils.set_aside_current(args.resume, out)
     else:
         variance = data_variance(batches.images, device)     # of the training set, once
+        if not variance > 1e-10:       # the loss divides by it: refuse rather than NaN
+            raise utils.UserError(f"the {len(train)} training images of {args.dataset} in "
+                                  f"{args.data_root} have zero pixel variance (every pixel "
+                                  "the same), and the VQ-VAE loss divides by it; check the "
+                                  "data files or --limit")
+    if args.prior_epochs > 0 and len(train) // dist.world < args.prior_batch_size:
+        raise utils.UserError(f"{len(train)} code grids are fewer than one prior batch of "
+                              f"{args.prior_batch_size}"
+                              f"{f' on each of {dist.world} ranks' if dist.active else ''}; "
+                              "lower --prior-batch-size")
+    if dist.main:                                 # a full disk is found now, not after an epoch
+        utils.reserve_space(out, utils.checkpoint_bytes(model))
     total = len(batches) * args.epochs
     if args.max_steps is not None:
         total = min(total, args.max_steps)
@@ -744,7 +750,8 @@ def fit(args):
         if dist.main:
             print(f"stopped at step {step}; checkpoint saved to {out / 'checkpoint.pt'}; "
                   "continue with --resume")
-        return None
+        utils.cleanup_distributed()
+        raise utils.Stopped(stop.requested)
     return argparse.Namespace(
         args=args, model=model, dist=dist, device=device, out=out, train=train, test=test,
         grid=grid, variance=variance, log=log, history=history, step=step,
@@ -757,9 +764,6 @@ def main(args):
     timer = utils.Timer()
     args = check_args(args)
     run = fit(args)
-    if run is None:                  # stopped by a signal; checkpoint.pt holds the state
-        utils.cleanup_distributed()
-        return None
     args, model, device, out, dist = run.args, run.model, run.device, run.out, run.dist
     final = evaluate(model, run.test.images, run.variance, args.batch_size, device)
     metrics = {"test": final, "steps": run.step, "epochs": run.epochs,
@@ -789,9 +793,6 @@ def main(args):
 
     if args.prior_epochs > 0:
         prior = train_prior(args, model, run.train, run.test, run.grid, run.step, out, device)
-        if prior is None:          # stopped by a signal; prior.pt holds its state
-            utils.cleanup_distributed()
-            return None
         metrics["prior"] = prior
         if dist.main:
             utils.write_json(out / "metrics.json", {**metrics, "wall_time_s": timer()})
@@ -803,13 +804,16 @@ def train_prior(args, model, train, test, grid, vq_step, out, device):
     """Fit the gated PixelCNN to the training set's code grids, score held-out bits per code,
     write samples.png. Resumes from prior.pt with --resume. Under torchrun every rank encodes
     the whole training set and trains on its shard of each epoch's order with
-    DistributedDataParallel; rank 0 alone writes and samples. Returns the prior's metrics."""
+    DistributedDataParallel; rank 0 alone writes and samples. Returns the prior's metrics; a
+    stop by a signal raises utils.Stopped once prior.pt is saved."""
     dist = utils.DIST
     path = out / "prior.pt"
     state = None
     if args.resume and path.exists():
         state = utils.load_checkpoint(path)
         utils.check_checkpoint_kind(state, path, "vq_vae_prior")
+        utils.check_resumable(state, path, {**utils.RESUME_KEYS, "config": dict, "vq_step": int,
+                                            "vqvae": dict})
         if state["vq_step"] != vq_step or any(
                 not torch.equal(v.cpu(), state["vqvae"][k]) for k, v in model.state_dict().items()):
             raise utils.UserError(
@@ -833,6 +837,8 @@ def train_prior(args, model, train, test, grid, vq_step, out, device):
             group["lr"] = args.prior_lr
         step, log, history = state["step"], state["log"], state["history"]
         utils.restore_rng(state)
+    if dist.main:                                 # a full disk is found now, not after an epoch
+        utils.reserve_space(out, utils.checkpoint_bytes(prior, model))
     codes = encode_all(model, train.images, args.batch_size, device)          # (N, H, W)
     test_codes = encode_all(model, test.images, args.batch_size, device)
     test_labels = class_labels(test)[0].to(device) if args.prior_conditional else None
@@ -924,7 +930,8 @@ def train_prior(args, model, train, test, grid, vq_step, out, device):
     if stopping:
         if dist.main:
             print(f"stopped at prior step {step}; saved to {path}; continue with --resume")
-        return None
+        utils.cleanup_distributed()
+        raise utils.Stopped(stop.requested)
 
     bits = held_out_bits()
     if dist.main:
@@ -949,4 +956,4 @@ def train_prior(args, model, train, test, grid, vq_step, out, device):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    utils.run_command(main, parse_args)
