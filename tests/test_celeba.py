@@ -9,14 +9,8 @@ from PIL import Image
 
 import beta_vae_analyze as ba
 import utils
+from faces import ATTRIBUTES, write_faces
 
-ATTRIBUTES = (
-    "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose "
-    "Black_Hair Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee "
-    "Gray_Hair Heavy_Makeup High_Cheekbones Male Mouth_Slightly_Open Mustache Narrow_Eyes "
-    "No_Beard Oval_Face Pale_Skin Pointy_Nose Receding_Hairline Rosy_Cheeks Sideburns Smiling "
-    "Straight_Hair Wavy_Hair Wearing_Earrings Wearing_Hat Wearing_Lipstick Wearing_Necklace "
-    "Wearing_Necktie Young").split()
 N = 36
 PARTITION = [0] * 24 + [1] * 6 + [2] * 6
 
@@ -246,7 +240,6 @@ def test_headline_journey_on_a_small_face_set(tmp_path, script):
     size (1,000 synthetic faces at 32 px): the capacity schedule fits the run, so the model
     uses its capacity (the old 100,000-step ramp left C at 0.2 nats here), and each attribute
     vector comes with a measured effect whose verdict matches its numbers."""
-    from faces import write_faces
     write_faces(tmp_path, 1000)
     run = tmp_path / "run"
     train = script("beta_vae.py", "--data-root", tmp_path, "--image-size", 32, "--latent", 10,
