@@ -4,7 +4,7 @@
 PY ?= python
 THREADS ?= OMP_NUM_THREADS=1
 
-.PHONY: test quickstart beta-dsprites beta-metrics beta-dsprites-30k beta-latent32 beta-objectives attribute-dsprites faces-attributes metric-crosscheck vq-dsprites bench all
+.PHONY: test quickstart beta-dsprites beta-metrics beta-dsprites-30k beta-latent32 beta-objectives beta-diagnosis attribute-dsprites faces-attributes metric-crosscheck vq-dsprites bench all
 
 test:
 	$(PY) -m pytest
@@ -40,6 +40,15 @@ beta-objectives:
 	for s in 0 1 2; do for o in B TC H; do \
 	  $(THREADS) $(PY) beta_vae.py --dataset dsprites --objective $$o --max-steps $(OBJ_STEPS) --seed $$s --eval-limit 5000 --out runs/beta_$${o}_3k_seed$$s && \
 	  $(THREADS) $(PY) beta_vae_analyze.py --checkpoint runs/beta_$${o}_3k_seed$$s/checkpoint.pt --traverse --metrics --latent-kl; done; done
+
+# controlled experiments on objective B at 3,000 steps (seed 0): one change per run
+DIAG = --dataset dsprites --objective B --c-steps 2500 --max-steps 3000 --eval-limit 2000 --seed 0
+beta-diagnosis:
+	$(THREADS) $(PY) beta_vae.py $(DIAG) --out runs/diag_baseline
+	$(THREADS) $(PY) beta_vae.py $(DIAG) --gamma 100 --out runs/diag_gamma100
+	$(THREADS) $(PY) beta_vae.py $(DIAG) --lr 1e-4 --out runs/diag_lr1e-4
+	$(THREADS) $(PY) beta_vae.py $(DIAG) --objective H --beta 4 --beta-warmup 0 --out runs/diag_H_beta4
+	for r in baseline gamma100 lr1e-4 H_beta4; do $(THREADS) $(PY) beta_vae_analyze.py --checkpoint runs/diag_$$r/checkpoint.pt --metrics --train-votes 2000 --eval-votes 1000; done
 
 # attribute arithmetic on synthetic CelebA-format faces: the headline command before and after
 # run-length-aware schedules, and objective H with beta 1
