@@ -89,7 +89,7 @@ def log_normal(z, mu, logvar):
     return -0.5 * (sv.LOG_2PI + logvar + (z - mu).pow(2) * torch.exp(-logvar))
 
 
-def aggregate_log_weights(batch, data_size, estimator):
+def aggregate_log_weights(batch, data_size, estimator, device="cpu"):
     """log w (B, B): q(z) = sum_n q(z|n) / N is estimated on a minibatch as sum_j w_ij q(z|x_j).
 
     mws, the minibatch-weighted sampling of Chen et al. 2018: every w_ij = 1 / (N B).
@@ -100,9 +100,9 @@ def aggregate_log_weights(batch, data_size, estimator):
     """
     n = float(data_size)
     if estimator == "mws":
-        return torch.full((batch, batch), -math.log(n * batch))
+        return torch.full((batch, batch), -math.log(n * batch), device=device)
     others = math.log(n - 1) - math.log(n * (batch - 1)) if batch > 1 else -math.inf
-    log_w = torch.full((batch, batch), others)
+    log_w = torch.full((batch, batch), others, device=device)
     log_w.fill_diagonal_(-math.log(n))
     return log_w
 
@@ -120,7 +120,7 @@ def tc_decomposition(z, mu, logvar, data_size, estimator="mss"):
     """
     z, mu, logvar = z.float(), mu.float(), logvar.float()
     log_q_pairs = log_normal(z[:, None], mu[None], logvar[None])     # (B, B, D): z_i | x_j
-    log_w = aggregate_log_weights(len(z), data_size, estimator).to(z.device)
+    log_w = aggregate_log_weights(len(z), data_size, estimator, z.device)   # made on the device
     log_q_own = log_q_pairs.diagonal().sum(0)                         # (B,): log q(z_i|x_i)
     log_qz = torch.logsumexp(log_w + log_q_pairs.sum(2), 1)          # (B,): log q(z_i)
     log_qzj = torch.logsumexp(log_w[..., None] + log_q_pairs, 1)      # (B, D): log q(z_ij)
@@ -278,8 +278,8 @@ def main(args):
     def loss_fn(x, logits, mu, logvar, step, model, data_size):
         return beta_vae_loss(x, logits, mu, logvar, step, args, model.log_sigma, data_size)
 
-    keys = ("loss", "recon", "kl", "kl_dims") + (("mi", "tc", "dim_kl") if args.objective == "TC"
-                                                 else ())
+    # the objective may come from the checkpoint on --resume: log whichever terms it returns
+    keys = ("loss", "recon", "kl", "kl_dims", "mi", "tc", "dim_kl")
     run = sv.fit(args, "beta_vae", build_model, loss_fn, keys,
                  lambda total_steps: resolve_schedule(args, total_steps))
     args, model, out, test = run.args, run.model, run.out, run.test

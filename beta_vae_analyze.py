@@ -263,7 +263,7 @@ def pick_images(args, train_args, root, data_test, negative_test):
 
 def pixel_signature(images, positive, negative):
     """The attribute's signature in pixels: mean image with it minus mean image without it."""
-    mean = lambda mask: images[mask].double().div(255).mean(0)
+    mean = lambda mask: images[mask].sum(0, dtype=torch.float64) / (255 * int(mask.sum()))
     return mean(positive) - mean(negative)
 
 

@@ -311,7 +311,7 @@ def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl"), sche
     """Train a VAE; also the loop of beta_vae.py, which differs only in `loss_fn`.
 
     `loss_fn(x, logits, mu, logvar, step, model, data_size)` returns the named terms;
-    `terms["loss"]` is minimised (`data_size`, the number of training images, serves estimators
+    those of `log_keys` that it returns are logged, and `terms["loss"]` is minimised (`data_size`, the number of training images, serves estimators
     of the aggregate posterior). Data stay on the device, losses are summed there and read every
     --log-every steps, the held-out -ELBO is scored and a checkpoint written at every epoch end,
     and SIGINT/SIGTERM save the current step. `--resume` restores model, optimiser, step, logs
@@ -401,7 +401,7 @@ def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl"), sche
                 opt.zero_grad(set_to_none=True)
                 terms["loss"].backward()
                 opt.step()
-                running.add({k: terms[k] for k in log_keys})
+                running.add({k: terms[k] for k in log_keys if k in terms})
                 step += 1
                 bar.update(1)
                 if step % args.log_every == 0:
