@@ -175,17 +175,21 @@ def latent_traversal(model, x, dims, span=3.0, steps=7):
 
 
 def save_traversal(model, images, kl_per_dim, path, seeds=3, steps=7, span=3.0, rows=None,
-                   names=None):
+                   names=None, gif=None):
     """traversal.png: one row per latent, ordered by KL (largest first), KL printed beside it
     and, if `names` (latent -> text) is given, what the latent encodes; `rows` keeps only that
-    many latents (the most informative)."""
+    many latents (the most informative). With `gif` (a path), also an animation with one frame
+    per traversal step: each latent's row shows the seed images at that step."""
     device = next(model.parameters()).device
     x = images[:seeds].to(device).float() / 255
     kl = torch.as_tensor(kl_per_dim)
     order = torch.argsort(kl, descending=True).tolist()[:rows]
-    grid = latent_traversal(model, x, order, span, steps)
+    grid = latent_traversal(model, x, order, span, steps)         # (rows, seeds * steps, ...)
     labels = [f"z{d:<2d} KL {kl[d]:5.2f} {(names or {}).get(d, '')}".rstrip() for d in order]
     utils.save_labelled_rows(grid, labels, path, gap_every=steps)
+    if gif is not None:
+        frames = grid.view(len(order), len(x), steps, *grid.shape[2:]).permute(2, 0, 1, 3, 4, 5)
+        utils.save_labelled_gif(frames, labels, gif)               # (steps, rows, seeds, ...)
     return order
 
 
@@ -249,6 +253,10 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=utils.positive_int, default=256, help="units of the FC layers")
     p.add_argument("--iw-samples", type=utils.nonneg_int, default=0,
                    help="importance samples of a final IW-NLL (0 = skip)")
+    p.add_argument("--iw-images", type=utils.positive_int, default=None,
+                   help="held-out images scored by the IW-NLL (default: all when the run "
+                        "trained on at least K/3 times as many, else proportionally fewer, at "
+                        "least 100)")
     return utils.parse_args(p, argv)
 
 
@@ -283,7 +291,7 @@ def main(args):
     run = sv.fit(args, "beta_vae", build_model, loss_fn, keys,
                  lambda total_steps: resolve_schedule(args, total_steps))
     args, model, out, test = run.args, run.model, run.out, run.test
-    final = sv.evaluate(model, test.images, args, test.binary, run.device, args.iw_samples)
+    final = sv.final_evaluation(run, args)
     c = capacity(run.step, args.c_max, args.c_steps) if args.objective == "B" else None
     metrics = None
     if run.dist.main:

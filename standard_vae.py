@@ -15,10 +15,10 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import utils
 
@@ -200,44 +200,68 @@ def bits_per_dim(nll, dims, recon, binary):
 
 
 @torch.no_grad()
-def evaluate(model, images, args, binary, device, iw_samples=0):
-    """Held-out negative ELBO, KL per dimension, active units and (optionally) the IW-NLL.
+def evaluate(model, images, args, binary, device, iw_samples=0, iw_images=None):
+    """Held-out negative ELBO, KL per dimension, active units and (optionally) the IW-NLL with
+    `iw_samples` importance samples on the first `iw_images` images (default: all).
 
-    Sums stay on the device (one read at the end); under torchrun each rank scores its shard
-    and the sums are added over ranks.
+    Sums stay on the device in compensated float32 (utils.Sums: no float64, which MPS lacks)
+    and are read once at the end; under torchrun each rank scores its shard and the sums are
+    added over ranks.
     """
     model.eval()
     gen = torch.Generator(device).manual_seed(args.seed + 1 + utils.DIST.rank)   # not training RNG
     latent = model.decoder.fc[0].in_features
-    # neg_elbo, recon, kl, iw log-likelihood, count | kl per dim | sum mu | sum mu^2
-    sums = torch.zeros(5 + 3 * latent, dtype=torch.float64, device=device)
-    for x in utils.iterate(images[utils.DIST.rank::utils.DIST.world], 500, device):
+    rank, world = utils.DIST.rank, utils.DIST.world
+    # neg_elbo, recon, kl, count | kl per dim | sum mu | sum mu^2
+    sums = utils.Sums(4 + 3 * latent, device)
+    shard = images[rank::world]
+    for x in utils.Progress(utils.iterate(shard, 500, device), total=math.ceil(len(shard) / 500),
+                            desc="evaluation", unit="batch", what=f"{len(shard):,} images"):
         if args.binarize:
             x = torch.bernoulli(x, generator=gen)
         mu, logvar = model.encoder(x)
         z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, device=device, generator=gen)
         terms = vae_loss(x, model.decoder(z), mu, logvar, model.recon, model.log_sigma)
-        iw = iw_log_likelihood(model, x, iw_samples, generator=gen).sum() if iw_samples > 0 \
-            else torch.zeros((), device=device)
         n = len(x)
-        sums += torch.cat([torch.stack([terms["neg_elbo"] * n, terms["recon"] * n,
-                                        terms["kl"] * n, iw, torch.tensor(n, device=device)]),
-                           terms["kl_dims"] * n, mu.sum(0), mu.pow(2).sum(0)]).double()
-    model.train()
-    sums = utils.all_reduce_sum(sums).cpu()
-    n = sums[4].item()
-    kl_dims, mu_sum, mu_sq = sums[5:].view(3, latent)
-    result = {"neg_elbo": sums[0].item() / n, "recon": sums[1].item() / n,
-              "kl": sums[2].item() / n, "kl_per_dim": (kl_dims / n).tolist(), "images": int(n)}
-    # Active units (Burda et al. 2016): dimensions whose posterior mean varies with x, Cov > 0.01
-    variance = (mu_sq - mu_sum.pow(2) / n) / max(n - 1, 1)
-    result["active_units"] = int((variance > 0.01).sum())
+        sums.add(torch.cat([torch.stack([terms["neg_elbo"] * n, terms["recon"] * n,
+                                         terms["kl"] * n, torch.tensor(n, device=device)]),
+                            terms["kl_dims"] * n, mu.sum(0), mu.pow(2).sum(0)]))
+    iw = utils.Sums(2, device)                                    # log-likelihood, count
     if iw_samples > 0:
-        result["iw_nll"] = -sums[3].item() / n
-        result["iw_samples"] = iw_samples
+        scored = images[:iw_images][rank::world]
+        batch = max(1, 2000 // min(iw_samples, 50))               # ~2,000 images per decoder pass
+        for x in utils.Progress(utils.iterate(scored, batch, device),
+                                total=math.ceil(len(scored) / batch),
+                                desc=f"IW-NLL (K={iw_samples})", unit="batch",
+                                what=f"{len(scored):,} images", announce=True):
+            if args.binarize:
+                x = torch.bernoulli(x, generator=gen)
+            ll = iw_log_likelihood(model, x, iw_samples, generator=gen)
+            iw.add(torch.stack([ll.sum(), torch.tensor(len(x), device=device)]))
+    model.train()
+    sums, (iw_sum, iw_n) = sums.read(), iw.read()                  # float64, on the host
+    n = sums[3]
+    kl_dims, mu_sum, mu_sq = sums[4:].reshape(3, latent)
+    result = {"neg_elbo": sums[0] / n, "recon": sums[1] / n, "kl": sums[2] / n,
+              "kl_per_dim": (kl_dims / n).tolist(), "images": int(n)}
+    # Active units (Burda et al. 2016): dimensions whose posterior mean varies with x, Cov > 0.01
+    variance = (mu_sq - mu_sum ** 2 / n) / max(n - 1, 1)
+    result["active_units"] = int((variance > 0.01).sum())
+    if iw_n > 0:
+        result.update(iw_nll=-iw_sum / iw_n, iw_samples=iw_samples, iw_images=int(iw_n))
     result["bits_per_dim"] = bits_per_dim(result.get("iw_nll", result["neg_elbo"]),
                                           images[0].numel(), model.recon, binary or args.binarize)
-    return result
+    return {k: float(v) if isinstance(v, np.floating) else v for k, v in result.items()}
+
+
+def iw_size(limit, held_out, train_images, k, floor=100):
+    """How many held-out images the final IW-NLL scores: --iw-images if given; else all of
+    them when the run trained on at least K/3 times as many images (an IW-NLL costs K decoder
+    passes per image, a training image about three), else proportionally fewer, at least
+    `floor`."""
+    if limit is not None:
+        return min(limit, held_out)
+    return min(held_out, max(floor, 3 * train_images // max(k, 1)))
 
 
 @torch.no_grad()
@@ -285,6 +309,10 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=utils.positive_int, default=256, help="units of the FC layers")
     p.add_argument("--iw-samples", type=utils.nonneg_int, default=100,
                    help="importance samples K of the final IW-NLL (0 = skip)")
+    p.add_argument("--iw-images", type=utils.positive_int, default=None,
+                   help="held-out images scored by the IW-NLL (default: all when the run "
+                        "trained on at least K/3 times as many, else proportionally fewer, at "
+                        "least 100)")
     return utils.parse_args(p, argv)
 
 
@@ -299,7 +327,7 @@ def check_args(args):
 
 # flags that may change when a run is resumed; everything else comes from the checkpoint
 RESUME_FLAGS = ("epochs", "max_steps", "lr", "device", "out", "resume", "compile", "no_amp",
-                "log_every", "eval_limit", "iw_samples", "data_root")
+                "log_every", "eval_limit", "iw_samples", "iw_images", "data_root")
 
 
 def build_model(args, channels, image_size):
@@ -335,17 +363,22 @@ def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl"), sche
     with utils.main_first():                      # rank 0 builds any data cache alone
         train = utils.load_dataset(args.dataset, args.data_root, "train", args.limit,
                                    args.image_size, args.crop)
+        given = args.eval_limit
+        args.eval_limit = utils.held_out_size(given, *utils.run_images(args, len(train), dist.world))
         test = utils.load_dataset(args.dataset, args.data_root, "test", args.eval_limit,
                                   args.image_size, args.crop)
-    cuda = device.type == "cuda"
-    torch.backends.cudnn.benchmark = cuda
+    if dist.main and given is None:
+        print(f"held-out evaluation: {len(test):,} images at every epoch end and after "
+              "training (sized to the run; --eval-limit sets it)")
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    fast = utils.fast_paths(device)
     model = build_model(args, train.channels, train.image_size).to(device)
-    if cuda:                                      # NHWC convolutions are faster on GPUs
+    if fast:                                      # NHWC convolutions are faster on GPUs
         model.to(memory_format=torch.channels_last)
     opt = utils.adam(model.parameters(), args.lr, device)
     batches = utils.DeviceBatches(train.images, args.batch_size, device, args.seed,
                                   binarize=args.binarize, rank=dist.rank, world=dist.world,
-                                  channels_last=cuda)
+                                  channels_last=fast)
     step, log, history = 0, [], []
     torch.manual_seed(args.seed + 1_000_003 * dist.rank)         # each rank its own noise
     if state is not None:
@@ -388,8 +421,8 @@ def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl"), sche
 
     running = utils.RunningMean()
     train_time, t0 = 0.0, time.perf_counter()
-    bar = tqdm(total=total, initial=step, desc=kind, unit="step", dynamic_ncols=True,
-               disable=not dist.main)
+    bar = utils.Progress(total=total, initial=step, desc=kind, unit="step",
+                         what=f"{args.batch_size * dist.world} images each", announce=True)
     with utils.StopSignal() as stop:
         stopping = False
         while step < total and not stopping:
@@ -436,6 +469,22 @@ def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl"), sche
         / max(train_time, 1e-9))
 
 
+def final_evaluation(run, args):
+    """The held-out scores after training, with the IW-NLL (if --iw-samples) on as many
+    images as the run's length warrants (`iw_size`), said before it starts."""
+    n = len(run.test)
+    iw_images = iw_size(args.iw_images, n, run.step * args.batch_size * run.dist.world,
+                        args.iw_samples) if args.iw_samples > 0 else 0
+    if iw_images and run.dist.main:
+        sized = "" if args.iw_images is not None else \
+            f", sized to the run's {run.step * args.batch_size * run.dist.world:,} training " \
+            "images; --iw-images sets it"
+        print(f"IW-NLL: K={args.iw_samples} importance samples on {iw_images:,} of the {n:,} "
+              f"held-out images ({iw_images * args.iw_samples:,} decoder passes{sized})")
+    return evaluate(run.model, run.test.images, args, run.test.binary, run.device,
+                    args.iw_samples, iw_images)
+
+
 def run_metrics(run, final, timer, **extra):
     """What metrics.json holds for a VAE run."""
     return {"test": final, "steps": run.step, "epochs": run.epochs, **extra,
@@ -455,7 +504,7 @@ def main(args):
 
     run = fit(args, "standard_vae", build_model, loss_fn)
     args, model, out = run.args, run.model, run.out
-    final = evaluate(model, run.test.images, args, run.test.binary, run.device, args.iw_samples)
+    final = final_evaluation(run, args)
     metrics = run_metrics(run, final, timer)
     if run.dist.main:
         save_images(model, run.test.images, out, run.device, args.seed)

@@ -371,7 +371,6 @@ def build_celeba_cache(folder, files, crop, size, cache, stamp, chunk=1000, work
     The caller holds the folder's build lock, so one process at a time writes the partial file.
     """
     from concurrent.futures import ProcessPoolExecutor
-    from tqdm import tqdm
     n = len(files)
     shape = (n, 3, size, size)
     partial = cache.with_name(cache.stem + ".partial.npy")
@@ -395,8 +394,8 @@ def build_celeba_cache(folder, files, crop, size, cache, stamp, chunk=1000, work
     pool = ProcessPoolExecutor(workers, initializer=_ignore_sigint) if workers > 1 \
         else _InProcess()
     try:
-        with tqdm(total=n, initial=n - sum(min(chunk, n - i) for i in todo),
-                  desc=f"decoding CelebA into {cache.name}", unit="img") as bar:
+        with Progress(total=n, initial=n - sum(min(chunk, n - i) for i in todo),
+                      desc=f"decoding CelebA into {cache.name}", unit="image") as bar:
             for i, block in zip(todo, pool.map(_decode_celeba, jobs)):
                 if isinstance(block, str):
                     raise UserError(block)
@@ -576,7 +575,6 @@ def _render_all_dsprites(path, part=8192):
     An interrupted render (Ctrl-C, an error) leaves no partial file: the parts under way
     finish, the rest are dropped and the temporary file is removed."""
     from concurrent.futures import ThreadPoolExecutor
-    from tqdm import tqdm
     n = DSPRITES_STRIDES[0]
 
     def work(i):
@@ -589,8 +587,9 @@ def _render_all_dsprites(path, part=8192):
     try:
         with replacing(path, ".partial.npy") as tmp:
             arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, 64, 64))
-            list(tqdm(pool.map(work, range(0, n, part)), total=math.ceil(n / part),
-                      desc=f"rendering dSprites into {path}", unit="part"))
+            list(Progress(pool.map(work, range(0, n, part)), total=math.ceil(n / part),
+                          desc=f"rendering dSprites into {path}", unit="part",
+                          what=f"{n:,} images"))
             arr.flush()
             del arr
     finally:
@@ -635,7 +634,6 @@ def dsprites_cache(root, build=True):
 
 def _convert_official_dsprites(npz, cache):
     """Stream `imgs` (0/1) of the official npz into the cache (0/255) without 3 GB in memory."""
-    from tqdm import tqdm
     n = DSPRITES_STRIDES[0]
     with replacing(cache, ".partial.npy") as tmp:
         try:
@@ -656,8 +654,8 @@ def _convert_official_dsprites(npz, cache):
                                          f"uint8[{n}, 64, 64]")
                     arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
                     chunk = 16384
-                    for i in tqdm(range(0, n, chunk), desc=f"converting {npz.name}",
-                                  unit="chunk"):
+                    for i in Progress(range(0, n, chunk), desc=f"converting {npz.name}",
+                                      unit="chunk"):
                         m = min(chunk, n - i)
                         block = np.frombuffer(f.read(m * 4096), np.uint8)
                         if block.size != m * 4096:
@@ -742,6 +740,24 @@ class DeviceBatches:
         perm = perm.to(self.device)
         for i in range(start, self.steps_per_epoch):
             yield self.to_float(self.images[perm[i * self.batch_size:(i + 1) * self.batch_size]])
+
+
+def run_images(args, train_size, world=1):
+    """(images the whole run trains on, images per epoch), from the flags and the data size."""
+    per_epoch = train_size // world // args.batch_size
+    steps = per_epoch * args.epochs
+    if args.max_steps is not None:
+        steps = min(steps, args.max_steps)
+    return steps * args.batch_size * world, per_epoch * args.batch_size * world
+
+
+def held_out_size(limit, train_images, epoch_images, default=10_000, floor=1_000):
+    """How many held-out images a run scores: --eval-limit if given; else the default, cut to
+    one epoch of training (the scores run every epoch) and to the images the whole run trains
+    on, but at least `floor`. A 10-step run is not followed by minutes of evaluation."""
+    if limit is not None:
+        return limit
+    return max(floor, min(default, epoch_images, train_images))
 
 
 def iterate(images, batch_size, device):
@@ -859,8 +875,10 @@ def add_common_args(p, latent=10, lr=1e-3, batch_size=64, epochs=10, dataset="ds
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                    help="device (auto = cuda, then mps, then cpu)")
     p.add_argument("--seed", type=nonneg_int, default=0, help="random seed")
-    p.add_argument("--eval-limit", type=positive_int, default=10_000,
-                   help="held-out images used for evaluation")
+    p.add_argument("--eval-limit", type=positive_int, default=None,
+                   help="held-out images scored at every epoch end and after training "
+                        "(default: 10,000, or one epoch of training if that is fewer, at "
+                        "least 1,000)")
     p.add_argument("--log-every", type=positive_int, default=100,
                    help="steps between reads of the running loss")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -880,16 +898,26 @@ def check_common_args(args, script):
     return args
 
 
+# Device types that take the GPU fast paths: bf16 autocast, channels-last tensors and fused
+# Adam. The CPU test suite adds "cpu" to run those paths on a machine without a GPU.
+FAST_PATHS = {"cuda"}
+
+
+def fast_paths(device):
+    return torch.device(device).type in FAST_PATHS
+
+
 def autocast(device, enabled=True):
-    """bf16 autocast on CUDA; a no-op context elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16,
-                          enabled=enabled and torch.device(device).type == "cuda")
+    """bf16 autocast on CUDA (the FAST_PATHS devices); a no-op context elsewhere."""
+    kind = torch.device(device).type
+    on = enabled and kind in FAST_PATHS
+    return torch.autocast(kind if on else "cpu", dtype=torch.bfloat16, enabled=on)
 
 
 def adam(params, lr, device):
-    """Adam with the fused kernel on CUDA and the foreach path elsewhere."""
-    cuda = torch.device(device).type == "cuda"
-    return torch.optim.Adam(params, lr=lr, fused=cuda or None, foreach=None if cuda else True)
+    """Adam with the fused kernel on CUDA (FAST_PATHS) and the foreach path elsewhere."""
+    fast = fast_paths(device)
+    return torch.optim.Adam(params, lr=lr, fused=fast or None, foreach=None if fast else True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1409,12 +1437,10 @@ class StopSignal:
         return False
 
 
-def save_labelled_rows(images, labels, path, gap_every=None):
-    """Save a (rows, cols, C, H, W) float batch in [0, 1] as a grid with one text label per row.
-
-    `gap_every` puts a wider gap after every that many columns (to separate seed images). One
-    output pixel per image pixel.
-    """
+def labelled_rows_figure(images, labels, gap_every=None):
+    """A matplotlib figure of a (rows, cols, C, H, W) float batch in [0, 1] as a grid with one
+    text label per row, one output pixel per image pixel. `gap_every` puts a wider gap after
+    every that many columns (to separate seed images)."""
     plt = _pyplot()
     rows, cols = images.shape[:2]
     grid = torchvision.utils.make_grid(images.flatten(0, 1).detach().float().clamp(0, 1).cpu(),
@@ -1436,8 +1462,172 @@ def save_labelled_rows(images, labels, path, gap_every=None):
     for r, text in enumerate(labels):
         fig.text(label_w / (width + label_w) - 0.005, 1 - (r + 0.5) * row_h / height, text,
                  ha="right", va="center", fontsize=9, family="monospace")
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
-    plt.close(fig)
+    return fig
+
+
+def save_labelled_rows(images, labels, path, gap_every=None):
+    """Save a (rows, cols, C, H, W) float batch in [0, 1] as a PNG grid with one text label per
+    row (`labelled_rows_figure`)."""
+    fig = labelled_rows_figure(images, labels, gap_every)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=fig.dpi))
+    _pyplot().close(fig)
+
+
+def save_labelled_gif(frames, labels, path, frame_ms=150):
+    """An animated GIF of (frames, rows, cols, C, H, W) floats in [0, 1], each frame a labelled
+    grid (`labelled_rows_figure`), played forwards then backwards, looping."""
+    from PIL import Image
+    plt = _pyplot()
+    pictures = []
+    for grid in frames:
+        fig = labelled_rows_figure(grid, labels)
+        fig.canvas.draw()
+        pictures.append(Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()))
+        plt.close(fig)
+    loop = pictures + pictures[-2:0:-1]                # there and back again
+    atomic_write(path, lambda f: loop[0].save(f, format="GIF", save_all=True,
+                                              append_images=loop[1:], duration=frame_ms,
+                                              loop=0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress and device-side sums
+# ----------------------------------------------------------------------------------------------
+class Progress:
+    """The progress of one phase (training, evaluation, IW-NLL, the prior, metrics...), shown
+    by rank 0 alone. On a terminal: a tqdm bar with its size and ETA. Elsewhere (a log file, a
+    pipe) plain lines instead of a bar redrawn with carriage returns: what will be done, with
+    an estimate of the time once the first steps are timed; a line every tenth of the way when
+    the phase is long; one at the end. Phases under 2 s print nothing, unless `announce`: then
+    the first line comes before any work.
+
+        for x in Progress(batches, total=len(batches), desc="evaluation", unit="batch"): ...
+    """
+    QUIET_S = 2.0                       # plain lines: phases shorter than this stay silent
+    LINE_EVERY_S = 30.0                 # at most one progress line per tenth, this far apart
+
+    def __init__(self, iterable=None, total=None, desc="", unit="it", initial=0, what=None,
+                 announce=False, tty=None):
+        from tqdm import tqdm
+        self.iterable = iterable
+        self.total = len(iterable) if total is None and hasattr(iterable, "__len__") else total
+        self.desc, self.unit, self.n, self.first = desc, unit, initial, initial
+        tty = sys.stderr.isatty() if tty is None else tty
+        self.lines = DIST.main and not tty
+        self.bar = tqdm(total=self.total, initial=initial, desc=desc, unit=unit,
+                        dynamic_ncols=True, disable=not DIST.main or self.lines)
+        left = None if self.total is None else self.total - initial
+        self.plan = ", ".join(t for t in (None if left is None else
+                                          f"{left:,} {plural(unit, left)}", what) if t)
+        self.t0 = self.last = time.perf_counter()
+        self.announced, self.estimated, self.tenth, self.closed = False, False, 0, False
+        if self.lines and announce:
+            self._announce("")
+
+    def _say(self, text):
+        print(f"{self.desc}: {text}", flush=True)
+
+    def _announce(self, estimate):
+        self.announced = True
+        self._say(", ".join(t for t in (self.plan, estimate) if t) or "started")
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def update(self, n=1):
+        self.n += n
+        self.bar.update(n)
+        if not self.lines:
+            return
+        now = time.perf_counter()
+        if self.total is None or self.total <= self.first:
+            if not self.announced and now - self.t0 >= self.QUIET_S:
+                self._announce("")
+            return
+        done = (self.n - self.first) / (self.total - self.first)
+        left = (now - self.t0) * (1 - done) / max(done, 1e-12)
+        if not self.estimated and done < 1 and now - self.t0 >= self.QUIET_S:
+            self.estimated, self.last = True, now
+            estimate = f"about {format_seconds(left)} left"
+            self._say(estimate) if self.announced else self._announce(estimate)
+            return
+        tenth = int(done * 10)
+        if tenth > self.tenth and now - self.last >= self.LINE_EVERY_S and done < 1:
+            self.tenth, self.last = tenth, now
+            self._say(f"{self.n:,}/{self.total:,} {plural(self.unit)}{self._postfix_text()}, "
+                      f"about {format_seconds(left)} left")
+
+    def set_postfix(self, **values):
+        self.postfix = values
+        self.bar.set_postfix(**values)
+
+    def _postfix_text(self):
+        values = getattr(self, "postfix", {})
+        return " (" + ", ".join(f"{k} {v}" for k, v in values.items()) + ")" if values else ""
+
+    def write(self, text):
+        """A line that does not break the bar (rank 0 only)."""
+        if DIST.main:
+            self.bar.write(text) if not self.lines else print(text, flush=True)
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        self.bar.close()
+        took = time.perf_counter() - self.t0
+        if self.lines and (self.announced or took >= self.QUIET_S):
+            self._say(f"done: {self.n - self.first:,} {plural(self.unit, self.n - self.first)} "
+                      f"in {format_seconds(took)}{self._postfix_text()}")
+
+
+def plural(noun, n=2):
+    if n == 1:
+        return noun
+    return noun + ("es" if noun.endswith(("ch", "sh", "s", "x")) else "s")
+
+
+def format_seconds(s):
+    """12 s, 3 min 05 s, 1 h 02 min."""
+    s = round(s)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+class Sums:
+    """Running sums of a vector of `n` values kept on the device, read once at the end.
+
+    float32 with Kahan compensation (each addition's rounding error is carried into the next),
+    not float64, which Apple's MPS does not have: the sum of many batches keeps about float64
+    accuracy for values computed in float32. `read()` adds the sums over ranks under torchrun and
+    returns a float64 numpy array on the host.
+    """
+
+    def __init__(self, n, device):
+        self.total = torch.zeros(n, dtype=torch.float32, device=device)
+        self.error = torch.zeros_like(self.total)     # what the last additions lost, negated
+
+    def add(self, values):
+        y = values.float() - self.error
+        t = self.total + y
+        self.error = (t - self.total) - y
+        self.total = t
+
+    def read(self):
+        both = all_reduce_sum(torch.stack([self.total, self.error])).cpu().numpy()
+        return both[0].astype(np.float64) - both[1].astype(np.float64)
 
 
 # ----------------------------------------------------------------------------------------------

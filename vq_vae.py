@@ -39,11 +39,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import utils
 
 LAPLACE_EPS = 1e-5          # REFERENCE.md: N_i smoothed with eps = 1e-5
+PRIOR_EPOCHS = 10           # the prior's default length, for runs of at least as many epochs
 NUM_CLASSES = {"mnist": 10, "cifar10": 10, "dsprites": utils.DSPRITES_SIZES[1]}  # dSprites: shape
 
 
@@ -401,10 +401,13 @@ def sample_codes(prior, n, grid, labels=None, generator=None):
     device = next(prior.parameters()).device
     h, w = grid
     codes = torch.zeros(n, h, w, dtype=torch.long, device=device)
-    for i in range(h):
-        for j in range(w):
-            logits = prior(codes[:, :i + 1], labels)[:, :, i, j].float()    # (n, K)
-            codes[:, i, j] = torch.multinomial(logits.softmax(1), 1, generator=generator)[:, 0]
+    with utils.Progress(total=h * w, desc=f"sampling {n} code grids", unit="position") as bar:
+        for i in range(h):
+            for j in range(w):
+                logits = prior(codes[:, :i + 1], labels)[:, :, i, j].float()    # (n, K)
+                codes[:, i, j] = torch.multinomial(logits.softmax(1), 1,
+                                                   generator=generator)[:, 0]
+                bar.update(1)
     return codes
 
 
@@ -422,42 +425,42 @@ def data_variance(images, device):
     return s2 / n - (s / n) ** 2
 
 
-def accumulator(n, device):
-    """Zeros (n,) for sums kept on the device: float64, or float32 on MPS, which has no float64."""
-    return torch.zeros(n, dtype=torch.float32 if device.type == "mps" else torch.float64,
-                       device=device)
-
-
 @torch.no_grad()
 def evaluate(model, images, variance, batch_size, device):
     """Held-out recon error (MSE / Var), PSNR, and code usage over the whole split.
 
-    Sums stay on the device (one read at the end); under torchrun each rank scores its shard
-    and the sums and code counts are added over ranks.
+    Sums stay on the device in compensated float32 (utils.Sums: no float64, which MPS lacks)
+    and are read once at the end; under torchrun each rank scores its shard and the sums and
+    code counts are added over ranks.
     """
     model.eval()
     k = model.quantizer.num_codes
     # squared error, squared error in [0, 1], sum of batch perplexities, batches | counts (K,)
-    sums = accumulator(4 + k, device)
-    for x in utils.iterate(images[utils.DIST.rank::utils.DIST.world], batch_size, device):
+    sums = utils.Sums(4 + k, device)
+    shard = images[utils.DIST.rank::utils.DIST.world]
+    bar = utils.Progress(total=len(shard), desc="evaluation", unit="image")
+    for x in utils.iterate(shard, batch_size, device):
         recon, indices, _ = model(x - 0.5)
         recon = recon.float()
         counts = torch.bincount(indices.flatten(), minlength=k).float()
-        sums += torch.cat([torch.stack([
+        sums.add(torch.cat([torch.stack([
             F.mse_loss(recon, x - 0.5, reduction="sum"),
             F.mse_loss((recon + 0.5).clamp(0, 1), x, reduction="sum"),
-            perplexity(counts), torch.ones((), device=device)]), counts]).to(sums.dtype)
+            perplexity(counts), torch.ones((), device=device)]), counts]))
+        bar.update(len(x))
+    bar.close()
     model.train()
-    sums = utils.all_reduce_sum(sums).cpu().double()
+    sums = sums.read()                                            # float64, on the host
     (sq_err, sq_err01, batch_perplexity, batches), counts = sums[:4].tolist(), sums[4:]
     mse, mse01 = sq_err / images.numel(), sq_err01 / images.numel()
+    counts = torch.from_numpy(counts.round().astype("int64"))     # exact: integers < 2^24
     used = int((counts > 0).sum())
     return {"recon_error": mse / variance, "mse": mse,
             # PSNR of the clamped reconstructions in [0, 1], from the MSE over the whole split
             "psnr": 10 * math.log10(1 / mse01) if mse01 > 0 else float("inf"),
             # perplexity of the code distribution over all held-out positions, and the mean
             # over batches of --batch-size images (the figure reference implementations print)
-            "perplexity": perplexity(counts).item(),
+            "perplexity": perplexity(counts.float()).item(),
             "batch_perplexity": batch_perplexity / batches,
             "used_codes": used, "used_fraction": used / k,
             "dead_codes_percent": 100 * (k - used) / k,
@@ -511,12 +514,13 @@ def epoch_indices(n, batch_size, seed, epoch, start, device, rank=0, world=1):
 
 
 @torch.no_grad()
-def encode_all(model, images, batch_size, device):
+def encode_all(model, images, batch_size, device, desc="encoding"):
     """Code grids (N, H, W) of a whole uint8 split, kept on the device as int16/int32."""
     dtype = torch.int16 if model.quantizer.num_codes <= 2 ** 15 else torch.int32
     model.eval()
-    codes = torch.cat([model.codes(x - 0.5).to(dtype)
-                       for x in utils.iterate(images, batch_size, device)])
+    batches = utils.iterate(images, batch_size, device)
+    codes = torch.cat([model.codes(x - 0.5).to(dtype) for x in utils.Progress(
+        batches, total=math.ceil(len(images) / batch_size), desc=desc, unit="batch")])
     model.train()
     return codes
 
@@ -554,11 +558,13 @@ def parse_args(argv=None):
                    help="a code whose EMA count of assignments per step falls below this is "
                         "re-seeded from an encoder output of the current batch, drawn in "
                         "proportion to its squared distance to its nearest code (default: 1.0)")
-    p.add_argument("--prior-epochs", type=utils.nonneg_int, default=10,
+    p.add_argument("--prior-epochs", type=utils.nonneg_int, default=None,
                    help="epochs of the gated PixelCNN prior trained on the code grids once the "
-                        "VQ-VAE is trained; 0 = no prior and no samples (default: 10)")
+                        f"VQ-VAE is trained; 0 = no prior and no samples (default: "
+                        f"{PRIOR_EPOCHS}, or --epochs if fewer)")
     p.add_argument("--prior-max-steps", type=utils.positive_int, default=None,
-                   help="stop the prior after this many steps (default: no limit)")
+                   help="stop the prior after this many steps (default: --max-steps, so a "
+                        "short run stays short in both phases)")
     p.add_argument("--prior-batch-size", type=utils.positive_int, default=128,
                    help="code grids per prior step (default: 128)")
     p.add_argument("--prior-lr", type=utils.positive_float, default=3e-4,
@@ -575,6 +581,15 @@ def parse_args(argv=None):
     return utils.parse_args(p, argv)
 
 
+def prior_length(args):
+    """(epochs, step limit) of the prior: --prior-epochs and --prior-max-steps where typed,
+    else bounded like the VQ-VAE itself by --epochs and --max-steps. Read when needed, not
+    stored, so a resumed run's typed --max-steps bounds its prior too."""
+    epochs = args.prior_epochs if args.prior_epochs is not None else \
+        min(PRIOR_EPOCHS, args.epochs)
+    return epochs, args.prior_max_steps if args.prior_max_steps is not None else args.max_steps
+
+
 def check_args(args):
     """What the flags' types cannot check alone (each number is checked as it is parsed)."""
     utils.check_common_args(args, "vq_vae")
@@ -583,7 +598,7 @@ def check_args(args):
                               f"got {args.hidden}")
     if args.prior_kernel % 2 == 0:
         raise utils.UserError(f"--prior-kernel must be odd, got {args.prior_kernel}")
-    if args.prior_conditional and args.prior_epochs > 0 and args.dataset not in NUM_CLASSES:
+    if args.prior_conditional and prior_length(args)[0] > 0 and args.dataset not in NUM_CLASSES:
         raise utils.UserError(f"--prior-conditional needs class labels, which {args.dataset} "
                               f"does not have; it works with {', '.join(NUM_CLASSES)}")
     return args
@@ -647,8 +662,14 @@ def fit(args):
     with utils.main_first():                      # rank 0 builds any data cache alone
         train = utils.load_dataset(args.dataset, args.data_root, "train", args.limit,
                                    args.image_size, args.crop)
+        given = args.eval_limit
+        args.eval_limit = utils.held_out_size(given, *utils.run_images(args, len(train),
+                                                                       dist.world))
         test = utils.load_dataset(args.dataset, args.data_root, "test", args.eval_limit,
                                   args.image_size, args.crop)
+    if dist.main and given is None:
+        print(f"held-out evaluation: {len(test):,} images at every epoch end and after "
+              "training (sized to the run; --eval-limit sets it)")
     grid = (grid_size(train.image_size),) * 2
     model = build_model(args, train.channels).to(device)
     opt = utils.adam(model.parameters(), args.lr, device)
@@ -674,7 +695,7 @@ def fit(args):
                                   f"{args.data_root} have zero pixel variance (every pixel "
                                   "the same), and the VQ-VAE loss divides by it; check the "
                                   "data files or --limit")
-    if args.prior_epochs > 0 and len(train) // dist.world < args.prior_batch_size:
+    if prior_length(args)[0] > 0 and len(train) // dist.world < args.prior_batch_size:
         raise utils.UserError(f"{len(train)} code grids are fewer than one prior batch of "
                               f"{args.prior_batch_size}"
                               f"{f' on each of {dist.world} ranks' if dist.active else ''}; "
@@ -708,8 +729,8 @@ def fit(args):
     train_time, t0 = 0.0, time.perf_counter()
     trained_from = step
 
-    bar = tqdm(total=total, initial=step, desc="vq_vae", unit="step", dynamic_ncols=True,
-               disable=not dist.main)
+    bar = utils.Progress(total=total, initial=step, desc="vq_vae", unit="step",
+                         what=f"{args.batch_size * dist.world} images each", announce=True)
     with utils.StopSignal() as stop:
         stopping = False
         while step < total and not stopping:
@@ -738,7 +759,7 @@ def fit(args):
                                 **{f"test_{k}": v for k, v in res.items() if k != "code_counts"}})
                 if dist.main:
                     utils.write_json(out / "history.json", history)
-                    tqdm.write(f"epoch {history[-1]['epoch']} step {step}: held-out recon "
+                    bar.write(f"epoch {history[-1]['epoch']} step {step}: held-out recon "
                                f"error {res['recon_error']:.4f}, PSNR {res['psnr']:.1f} dB, "
                                f"perplexity {res['perplexity']:.1f}, codes used "
                                f"{res['used_codes']}/{args.codes}")
@@ -791,7 +812,7 @@ def main(args):
               f"perplexity {final['perplexity']:.1f}, codes used "
               f"{final['used_codes']}/{args.codes}; outputs in {out}")
 
-    if args.prior_epochs > 0:
+    if prior_length(args)[0] > 0:
         prior = train_prior(args, model, run.train, run.test, run.grid, run.step, out, device)
         metrics["prior"] = prior
         if dist.main:
@@ -839,17 +860,24 @@ def train_prior(args, model, train, test, grid, vq_step, out, device):
         utils.restore_rng(state)
     if dist.main:                                 # a full disk is found now, not after an epoch
         utils.reserve_space(out, utils.checkpoint_bytes(prior, model))
-    codes = encode_all(model, train.images, args.batch_size, device)          # (N, H, W)
-    test_codes = encode_all(model, test.images, args.batch_size, device)
+    epochs, max_steps = prior_length(args)
+    # a prior limited to S steps draws at most S batches: it needs no more code grids than that
+    n = len(train) if max_steps is None else \
+        min(len(train), max_steps * args.prior_batch_size * dist.world)
+    codes = encode_all(model, train.images[:n], args.batch_size, device,
+                       "encoding the training set for the prior")                # (n, H, W)
+    labels = None if labels is None else labels[:n]
+    test_codes = encode_all(model, test.images, args.batch_size, device,
+                            "encoding the held-out set for the prior")
     test_labels = class_labels(test)[0].to(device) if args.prior_conditional else None
     steps_per_epoch = len(codes) // dist.world // args.prior_batch_size
     if steps_per_epoch == 0:
         raise utils.UserError(f"{len(codes)} code grids are fewer than one prior batch of "
                               f"{args.prior_batch_size}"
                               f"{f' on each of {dist.world} ranks' if dist.active else ''}")
-    total = steps_per_epoch * args.prior_epochs
-    if args.prior_max_steps is not None:
-        total = min(total, args.prior_max_steps)
+    total = steps_per_epoch * epochs
+    if max_steps is not None:
+        total = min(total, max_steps)
     fwd = data_parallel(prior, device)
     fwd = torch.compile(fwd) if args.compile else fwd
     amp = not args.no_amp
@@ -861,14 +889,15 @@ def train_prior(args, model, train, test, grid, vq_step, out, device):
         shard = slice(dist.rank, None, dist.world)
         grids = test_codes[shard]
         grid_labels = None if test_labels is None else test_labels[shard]
-        nll = accumulator(1, device)              # summed over grids
-        for i in range(0, len(grids), args.prior_batch_size):
+        nll = utils.Sums(1, device)               # summed over grids
+        for i in utils.Progress(range(0, len(grids), args.prior_batch_size),
+                                desc="prior evaluation", unit="batch"):
             c = grids[i:i + args.prior_batch_size].long()
             y = None if grid_labels is None else grid_labels[i:i + args.prior_batch_size]
             with utils.autocast(device, amp):
-                nll += prior_nll(prior, c, y).to(nll.dtype) * len(c)
+                nll.add(prior_nll(prior, c, y).float()[None] * len(c))
         prior.train()
-        return utils.all_reduce_sum(nll).item() / len(test_codes) / math.log(2)
+        return float(nll.read()[0]) / len(test_codes) / math.log(2)
 
     def checkpoint():
         rngs = utils.gather_objects(utils.rng_state())       # every rank's, for an exact resume
@@ -891,8 +920,9 @@ def train_prior(args, model, train, test, grid, vq_step, out, device):
     running = utils.RunningMean()
     train_time, t0 = 0.0, time.perf_counter()
 
-    bar = tqdm(total=total, initial=step, desc="prior", unit="step", dynamic_ncols=True,
-               disable=not dist.main)
+    bar = utils.Progress(total=total, initial=step, desc="prior", unit="step",
+                         what=f"{args.prior_batch_size * dist.world} code grids each",
+                         announce=True)
     with utils.StopSignal() as stop:
         stopping = False
         while step < total and not stopping:
@@ -921,7 +951,7 @@ def train_prior(args, model, train, test, grid, vq_step, out, device):
                                 "test_bits_per_code": held_out_bits()})
                 if dist.main:
                     utils.write_json(out / "prior_history.json", history)
-                    tqdm.write(f"prior epoch {history[-1]['epoch']} step {step}: held-out "
+                    bar.write(f"prior epoch {history[-1]['epoch']} step {step}: held-out "
                                f"{history[-1]['test_bits_per_code']:.4f} bits/code")
             checkpoint()
             stopping = stopping or utils.should_stop(stop, step, args.log_every, device)

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import beta_vae as bv
 import beta_vae_analyze as ba
@@ -300,7 +301,7 @@ def test_beta_vae_trains_resumes_exactly_and_is_analysed(tmp_path, script):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
     proc = script("beta_vae_analyze.py", "--checkpoint", straight / "checkpoint.pt",
-                  "--traverse", "--metrics", "--points", 300, "--train-votes", 40,
+                  "--traverse", "--gif", "--metrics", "--points", 300, "--train-votes", 40,
                   "--eval-votes", 20, "--out", tmp_path / "analysis")
     assert "MIG" in proc.stdout
     result = json.loads((tmp_path / "analysis" / "disentanglement.json").read_text())
@@ -309,6 +310,14 @@ def test_beta_vae_trains_resumes_exactly_and_is_analysed(tmp_path, script):
                                                        "posX", "posY"}
     assert set(result["latent_factors"]) == {"z0", "z1", "z2", "z3"}
     assert (tmp_path / "analysis" / "traversal.png").stat().st_size > 0
+    # the GIF: one frame per traversal step, there and back; frames differ as the latent moves
+    with Image.open(tmp_path / "analysis" / "traversal.gif") as gif:
+        frames = []
+        for i in range(gif.n_frames):
+            gif.seek(i)
+            frames.append(np.asarray(gif.convert("RGB"), dtype=np.int16))
+    assert len(frames) == 2 * 7 - 2
+    assert np.array_equal(frames[1], frames[-1]) and np.abs(frames[0] - frames[6]).max() > 0
 
     # --latent-kl: the held-out KL per latent of each run, recomputed here, and identical runs
     # (straight and split are bit-identical) give identical columns

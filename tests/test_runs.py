@@ -1,0 +1,221 @@
+"""How runs behave around training: progress reports, sizes that follow the run's length,
+evaluation sums without float64 (Apple MPS), and the GPU-only paths (bf16 autocast,
+channels-last, fused Adam, torch.compile) exercised on the CPU."""
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import beta_vae as bv
+import standard_vae as sv
+import utils
+import vq_vae as vq
+
+
+# ---- progress --------------------------------------------------------------------------------
+def test_progress_off_a_terminal_is_a_few_plain_lines(capsys, monkeypatch):
+    with utils.Progress(total=4, desc="phase", unit="batch", what="8 images", announce=True,
+                        tty=False) as bar:
+        for _ in range(4):
+            bar.update(1)
+    assert capsys.readouterr().out.splitlines() == [
+        "phase: 4 batches, 8 images", "phase: done: 4 batches in 0 s"]
+
+    for _ in utils.Progress(range(3), desc="quick", tty=False):    # short phases stay silent
+        pass
+    assert capsys.readouterr().out == ""
+
+    monkeypatch.setattr(utils.Progress, "QUIET_S", 0.0)             # a phase that is slow
+    for _ in utils.Progress(range(20), desc="slow", unit="image", tty=False):
+        pass
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("slow: 20 images, about ") and lines[0].endswith(" left")
+    assert lines[-1].startswith("slow: done: 20 images in ") and len(lines) == 2
+
+
+def test_progress_is_a_bar_on_a_terminal_and_silent_off_rank_0(capsys, monkeypatch):
+    for _ in utils.Progress(range(3), desc="bar", tty=True, announce=True):
+        pass
+    out = capsys.readouterr()
+    assert out.out == "" and "bar: 100%" in out.err                # tqdm draws on stderr
+    monkeypatch.setattr(utils, "DIST", utils.Distributed(rank=1, world=2))
+    for _ in utils.Progress(range(3), desc="rank 1", tty=False, announce=True):
+        pass
+    for _ in utils.Progress(range(3), desc="rank 1", tty=True, announce=True):
+        pass
+    assert capsys.readouterr() == ("", "")
+
+
+# ---- sizes that follow the run ---------------------------------------------------------------
+def test_held_out_and_iw_nll_sizes_follow_the_run():
+    run = argparse.Namespace(batch_size=64, epochs=30, max_steps=None)
+    assert utils.run_images(run, 663_552) == (30 * 10_368 * 64, 10_368 * 64)
+    assert utils.run_images(argparse.Namespace(**{**vars(run), "max_steps": 10}), 663_552) \
+        == (640, 663_552)
+    assert utils.held_out_size(None, 640, 663_552) == 1_000                # a 10-step run
+    assert utils.held_out_size(None, 3_000 * 64, 663_552) == 10_000        # a real run
+    assert utils.held_out_size(None, 72_000, 2_400) == 2_400               # one small epoch
+    assert utils.held_out_size(500, 640, 663_552) == 500                   # as typed
+    assert sv.iw_size(None, 10_000, 600_000, 100) == 10_000                # 10 MNIST epochs
+    assert sv.iw_size(None, 1_000, 1_280, 100) == 100                      # a 10-step run
+    assert sv.iw_size(None, 1_000, 10_000, 100) == 300
+    assert sv.iw_size(50, 1_000, 1_280, 100) == 50 and sv.iw_size(5_000, 64, 0, 4) == 64
+
+
+def test_vq_prior_is_bounded_like_the_vq_vae_unless_told_otherwise():
+    args = argparse.Namespace(prior_epochs=None, prior_max_steps=None, epochs=30, max_steps=10)
+    assert vq.prior_length(args) == (vq.PRIOR_EPOCHS, 10)
+    args.epochs, args.max_steps = 2, None
+    assert vq.prior_length(args) == (2, None)
+    args.prior_epochs, args.prior_max_steps = 0, 7
+    assert vq.prior_length(args) == (0, 7)
+
+
+# ---- evaluation without float64 --------------------------------------------------------------
+class DtypeLog(TorchDispatchMode):
+    """Records the dtype of every tensor any operation makes."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.dtypes.add(t.dtype)
+        return out
+
+
+class Float64Sums:
+    """The accumulation before utils.Sums: plain float64 sums, the reference."""
+
+    def __init__(self, n, device):
+        self.total = torch.zeros(n, dtype=torch.float64, device=device)
+
+    def add(self, values):
+        self.total += values.double()
+
+    def read(self):
+        return self.total.numpy()
+
+
+def test_compensated_sums_keep_float64_accuracy_in_float32():
+    g = torch.Generator().manual_seed(0)
+    values = 1000 + torch.rand(20_000, 2, generator=g)
+    sums, naive = utils.Sums(2, "cpu"), torch.zeros(2)
+    for v in values:
+        sums.add(v)
+        naive += v
+    exact = values.double().sum(0).numpy()
+    assert np.abs(sums.read() / exact - 1).max() < 1e-9
+    assert np.abs(naive.double().numpy() / exact - 1).max() > 1e-6    # what it guards against
+
+
+def small_images(n, channels, size, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, channels, size, size, generator=g) * 255).to(torch.uint8)
+
+
+@pytest.mark.parametrize("recon", ["bce", "mse"])
+def test_vae_evaluation_makes_no_float64_tensor_and_equals_float64_sums(recon, monkeypatch):
+    torch.manual_seed(0)
+    model = sv.VAE(1, 28, 4, sv.default_widths(28, 8), hidden=32, recon=recon)
+    images = small_images(1_300, 1, 28)
+    args = argparse.Namespace(seed=0, binarize=recon == "bce")
+    log = DtypeLog()
+    with log:
+        result = sv.evaluate(model, images, args, False, torch.device("cpu"), 3, 90)
+    assert torch.float64 not in log.dtypes and torch.float32 in log.dtypes
+    monkeypatch.setattr(utils, "Sums", Float64Sums)
+    reference = sv.evaluate(model, images, args, False, torch.device("cpu"), 3, 90)
+    assert result["images"] == 1_300 and result["iw_images"] == 90
+    for key in ("neg_elbo", "recon", "kl", "iw_nll"):
+        assert result[key] == pytest.approx(reference[key], rel=1e-6), key
+    assert result["kl_per_dim"] == pytest.approx(reference["kl_per_dim"], rel=1e-6)
+    assert result["active_units"] == reference["active_units"]
+
+
+def test_vq_evaluation_makes_no_float64_tensor_and_equals_float64_sums(monkeypatch):
+    torch.manual_seed(0)
+    model = vq.VQVAE(1, hidden=16, res_hidden=8, res_layers=1, num_codes=32, code_dim=8)
+    images = small_images(700, 1, 32)
+    log = DtypeLog()
+    with log:
+        result = vq.evaluate(model, images, 0.08, 64, torch.device("cpu"))
+    assert torch.float64 not in log.dtypes
+    monkeypatch.setattr(utils, "Sums", Float64Sums)
+    reference = vq.evaluate(model, images, 0.08, 64, torch.device("cpu"))
+    for key in ("recon_error", "psnr", "perplexity", "batch_perplexity"):
+        assert result[key] == pytest.approx(reference[key], rel=1e-6), key
+    assert result["code_counts"] == reference["code_counts"]
+    assert sum(result["code_counts"]) == 700 * 8 * 8
+
+
+# ---- the GPU paths, run on the CPU -----------------------------------------------------------
+TINY = ["--dataset", "dsprites", "--limit", 512, "--batch-size", 32, "--log-every", 4,
+        "--device", "cpu"]
+
+
+def test_bf16_autocast_channels_last_and_fused_adam_train_on_cpu(tmp_path, monkeypatch):
+    """The paths a GPU takes (utils.FAST_PATHS), through the real training loop: the model
+    runs in bf16 on channels-last batches, the loss terms stay fp32, the loss falls, and the
+    optimiser is the fused Adam."""
+    monkeypatch.setattr(utils, "FAST_PATHS", {"cuda", "cpu"})
+    seen = []
+
+    def loss(x, logits, mu, logvar, step, args, log_sigma=None, data_size=None):
+        terms = bv_loss(x, logits, mu, logvar, step, args, log_sigma, data_size)
+        seen.append((logits.dtype, x.is_contiguous(memory_format=torch.channels_last),
+                     {k: v.dtype for k, v in terms.items() if torch.is_tensor(v)}))
+        return terms
+
+    bv_loss = bv.beta_vae_loss
+    monkeypatch.setattr(bv, "beta_vae_loss", loss)
+    out = tmp_path / "beta"
+    bv.main(bv.parse_args([*map(str, TINY), "--eval-limit", "64",
+                           "--data-root", str(tmp_path / "data"),
+                           "--max-steps", "20", "--latent", "4", "--objective", "H",
+                           "--out", str(out)]))
+    assert all(dtype == torch.bfloat16 and nhwc for dtype, nhwc, _ in seen)
+    assert all(d == torch.float32 for *_, terms in seen for d in terms.values())
+    log = utils.load_checkpoint(out / "checkpoint.pt")["log"]
+    assert log[-1]["recon"] < 0.6 * log[0]["recon"]
+    state = utils.load_checkpoint(out / "checkpoint.pt")["optimizer"]
+    assert state["param_groups"][0]["fused"] is True
+
+    # the VQ-VAE under the same paths (its prior samples too slowly in bf16 on a CPU)
+    metrics = vq.main(vq.parse_args([*map(str, TINY), "--eval-limit", "64",
+                                     "--data-root", str(tmp_path / "data"),
+                                     "--max-steps", "6", "--hidden", "16", "--res-hidden", "8",
+                                     "--res-layers", "1", "--codes", "32", "--code-dim", "8",
+                                     "--prior-epochs", "0", "--out", str(tmp_path / "vq")]))
+    assert metrics["steps"] == 6 and np.isfinite(metrics["test"]["recon_error"])
+    log = utils.load_checkpoint(tmp_path / "vq" / "checkpoint.pt")["log"]
+    assert log[-1]["loss"] < log[0]["loss"]
+
+
+@pytest.mark.parametrize("name, flags", [
+    ("standard_vae.py", ["--iw-samples", 2, "--width", 8, "--hidden", 32]),
+    ("beta_vae.py", ["--hidden", 32, "--objective", "TC"]),
+    ("vq_vae.py", ["--hidden", 16, "--res-hidden", 8, "--res-layers", 1, "--codes", 32,
+                   "--code-dim", 8, "--prior-channels", 16, "--prior-layers", 3,
+                   "--prior-kernel", 3, "--prior-batch-size", 32]),
+])
+def test_each_script_runs_compiled(name, flags, tmp_path, script):
+    """--compile end to end (inductor on the CPU): training, evaluation, outputs."""
+    out = tmp_path / "run"
+    proc = script(name, *TINY, "--data-root", tmp_path / "data", "--max-steps", 4, "--latent",
+                  8 if name == "vq_vae.py" else 4, "--compile", *flags, "--out", out,
+                  env={"OMP_NUM_THREADS": "1"}, timeout=600)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["args"]["compile"] is True
+    if name == "vq_vae.py":                             # --max-steps bounds the prior too
+        assert metrics["prior"]["steps"] == 4
+    assert "Traceback" not in proc.stderr
+    for line in ("held-out evaluation: 1,000 images", f"{name[:-3]}: 4 steps, 32 images each",
+                 f"{name[:-3]}: done: 4 steps in "):
+        assert line in proc.stdout, (line, proc.stdout)
