@@ -50,15 +50,26 @@ beta-diagnosis:
 	$(THREADS) $(PY) beta_vae.py $(DIAG) --objective H --beta 4 --beta-warmup 0 --out runs/diag_H_beta4
 	for r in baseline gamma100 lr1e-4 H_beta4; do $(THREADS) $(PY) beta_vae_analyze.py --checkpoint runs/diag_$$r/checkpoint.pt --metrics --train-votes 2000 --eval-votes 1000; done
 
-# attribute arithmetic on synthetic CelebA-format faces: the headline command before and after
-# run-length-aware schedules, and objective H with beta 1
+# attribute arithmetic on synthetic CelebA-format faces: the headline command (CelebA's default,
+# objective H with beta 1) against objective B and other settings, at 3,000 and 20,000 faces
 FACES = data/faces3k
+FACES20K = data/faces20k
+HEADLINE = --dataset celeba --latent 10 --epochs 30
 faces-attributes:
 	$(PY) tests/faces.py --n 3000 --root $(FACES)
-	$(THREADS) $(PY) beta_vae.py --dataset celeba --data-root $(FACES) --latent 10 --epochs 30 --eval-limit 300 --c-steps 100000 --out runs/faces3k_B_c100k
-	$(THREADS) $(PY) beta_vae.py --dataset celeba --data-root $(FACES) --latent 10 --epochs 30 --eval-limit 300 --out runs/faces3k_B
-	$(THREADS) $(PY) beta_vae.py --dataset celeba --data-root $(FACES) --latent 10 --epochs 30 --eval-limit 300 --objective H --beta 1 --beta-warmup 0 --out runs/faces3k_H1
-	for r in faces3k_B_c100k faces3k_B faces3k_H1; do for a in Smiling Eyeglasses; do \
+	$(PY) tests/faces.py --n 20000 --root $(FACES20K)
+	$(THREADS) $(PY) beta_vae.py $(HEADLINE) --data-root $(FACES) --eval-limit 300 --out runs/faces3k_H1
+	$(THREADS) $(PY) beta_vae.py $(HEADLINE) --data-root $(FACES) --eval-limit 300 --objective B --c-steps 100000 --out runs/faces3k_B_c100k
+	$(THREADS) $(PY) beta_vae.py $(HEADLINE) --data-root $(FACES) --eval-limit 300 --objective B --out runs/faces3k_B
+	$(THREADS) $(PY) beta_vae.py $(HEADLINE) --data-root $(FACES) --eval-limit 300 --objective B --recon mse --out runs/faces3k_B_mse
+	$(THREADS) $(PY) beta_vae.py $(HEADLINE) --data-root $(FACES) --eval-limit 300 --lr 1e-3 --out runs/faces3k_H1_lr1e-3
+	$(THREADS) $(PY) beta_vae.py $(HEADLINE) --data-root $(FACES) --eval-limit 300 --batch-size 32 --out runs/faces3k_H1_b32
+	$(THREADS) $(PY) beta_vae.py $(HEADLINE) --data-root $(FACES) --eval-limit 300 --latent 32 --out runs/faces3k_H1_lat32
+	$(THREADS) $(PY) beta_vae.py $(HEADLINE) --data-root $(FACES) --eval-limit 300 --recon mse --out runs/faces3k_H1_mse
+	$(THREADS) $(PY) beta_vae.py $(HEADLINE) --data-root $(FACES20K) --eval-limit 1000 --out runs/faces20k_H1
+	$(THREADS) $(PY) beta_vae.py $(HEADLINE) --data-root $(FACES20K) --eval-limit 1000 --objective B --out runs/faces20k_B
+	for r in faces3k_H1 faces3k_B_c100k faces3k_B faces3k_B_mse faces3k_H1_lr1e-3 faces3k_H1_b32 faces3k_H1_lat32 faces3k_H1_mse faces20k_H1 faces20k_B; do \
+	  for a in Smiling Eyeglasses; do \
 	  $(PY) beta_vae_analyze.py --checkpoint runs/$$r/checkpoint.pt --attribute $$a --n-images 5000 --strengths=0:2:5; done; done
 
 # MIG and FactorVAE against the independent implementation of the disent package (a throwaway

@@ -37,6 +37,15 @@ def test_defaults_are_the_published_settings():
     assert all(c.kernel_size == (4, 4) and c.stride == (2, 2) for c in convs)
     fcs = [m for m in model.encoder.fc if isinstance(m, torch.nn.Linear)]
     assert [f.out_features for f in fcs] == [256, 256, 20]
+    # CelebA serves attribute vectors: objective H with beta 1 unless told otherwise, and said
+    celeba = bv.check_args(bv.parse_args([]))
+    assert (celeba.dataset, celeba.objective, celeba.beta) == ("celeba", "H", 1.0)
+    assert bv.resolve_schedule(celeba, 1110)[0].startswith("objective H with beta 1: the default")
+    for flags, expected in ((["--objective", "B"], ("B", 4.0)), (["--beta", "2"], ("H", 2.0)),
+                            (["--objective", "H"], ("H", 4.0))):
+        args = bv.check_args(bv.parse_args(flags))
+        assert (args.objective, args.beta) == expected, flags
+        assert not bv.resolve_schedule(args, 1110)[0].startswith("objective")
 
 
 def test_objectives_match_a_hand_computation():
@@ -147,17 +156,18 @@ def test_factor_vae_score_is_one_axis_aligned_and_low_rotated():
 
 def test_schedules_follow_the_run_length_unless_given():
     # not given: C reaches C_max at C_SHARE of the run, capped at the published 100,000 steps
-    args = bv.check_args(bv.parse_args(["--dataset", "celeba"]))
+    args = bv.check_args(bv.parse_args(["--dataset", "celeba", "--objective", "B"]))
     lines = bv.resolve_schedule(args, 1110)
     assert args.c_steps == round(bv.C_SHARE * 1110) and args.c_max == 50.0
     assert bv.capacity(1110, args.c_max, args.c_steps) == 50.0
     assert lines[0].startswith(f"schedule: C rises linearly from 0 to 50 nats over "
                                f"{args.c_steps:,} steps") and len(lines) == 1
-    args = bv.check_args(bv.parse_args(["--dataset", "celeba"]))
+    args = bv.check_args(bv.parse_args(["--dataset", "celeba", "--objective", "B"]))
     bv.resolve_schedule(args, 10**6)
     assert args.c_steps == 100_000
     # given and too long for the run: a warning with the numbers
-    args = bv.check_args(bv.parse_args(["--dataset", "celeba", "--c-steps", "100000"]))
+    args = bv.check_args(bv.parse_args(["--dataset", "celeba", "--objective", "B",
+                                        "--c-steps", "100000"]))
     lines = bv.resolve_schedule(args, 1110)
     assert args.c_steps == 100_000
     assert lines[1].startswith("warning: C will reach only 0.56 of its 50 nats (1%) in 1,110 "
