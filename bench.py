@@ -130,7 +130,8 @@ def setup_standard(device, amp=True, channels_last=False, size=64):
 
 
 def setup_beta(device, amp=True, channels_last=False, size=64):
-    args = bv.check_args(bv.parse_args(["--dataset", "celeba", "--c-steps", "100000"]))
+    args = bv.check_args(bv.parse_args(["--dataset", "celeba", "--objective", "B",
+                                        "--c-steps", "100000"]))
     model = bv.build_model(args, 3, size).to(device)
     loss = lambda x, logits, mu, logvar, i: bv.beta_vae_loss(x, logits, mu, logvar, i, args,
                                                              model.log_sigma)
