@@ -963,7 +963,9 @@ def train_prior(args, model, train, test, grid, vq_step, out, device):
         utils.cleanup_distributed()
         raise utils.Stopped(stop.requested)
 
-    bits = held_out_bits()
+    # the last epoch's score is the final one when it was taken at this step (the common case)
+    bits = history[-1]["test_bits_per_code"] if history and history[-1]["step"] == step \
+        else held_out_bits()
     if dist.main:
         utils.plot_curves({"train": ([r["step"] for r in log], [r["bits_per_code"] for r in log]),
                            "held-out": ([h["step"] for h in history],
