@@ -1540,8 +1540,8 @@ class Progress:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        self.close(stopped=exc_type is not None)
 
     def update(self, n=1):
         self.n += n
@@ -1579,15 +1579,16 @@ class Progress:
         if DIST.main:
             self.bar.write(text) if not self.lines else print(text, flush=True)
 
-    def close(self):
+    def close(self, stopped=False):
         if self.closed:
             return
         self.closed = True
         self.bar.close()
         took = time.perf_counter() - self.t0
         if self.lines and (self.announced or took >= self.QUIET_S):
-            self._say(f"done: {self.n - self.first:,} {plural(self.unit, self.n - self.first)} "
-                      f"in {format_seconds(took)}{self._postfix_text()}")
+            self._say(f"{'stopped after' if stopped else 'done:'} {self.n - self.first:,} "
+                      f"{plural(self.unit, self.n - self.first)} in {format_seconds(took)}"
+                      f"{self._postfix_text()}")
 
 
 def plural(noun, n=2):

@@ -28,6 +28,12 @@ def test_progress_off_a_terminal_is_a_few_plain_lines(capsys, monkeypatch):
         pass
     assert capsys.readouterr().out == ""
 
+    with pytest.raises(KeyboardInterrupt):                        # a phase cut short says so
+        with utils.Progress(total=4, desc="cut", announce=True, tty=False) as bar:
+            bar.update(1)
+            raise KeyboardInterrupt
+    assert capsys.readouterr().out.splitlines() == ["cut: 4 its", "cut: stopped after 1 it in 0 s"]
+
     monkeypatch.setattr(utils.Progress, "QUIET_S", 0.0)             # a phase that is slow
     for _ in utils.Progress(range(20), desc="slow", unit="image", tty=False):
         pass
