@@ -338,10 +338,11 @@ def build_model(args, channels, image_size):
 def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl"), schedule=None):
     """Train a VAE; also the loop of beta_vae.py, which differs only in `loss_fn`.
 
-    `loss_fn(x, logits, mu, logvar, step, model, data_size)` returns the named terms;
-    those of `log_keys` that it returns are logged, and `terms["loss"]` is minimised (`data_size`, the number of training images, serves estimators
-    of the aggregate posterior). Data stay on the device, losses are summed there and read every
-    --log-every steps, the held-out -ELBO is scored and a checkpoint written at every epoch end,
+    `loss_fn(x, logits, mu, logvar, step, model, data_size)` returns the named terms; those
+    of `log_keys` that it returns are logged, and `terms["loss"]` is minimised (`data_size`,
+    the number of training images, serves estimators of the aggregate posterior). Data stay
+    on the device, losses are summed there and read every --log-every steps, the held-out
+    -ELBO is scored and a checkpoint written at every epoch end,
     and SIGINT/SIGTERM save the current step. `--resume` restores model, optimiser, step, logs
     and RNG, so the run continues exactly; the saved settings are written into `args` itself,
     so closures that read it see the run's settings. `schedule(total_steps)`, if given, is
@@ -363,13 +364,7 @@ def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl"), sche
     with utils.main_first():                      # rank 0 builds any data cache alone
         train = utils.load_dataset(args.dataset, args.data_root, "train", args.limit,
                                    args.image_size, args.crop)
-        given = args.eval_limit
-        args.eval_limit = utils.held_out_size(given, *utils.run_images(args, len(train), dist.world))
-        test = utils.load_dataset(args.dataset, args.data_root, "test", args.eval_limit,
-                                  args.image_size, args.crop)
-    if dist.main and given is None:
-        print(f"held-out evaluation: {len(test):,} images at every epoch end and after "
-              "training (sized to the run; --eval-limit sets it)")
+        test = utils.load_held_out(args, len(train), dist)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     fast = utils.fast_paths(device)
     model = build_model(args, train.channels, train.image_size).to(device)
@@ -472,13 +467,12 @@ def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl"), sche
 def final_evaluation(run, args):
     """The held-out scores after training, with the IW-NLL (if --iw-samples) on as many
     images as the run's length warrants (`iw_size`), said before it starts."""
-    n = len(run.test)
-    iw_images = iw_size(args.iw_images, n, run.step * args.batch_size * run.dist.world,
-                        args.iw_samples) if args.iw_samples > 0 else 0
+    n, trained = len(run.test), run.step * args.batch_size * run.dist.world
+    iw_images = iw_size(args.iw_images, n, trained, args.iw_samples) if args.iw_samples > 0 \
+        else 0
     if iw_images and run.dist.main:
         sized = "" if args.iw_images is not None else \
-            f", sized to the run's {run.step * args.batch_size * run.dist.world:,} training " \
-            "images; --iw-images sets it"
+            f", sized to the run's {trained:,} training images; --iw-images sets it"
         print(f"IW-NLL: K={args.iw_samples} importance samples on {iw_images:,} of the {n:,} "
               f"held-out images ({iw_images * args.iw_samples:,} decoder passes{sized})")
     return evaluate(run.model, run.test.images, args, run.test.binary, run.device,

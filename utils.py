@@ -760,6 +760,19 @@ def held_out_size(limit, train_images, epoch_images, default=10_000, floor=1_000
     return max(floor, min(default, epoch_images, train_images))
 
 
+def load_held_out(args, train_size, dist):
+    """The held-out split, `--eval-limit` images of it, the limit sized to the run when not
+    given (`held_out_size`, written back into `args` so the checkpoint keeps it), and said."""
+    given = args.eval_limit
+    args.eval_limit = held_out_size(given, *run_images(args, train_size, dist.world))
+    test = load_dataset(args.dataset, args.data_root, "test", args.eval_limit, args.image_size,
+                        args.crop)
+    if dist.main and given is None:
+        print(f"held-out evaluation: {len(test):,} images at every epoch end and after "
+              "training (sized to the run; --eval-limit sets it)")
+    return test
+
+
 def iterate(images, batch_size, device):
     """Yield float batches of a uint8 tensor in order (evaluation)."""
     for i in range(0, len(images), batch_size):

@@ -662,14 +662,7 @@ def fit(args):
     with utils.main_first():                      # rank 0 builds any data cache alone
         train = utils.load_dataset(args.dataset, args.data_root, "train", args.limit,
                                    args.image_size, args.crop)
-        given = args.eval_limit
-        args.eval_limit = utils.held_out_size(given, *utils.run_images(args, len(train),
-                                                                       dist.world))
-        test = utils.load_dataset(args.dataset, args.data_root, "test", args.eval_limit,
-                                  args.image_size, args.crop)
-    if dist.main and given is None:
-        print(f"held-out evaluation: {len(test):,} images at every epoch end and after "
-              "training (sized to the run; --eval-limit sets it)")
+        test = utils.load_held_out(args, len(train), dist)
     grid = (grid_size(train.image_size),) * 2
     model = build_model(args, train.channels).to(device)
     opt = utils.adam(model.parameters(), args.lr, device)
