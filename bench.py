@@ -103,7 +103,7 @@ class JpegFolder(torch.utils.data.Dataset):
 # Models: each script's default configuration, on 3x64x64 images
 # ----------------------------------------------------------------------------------------------
 def vae_step(model, loss_fn, lr, device, amp, channels_last):
-    """The training step of standard_vae.fit / beta_vae: forward, loss, backward, Adam."""
+    """standard_vae.train_step (also beta_vae's) with `loss_fn(x, logits, mu, logvar, step)`."""
     opt = utils.adam(model.parameters(), lr, device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -111,21 +111,16 @@ def vae_step(model, loss_fn, lr, device, amp, channels_last):
     def step(x, i):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with utils.autocast(device, amp):
-            logits, mu, logvar = model(x)
-        terms = loss_fn(x, logits, mu, logvar, i)
-        opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        opt.step()
-        return terms
+        return sv.train_step(model, opt, x, lambda *out: loss_fn(*out, i), amp)
     return step
 
 
 def setup_standard(device, amp=True, channels_last=False, size=64):
     args = sv.check_args(sv.parse_args(["--dataset", "celeba", "--batch-size", "64"]))
     model = sv.build_model(args, 3, size).to(device)
-    loss = lambda x, logits, mu, logvar, i: sv.vae_loss(x, logits, mu, logvar, args.recon,
-                                                        model.log_sigma)
+
+    def loss(x, logits, mu, logvar, step):
+        return sv.vae_loss(x, logits, mu, logvar, args.recon, model.log_sigma)
     return vae_step(model, loss, args.lr, device, amp, channels_last)
 
 
@@ -133,8 +128,9 @@ def setup_beta(device, amp=True, channels_last=False, size=64):
     args = bv.check_args(bv.parse_args(["--dataset", "celeba", "--objective", "B",
                                         "--c-steps", "100000"]))
     model = bv.build_model(args, 3, size).to(device)
-    loss = lambda x, logits, mu, logvar, i: bv.beta_vae_loss(x, logits, mu, logvar, i, args,
-                                                             model.log_sigma)
+
+    def loss(x, logits, mu, logvar, step):
+        return bv.beta_vae_loss(x, logits, mu, logvar, step, args, model.log_sigma)
     return vae_step(model, loss, args.lr, device, amp, channels_last)
 
 

@@ -12,7 +12,6 @@ with the importance-weighted bound of Burda et al. 2016, which tightens towards 
 """
 import argparse
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -335,21 +334,32 @@ def build_model(args, channels, image_size):
                args.hidden, args.recon, args.sigma)
 
 
+def train_step(model, opt, x, loss_fn, amp=True):
+    """One optimiser step on a batch x (B, C, S, S) in [0, 1]: the forward pass (bf16 autocast
+    on the GPU), `loss_fn(x, logits, mu, logvar)`'s terms in fp32, backward, Adam. `model` is
+    the VAE or its DDP/compiled wrapper. Returns the (device) terms."""
+    with utils.autocast(x.device, amp):
+        logits, mu, logvar = model(x)
+    terms = loss_fn(x, logits, mu, logvar)
+    opt.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    opt.step()
+    return terms
+
+
 def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl"), schedule=None):
     """Train a VAE; also the loop of beta_vae.py, which differs only in `loss_fn`.
 
     `loss_fn(x, logits, mu, logvar, step, model, data_size)` returns the named terms; those
     of `log_keys` that it returns are logged, and `terms["loss"]` is minimised (`data_size`,
-    the number of training images, serves estimators of the aggregate posterior). Data stay
-    on the device, losses are summed there and read every --log-every steps, the held-out
-    -ELBO is scored and a checkpoint written at every epoch end,
-    and SIGINT/SIGTERM save the current step. `--resume` restores model, optimiser, step, logs
-    and RNG, so the run continues exactly; the saved settings are written into `args` itself,
-    so closures that read it see the run's settings. `schedule(total_steps)`, if given, is
-    called once the run's length is known and returns lines to print (rank 0 prints them).
-    Under torchrun each rank trains on its shard of every batch order with
-    DistributedDataParallel; rank 0 alone writes. Returns the run state; a stop by a signal
-    raises utils.Stopped once the checkpoint is saved.
+    the number of training images, serves estimators of the aggregate posterior). The loop is
+    utils.train: data on the device, the held-out -ELBO scored and a checkpoint written at
+    every epoch end, SIGINT/SIGTERM save the current step, and `--resume` continues exactly.
+    The saved settings are written into `args` itself, so closures that read it see the
+    run's settings. `schedule(total_steps)`, if given, is called once the run's length is
+    known and returns lines to print (rank 0 prints them). Under torchrun each rank trains on
+    its shard of every batch order with DistributedDataParallel; rank 0 alone writes. Returns
+    the run state; a stop by a signal raises utils.Stopped once the checkpoint is saved.
     """
     dist, device = utils.setup_distributed(args.device)
     out = utils.prepare_out(args.out, not args.resume, args.overwrite) if dist.main \
@@ -374,94 +384,37 @@ def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl"), sche
     batches = utils.DeviceBatches(train.images, args.batch_size, device, args.seed,
                                   binarize=args.binarize, rank=dist.rank, world=dist.world,
                                   channels_last=fast)
-    step, log, history = 0, [], []
     torch.manual_seed(args.seed + 1_000_003 * dist.rank)         # each rank its own noise
-    if state is not None:
-        utils.load_state(model, state["model"], kind, out)
-        utils.load_state(opt, state["optimizer"], f"{kind} optimiser", out)
-        for group in opt.param_groups:              # a typed --lr applies from here on
-            group["lr"] = args.lr
-        step, log, history = state["step"], state["log"], state["history"]
-        utils.restore_rng(state)
-        utils.set_aside_current(args.resume, out)
-    if dist.main:                                 # a full disk is found now, not after an epoch
-        utils.reserve_space(out, utils.checkpoint_bytes(model))
-    first_step = step
     total = len(batches) * args.epochs
     if args.max_steps is not None:
         total = min(total, args.max_steps)
     for line in schedule(total) if schedule is not None else ():
         if dist.main:
             print(line)
-    fwd = model
-    if dist.active:
-        from torch.nn.parallel import DistributedDataParallel
-        fwd = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    fwd = torch.compile(fwd) if args.compile else fwd
 
-    def checkpoint():
-        rngs = utils.gather_objects(utils.rng_state())
-        if dist.main:
-            utils.save_checkpoint(out / "checkpoint.pt", {
-                "kind": kind, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "args": vars(args), "step": step, "epoch": step // len(batches), "log": log,
-                "history": history, "rng": rngs[0], "rng_ranks": rngs if dist.active else None,
-                "data": {"channels": train.channels, "image_size": train.image_size}})
+    def step_fn(fwd, x, step):
+        terms = train_step(fwd, opt, x, lambda *out: loss_fn(*out, step, model, len(train)),
+                           not args.no_amp)
+        return {k: terms[k] for k in log_keys if k in terms}
 
-    def read_running():
-        r = running.read(step, out)
-        if r is not None:
-            log.append(r)
-        return r
+    def score(last):
+        res = evaluate(model, test.images, args, test.binary, device)
+        return {"train_loss": last["loss"], "test_neg_elbo": res["neg_elbo"],
+                "test_recon": res["recon"], "test_kl": res["kl"],
+                "kl_per_dim": res["kl_per_dim"]}
 
-    running = utils.RunningMean()
-    train_time, t0 = 0.0, time.perf_counter()
-    bar = utils.Progress(total=total, initial=step, desc=kind, unit="step",
-                         what=f"{args.batch_size * dist.world} images each", announce=True)
-    with utils.StopSignal() as stop:
-        stopping = False
-        while step < total and not stopping:
-            epoch, start = divmod(step, len(batches))
-            for x in batches.epoch(epoch, start):
-                with utils.autocast(device, not args.no_amp):
-                    logits, mu, logvar = fwd(x)
-                terms = loss_fn(x, logits, mu, logvar, step, model, len(train))
-                opt.zero_grad(set_to_none=True)
-                terms["loss"].backward()
-                opt.step()
-                running.add({k: terms[k] for k in log_keys if k in terms})
-                step += 1
-                bar.update(1)
-                if step % args.log_every == 0:
-                    r = read_running()
-                    bar.set_postfix(loss=f"{r['loss']:.2f}", kl=f"{r['kl']:.2f}")
-                stopping = utils.should_stop(stop, step, args.log_every, device)
-                if step >= total or stopping:
-                    break
-            read_running()
-            train_time += time.perf_counter() - t0
-            if step % len(batches) == 0 or step >= total:      # an epoch ended: score it
-                res = evaluate(model, test.images, args, test.binary, device)
-                history.append({"epoch": step // len(batches), "step": step,
-                                "train_loss": log[-1]["loss"], "test_neg_elbo": res["neg_elbo"],
-                                "test_recon": res["recon"], "test_kl": res["kl"],
-                                "kl_per_dim": res["kl_per_dim"]})
-                if dist.main:
-                    utils.write_json(out / "history.json", history)
-            checkpoint()
-            t0 = time.perf_counter()
-    bar.close()
-    if stopping:
-        if dist.main:
-            print(f"stopped at step {step}; checkpoint saved to {out / 'checkpoint.pt'}; "
-                  "continue with --resume")
-        utils.cleanup_distributed()
-        raise utils.Stopped(stop.requested)
+    loop = utils.train(
+        model, opt, step_fn, batches.epoch, len(batches), total, out, kind=kind, args=args, lr=args.lr,
+        state=state, evaluate=score, set_aside=args.resume or None, compile=args.compile,
+        log_every=args.log_every, saved={"data": {"channels": train.channels,
+                                                   "image_size": train.image_size}},
+        postfix=lambda r: {"loss": f"{r['loss']:.2f}", "kl": f"{r['kl']:.2f}"},
+        what=f"{args.batch_size * dist.world} images each")
     return argparse.Namespace(
-        args=args, model=model, train=train, test=test, device=device, out=out, log=log,
-        history=history, step=step, epochs=step / len(batches), train_time=train_time,
-        dist=dist, images_per_s=(step - first_step) * args.batch_size * dist.world
-        / max(train_time, 1e-9))
+        args=args, model=model, train=train, test=test, device=device, out=out, log=loop.log,
+        history=loop.history, step=loop.step, epochs=loop.epochs, train_time=loop.train_time,
+        dist=dist, images_per_s=loop.steps_timed * args.batch_size * dist.world
+        / max(loop.train_time, 1e-9))
 
 
 def final_evaluation(run, args):

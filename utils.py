@@ -705,16 +705,18 @@ def epoch_order(n, seed, epoch, rank=0, world=1):
 
 
 class DeviceBatches:
-    """Mini-batches sliced from a uint8 image tensor that lives on the training device.
+    """Mini-batches sliced from a tensor that lives on the training device: uint8 images, or
+    any items (the prior's code grids) through `indices`.
 
-    The images move to the device once; each epoch is a permutation drawn from a generator
+    The items move to the device once; each epoch is a permutation drawn from a generator
     seeded by (seed, epoch), so the order is a pure function of the epoch and a resumed run
-    sees exactly the batches it would have seen. Floats are made on the device.
-    With `world > 1` each rank takes its own shard of the same permutation.
+    sees exactly the batches it would have seen. Floats are made on the device. Every batch
+    is full; an epoch's remainder is left out. With `world > 1` each rank takes its own shard
+    of the same permutation.
     """
 
-    def __init__(self, images, batch_size, device, seed=0, binarize=False, drop_last=True,
-                 rank=0, world=1, channels_last=False):
+    def __init__(self, images, batch_size, device, seed=0, binarize=False, rank=0, world=1,
+                 channels_last=False):
         if batch_size <= 0:
             raise UserError(f"--batch-size must be positive, got {batch_size}")
         self.images = images.to(device)
@@ -722,7 +724,7 @@ class DeviceBatches:
         self.binarize, self.rank, self.world = binarize, rank, world
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         n = len(images) // world
-        self.steps_per_epoch = n // batch_size if drop_last else math.ceil(n / batch_size)
+        self.steps_per_epoch = n // batch_size
         if self.steps_per_epoch == 0:
             raise UserError(f"{len(images)} images are fewer than one batch of {batch_size}"
                             f"{f' on each of {world} ranks' if world > 1 else ''}")
@@ -734,12 +736,17 @@ class DeviceBatches:
         x = x.float().div_(255).contiguous(memory_format=self.memory_format)
         return torch.bernoulli(x) if self.binarize else x
 
-    def epoch(self, epoch, start=0):
-        """Yield the float batches of `epoch`, beginning at batch `start`."""
+    def indices(self, epoch, start=0):
+        """Yield the index batches (on the device) of `epoch`, beginning at batch `start`."""
         perm = epoch_order(len(self.images), self.seed, epoch, self.rank, self.world)
         perm = perm.to(self.device)
         for i in range(start, self.steps_per_epoch):
-            yield self.to_float(self.images[perm[i * self.batch_size:(i + 1) * self.batch_size]])
+            yield perm[i * self.batch_size:(i + 1) * self.batch_size]
+
+    def epoch(self, epoch, start=0):
+        """Yield the float image batches of `epoch`, beginning at batch `start`."""
+        for idx in self.indices(epoch, start):
+            yield self.to_float(self.images[idx])
 
 
 def run_images(args, train_size, world=1):
@@ -1288,6 +1295,109 @@ def load_state(module, state_dict, what, path):
 
 
 # ----------------------------------------------------------------------------------------------
+# The training loop: one for every phase (the VAEs, the VQ-VAE, the PixelCNN prior)
+# ----------------------------------------------------------------------------------------------
+def train(model, opt, step_fn, batches, steps_per_epoch, total, out, *, kind, args, lr, state=None,
+          evaluate=None, describe=None, saved=None, name="checkpoint.pt",
+          history_name="history.json", set_aside=None, compile=False, log_every=100,
+          postfix=None, desc=None, what=None, reserve=()):
+    """Train `model` with `opt` for `total` steps and return the run's step, log, history and
+    training time. Each script writes its own step; this is the plumbing around it:
+
+    - `step_fn(fwd, batch, step)` takes one optimiser step and returns the named loss terms
+      (device tensors). `fwd` is the model, wrapped in DistributedDataParallel under torchrun
+      and compiled with `compile`. `batches(epoch, start)` yields the `steps_per_epoch`
+      batches of an epoch from batch `start` (DeviceBatches.epoch, say).
+    - Resume: `state`, a checked checkpoint, restores model, optimiser (with `lr`, the typed
+      or saved rate), step, log, history and every rank's RNG, so the run continues exactly;
+      then `set_aside_current(set_aside, out)` when `set_aside` is given.
+    - Logging: the terms are summed on the device and read every `log_every` steps (the one
+      host-device sync), which also stops the run on a non-finite term.
+    - Evaluation: at every epoch end and at the last step, `evaluate(last_log)` returns the
+      held-out scores; they join the history (out/`history_name`), and `describe(entry)`, if
+      given, the line printed.
+    - Checkpoints: out/`name` after every epoch and on a stop, written atomically, holding
+      `saved` besides the states, log, history, args and RNGs. Space for it and the modules
+      in `reserve` is reserved first, so a full disk is found now, not after an epoch.
+    - Signals: the first SIGINT/SIGTERM saves the current step and raises Stopped.
+    """
+    dist = DIST
+    device = next(model.parameters()).device
+    path = Path(out) / name
+    step, log, history = 0, [], []
+    if state is not None:
+        load_state(model, state["model"], kind, path)
+        load_state(opt, state["optimizer"], f"{kind} optimiser", path)
+        for group in opt.param_groups:              # a typed learning rate applies from here on
+            group["lr"] = lr
+        step, log, history = state["step"], state["log"], state["history"]
+        restore_rng(state)
+        if set_aside is not None:
+            set_aside_current(set_aside, out)
+    if dist.main:
+        reserve_space(out, checkpoint_bytes(model, *reserve))
+    fwd = data_parallel(model, device)
+    fwd = torch.compile(fwd) if compile else fwd
+
+    def checkpoint():
+        rngs = gather_objects(rng_state())              # every rank's, for an exact resume
+        if dist.main:
+            save_checkpoint(path, {
+                "kind": kind, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "args": vars(args), "step": step, "epoch": step // steps_per_epoch, "log": log,
+                "history": history, "rng": rngs[0], "rng_ranks": rngs if dist.active else None,
+                **(saved or {})})
+
+    def read_running():
+        r = running.read(step, out)
+        if r is not None:
+            log.append(r)
+        return r
+
+    running = RunningMean()
+    first_step, train_time, t0 = step, 0.0, time.perf_counter()
+    bar = Progress(total=total, initial=step, desc=desc or kind, unit="step", what=what,
+                   announce=True)
+    with StopSignal() as stop:
+        stopping = False
+        while step < total and not stopping:
+            epoch, start = divmod(step, steps_per_epoch)
+            for batch in batches(epoch, start):
+                running.add(step_fn(fwd, batch, step))
+                step += 1
+                bar.update(1)
+                if step % log_every == 0:
+                    r = read_running()
+                    if postfix is not None:
+                        bar.set_postfix(**postfix(r))
+                stopping = should_stop(stop, step, log_every, device)
+                if step >= total or stopping:
+                    break
+            read_running()
+            train_time += time.perf_counter() - t0
+            if evaluate is not None and (step % steps_per_epoch == 0 or step >= total):
+                history.append({"epoch": step // steps_per_epoch, "step": step,
+                                **evaluate(log[-1])})
+                if dist.main:
+                    write_json(Path(out) / history_name, history)
+                    if describe is not None:
+                        bar.write(describe(history[-1]))
+            checkpoint()
+            stopping = stopping or should_stop(stop, step, log_every, device)
+            t0 = time.perf_counter()
+    bar.close()
+    if stopping:
+        if dist.main:
+            print(f"stopped at {'' if desc is None else desc + ' '}step {step}; checkpoint "
+                  f"saved to {path}; continue with --resume")
+        cleanup_distributed()
+        raise Stopped(stop.requested)
+    return argparse.Namespace(step=step, log=log, history=history, train_time=train_time,
+                              steps_per_epoch=steps_per_epoch, epochs=step / steps_per_epoch,
+                              steps_timed=step - first_step)
+
+
+# ----------------------------------------------------------------------------------------------
 # Images and plots
 # ----------------------------------------------------------------------------------------------
 def save_grid(images, path, nrow=8, padding=2):
@@ -1696,6 +1806,20 @@ def cleanup_distributed():
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+
+def data_parallel(module, device):
+    """`module` wrapped in DistributedDataParallel under torchrun (gradients averaged over
+    ranks), else itself. Buffers are not re-broadcast from rank 0 every step: the models keep
+    theirs identical on every rank (the VQ-VAE's quantiser with its own collectives)."""
+    if not DIST.active:
+        return module
+    import inspect
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    # the flag's name since torch 2.13; before, broadcast_buffers (now deprecated)
+    flag = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
+            else "broadcast_buffers")
+    return DDP(module, device_ids=[device] if device.type == "cuda" else None, **{flag: False})
 
 
 def all_reduce_sum(tensor):

@@ -31,9 +31,7 @@ of each code vector). The defaults are the reference CIFAR-10 configuration (REF
 the reported run is 15,000 steps: `--dataset cifar10 --epochs 77 --max-steps 15000`.
 """
 import argparse
-import inspect
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -167,6 +165,7 @@ class VectorQuantizer(nn.Module):
         """Codes of an index grid (B, H, W) -> (B, D, H, W)."""
         return F.embedding(indices, self.codebook).permute(0, 3, 1, 2)
 
+    @torch.compiler.disable          # under --compile: its in-place buffer updates run eagerly
     def forward(self, z_e):
         """z_e (B, D, H, W) -> quantised (B, D, H, W) with a straight-through gradient,
         indices (B, H, W) and named terms (commitment, codebook, perplexity, used)."""
@@ -252,14 +251,10 @@ class VQVAE(nn.Module):
         self.quantizer = VectorQuantizer(num_codes, code_dim, **quantizer)
         self.decoder = Decoder(channels, hidden, res_hidden, res_layers, code_dim)
 
-    def forward(self, x, encode=None, decode=None):
-        """x (B, C, S, S) in [-0.5, 0.5] -> reconstruction, indices (B, S/4, S/4), terms.
-        `encode`/`decode`: compiled encoder and decoder to use instead (--compile); the
-        quantiser, whose buffers change in place, always runs eagerly."""
-        encode = self.encoder if encode is None else encode
-        decode = self.decoder if decode is None else decode
-        q, indices, terms = self.quantizer(encode(x))          # distances in fp32 inside
-        return decode(q), indices, terms
+    def forward(self, x):
+        """x (B, C, S, S) in [-0.5, 0.5] -> reconstruction, indices (B, S/4, S/4), terms."""
+        q, indices, terms = self.quantizer(self.encoder(x))    # distances in fp32 inside
+        return self.decoder(q), indices, terms
 
     @torch.no_grad()
     def codes(self, x):
@@ -289,16 +284,13 @@ def vq_vae_loss(x, recon, vq_terms, data_variance, beta):
 TRAIN_TERMS = ("loss", "recon_error", "commitment", "codebook", "perplexity", "used")
 
 
-def train_step(model, opt, x, data_variance, beta, amp=True, encode=None, decode=None,
-               fwd=None):
+def train_step(model, opt, x, data_variance, beta, amp=True):
     """One optimiser step on a batch x (B, C, S, S) in [0, 1]; returns the (device) terms.
-    `fwd` runs the forward pass: the model, or under torchrun its DistributedDataParallel
-    wrapper, which averages the gradients over ranks. `encode`/`decode` are the (optionally
-    compiled) encoder and decoder (see VQVAE.forward)."""
-    fwd = model if fwd is None else fwd
+    `model` is the VQ-VAE or its DDP/compiled wrapper (DDP averages the gradients over ranks;
+    under torch.compile the quantiser still runs eagerly)."""
     x = x - 0.5                                    # the reference scales images to [-0.5, 0.5]
     with utils.autocast(x.device, amp):
-        recon, _, vq_terms = fwd(x, encode, decode)                        # (B, C, S, S)
+        recon, _, vq_terms = model(x)                                      # (B, C, S, S)
     terms = vq_vae_loss(x, recon, vq_terms, data_variance, beta)
     opt.zero_grad(set_to_none=True)
     terms["loss"].backward()
@@ -505,14 +497,6 @@ def class_labels(data):
     return labels.long(), NUM_CLASSES[data.name]
 
 
-def epoch_indices(n, batch_size, seed, epoch, start, device, rank=0, world=1):
-    """Index batches of one epoch over n items (the prior's code grids), in the order of
-    utils.epoch_order, so a resumed prior run is exact; rank `rank`'s shard under torchrun."""
-    perm = utils.epoch_order(n, seed, epoch, rank, world).to(device)     # (n // world,)
-    for i in range(start, len(perm) // batch_size):
-        yield perm[i * batch_size:(i + 1) * batch_size]
-
-
 @torch.no_grad()
 def encode_all(model, images, batch_size, device, desc="encoding"):
     """Code grids (N, H, W) of a whole uint8 split, kept on the device as int16/int32."""
@@ -621,22 +605,6 @@ def build_model(args, channels):
 
 
 # ----------------------------------------------------------------------------------------------
-# Under torchrun (distributed plumbing that utils.py does not have yet)
-# ----------------------------------------------------------------------------------------------
-def data_parallel(module, device):
-    """`module` wrapped in DistributedDataParallel under torchrun (gradients averaged over
-    ranks), else itself. Buffers are not re-broadcast from rank 0 every step: the quantiser
-    keeps its codebook identical on all ranks with its own collectives."""
-    if not utils.DIST.active:
-        return module
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    # the flag's name since torch 2.13; before, broadcast_buffers (now deprecated)
-    flag = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
-            else "broadcast_buffers")
-    return DDP(module, device_ids=[device] if device.type == "cuda" else None, **{flag: False})
-
-
-# ----------------------------------------------------------------------------------------------
 # Training: the VQ-VAE, then the prior
 # ----------------------------------------------------------------------------------------------
 def fit(args):
@@ -668,19 +636,11 @@ def fit(args):
     opt = utils.adam(model.parameters(), args.lr, device)
     batches = utils.DeviceBatches(train.images, args.batch_size, device, args.seed,
                                   rank=dist.rank, world=dist.world)
-    step, log, history = 0, [], []
     if state is not None:
-        utils.load_state(model, state["model"], "VQ-VAE", out)
-        utils.load_state(opt, state["optimizer"], "VQ-VAE optimiser", out)
-        for group in opt.param_groups:              # a typed --lr applies from here on
-            group["lr"] = args.lr
-        step, log, history = state["step"], state["log"], state["history"]
         variance = state["data"].get("variance")
-        utils.restore_rng(state)
         if not isinstance(variance, float) or not 0 < variance < math.inf:
             raise utils.CheckpointError(f"{out / 'checkpoint.pt'} cannot be resumed: its data "
                                         f"variance is {variance!r}, not a positive number")
-        utils.set_aside_current(args.resume, out)
     else:
         variance = data_variance(batches.images, device)     # of the training set, once
         if not variance > 1e-10:       # the loss divides by it: refuse rather than NaN
@@ -693,85 +653,39 @@ def fit(args):
                               f"{args.prior_batch_size}"
                               f"{f' on each of {dist.world} ranks' if dist.active else ''}; "
                               "lower --prior-batch-size")
-    if dist.main:                                 # a full disk is found now, not after an epoch
-        utils.reserve_space(out, utils.checkpoint_bytes(model))
     total = len(batches) * args.epochs
     if args.max_steps is not None:
         total = min(total, args.max_steps)
-    fwd = data_parallel(model, device)
-    encode = torch.compile(model.encoder) if args.compile else None
-    decode = torch.compile(model.decoder) if args.compile else None
-    data_info = {"channels": train.channels, "image_size": train.image_size, "variance": variance}
 
-    def checkpoint():
-        rngs = utils.gather_objects(utils.rng_state())       # every rank's, for an exact resume
-        if dist.main:
-            utils.save_checkpoint(out / "checkpoint.pt", {
-                "kind": "vq_vae", "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "args": vars(args), "step": step, "epoch": step // len(batches), "log": log,
-                "history": history, "rng": rngs[0], "rng_ranks": rngs if dist.active else None,
-                "data": data_info})
+    def step_fn(fwd, x, step):
+        terms = train_step(fwd, opt, x, variance, args.beta, not args.no_amp)
+        return {k: terms[k] for k in TRAIN_TERMS}
 
-    def read_running():
-        r = running.read(step, out)         # the one host-device sync per log interval
-        if r is not None:
-            log.append(r)
-        return r
+    def score(last):
+        res = evaluate(model, test.images, variance, args.batch_size, device)
+        return {"train_loss": last["loss"], "train_recon_error": last["recon_error"],
+                "train_perplexity": last["perplexity"], "train_used": last["used"],
+                **{f"test_{k}": v for k, v in res.items() if k != "code_counts"}}
 
-    running = utils.RunningMean()
-    train_time, t0 = 0.0, time.perf_counter()
-    trained_from = step
+    def describe(h):
+        return (f"epoch {h['epoch']} step {h['step']}: held-out recon error "
+                f"{h['test_recon_error']:.4f}, PSNR {h['test_psnr']:.1f} dB, perplexity "
+                f"{h['test_perplexity']:.1f}, codes used {h['test_used_codes']}/{args.codes}")
 
-    bar = utils.Progress(total=total, initial=step, desc="vq_vae", unit="step",
-                         what=f"{args.batch_size * dist.world} images each", announce=True)
-    with utils.StopSignal() as stop:
-        stopping = False
-        while step < total and not stopping:
-            epoch, start = divmod(step, len(batches))
-            for x in batches.epoch(epoch, start):
-                terms = train_step(model, opt, x, variance, args.beta, not args.no_amp,
-                                   encode, decode, fwd)
-                running.add({k: terms[k] for k in TRAIN_TERMS})
-                step += 1
-                bar.update(1)
-                if step % args.log_every == 0:
-                    r = read_running()
-                    bar.set_postfix(recon=f"{r['recon_error']:.4f}", ppl=f"{r['perplexity']:.0f}")
-                stopping = utils.should_stop(stop, step, args.log_every, device)
-                if step >= total or stopping:
-                    break
-            read_running()
-            train_time += time.perf_counter() - t0
-            if step % len(batches) == 0 or step >= total:      # an epoch ended: score it
-                res = evaluate(model, test.images, variance, args.batch_size, device)
-                history.append({"epoch": step // len(batches), "step": step,
-                                "train_loss": log[-1]["loss"],
-                                "train_recon_error": log[-1]["recon_error"],
-                                "train_perplexity": log[-1]["perplexity"],
-                                "train_used": log[-1]["used"],
-                                **{f"test_{k}": v for k, v in res.items() if k != "code_counts"}})
-                if dist.main:
-                    utils.write_json(out / "history.json", history)
-                    bar.write(f"epoch {history[-1]['epoch']} step {step}: held-out recon "
-                               f"error {res['recon_error']:.4f}, PSNR {res['psnr']:.1f} dB, "
-                               f"perplexity {res['perplexity']:.1f}, codes used "
-                               f"{res['used_codes']}/{args.codes}")
-            checkpoint()
-            stopping = stopping or utils.should_stop(stop, step, args.log_every, device)
-            t0 = time.perf_counter()
-    bar.close()
-    if stopping:
-        if dist.main:
-            print(f"stopped at step {step}; checkpoint saved to {out / 'checkpoint.pt'}; "
-                  "continue with --resume")
-        utils.cleanup_distributed()
-        raise utils.Stopped(stop.requested)
+    loop = utils.train(
+        model, opt, step_fn, batches.epoch, len(batches), total, out, kind="vq_vae", args=args,
+        lr=args.lr, state=state, evaluate=score, describe=describe,
+        set_aside=args.resume or None, compile=args.compile, log_every=args.log_every,
+        saved={"data": {"channels": train.channels, "image_size": train.image_size,
+                        "variance": variance}},
+        postfix=lambda r: {"recon": f"{r['recon_error']:.4f}", "ppl": f"{r['perplexity']:.0f}"},
+        what=f"{args.batch_size * dist.world} images each")
     return argparse.Namespace(
         args=args, model=model, dist=dist, device=device, out=out, train=train, test=test,
-        grid=grid, variance=variance, log=log, history=history, step=step,
-        epochs=step / len(batches), train_time=train_time,
-        images_per_s=(step - trained_from) * args.batch_size * dist.world
-        / max(train_time, 1e-9))
+        grid=grid, variance=variance, log=loop.log, history=loop.history, step=loop.step,
+        epochs=loop.epochs, train_time=loop.train_time,
+        images_per_s=loop.steps_timed * args.batch_size * dist.world
+        / max(loop.train_time, 1e-9))
 
 
 def main(args):
@@ -843,16 +757,6 @@ def train_prior(args, model, train, test, grid, vq_step, out, device):
                                                        num_classes)
     prior = build_prior(config).to(device)
     opt = utils.adam(prior.parameters(), args.prior_lr, device)
-    step, log, history = 0, [], []
-    if state is not None:
-        utils.load_state(prior, state["model"], "prior", path)
-        utils.load_state(opt, state["optimizer"], "prior optimiser", path)
-        for group in opt.param_groups:              # a typed --prior-lr applies from here on
-            group["lr"] = args.prior_lr
-        step, log, history = state["step"], state["log"], state["history"]
-        utils.restore_rng(state)
-    if dist.main:                                 # a full disk is found now, not after an epoch
-        utils.reserve_space(out, utils.checkpoint_bytes(prior, model))
     epochs, max_steps = prior_length(args)
     # a prior limited to S steps draws at most S batches: it needs no more code grids than that
     n = len(train) if max_steps is None else \
@@ -871,8 +775,8 @@ def train_prior(args, model, train, test, grid, vq_step, out, device):
     total = steps_per_epoch * epochs
     if max_steps is not None:
         total = min(total, max_steps)
-    fwd = data_parallel(prior, device)
-    fwd = torch.compile(fwd) if args.compile else fwd
+    batches = utils.DeviceBatches(codes, args.prior_batch_size, device, args.seed,
+                                  rank=dist.rank, world=dist.world)
     amp = not args.no_amp
 
     @torch.no_grad()
@@ -892,69 +796,28 @@ def train_prior(args, model, train, test, grid, vq_step, out, device):
         prior.train()
         return float(nll.read()[0]) / len(test_codes) / math.log(2)
 
-    def checkpoint():
-        rngs = utils.gather_objects(utils.rng_state())       # every rank's, for an exact resume
-        if dist.main:
-            utils.save_checkpoint(path, {
-                "kind": "vq_vae_prior", "model": prior.state_dict(),
-                "optimizer": opt.state_dict(), "args": vars(args), "config": config,
-                "step": step, "log": log, "history": history, "rng": rngs[0],
-                "rng_ranks": rngs if dist.active else None, "vq_step": vq_step,
-                "vqvae": model.state_dict(),
-                "data": {"channels": train.channels, "image_size": train.image_size}})
+    def step_fn(fwd, idx, step):
+        with utils.autocast(device, amp):
+            nll = prior_nll(fwd, codes[idx].long(), None if labels is None else labels[idx])
+        opt.zero_grad(set_to_none=True)
+        nll.backward()
+        opt.step()
+        return {"bits_per_code": nll.detach().float() / math.log(2)}
 
-    def read_running():
-        r = running.read(step, out)         # the one host-device sync per log interval
-        if r is not None:
-            log.append({"step": step, "bits_per_code": r["nll"] / math.log(2)})
-            return log[-1]
-        return None
-
-    running = utils.RunningMean()
-    train_time, t0 = 0.0, time.perf_counter()
-
-    bar = utils.Progress(total=total, initial=step, desc="prior", unit="step",
-                         what=f"{args.prior_batch_size * dist.world} code grids each",
-                         announce=True)
-    with utils.StopSignal() as stop:
-        stopping = False
-        while step < total and not stopping:
-            epoch, start = divmod(step, steps_per_epoch)
-            for idx in epoch_indices(len(codes), args.prior_batch_size, args.seed, epoch, start,
-                                     device, dist.rank, dist.world):
-                with utils.autocast(device, amp):
-                    nll = prior_nll(fwd, codes[idx].long(),
-                                    None if labels is None else labels[idx])
-                opt.zero_grad(set_to_none=True)
-                nll.backward()
-                opt.step()
-                running.add({"nll": nll})
-                step += 1
-                bar.update(1)
-                if step % args.log_every == 0:
-                    bar.set_postfix(bits=f"{read_running()['bits_per_code']:.3f}")
-                stopping = utils.should_stop(stop, step, args.log_every, device)
-                if step >= total or stopping:
-                    break
-            read_running()
-            train_time += time.perf_counter() - t0
-            if step % steps_per_epoch == 0 or step >= total:
-                history.append({"epoch": step // steps_per_epoch, "step": step,
-                                "train_bits_per_code": log[-1]["bits_per_code"],
-                                "test_bits_per_code": held_out_bits()})
-                if dist.main:
-                    utils.write_json(out / "prior_history.json", history)
-                    bar.write(f"prior epoch {history[-1]['epoch']} step {step}: held-out "
-                               f"{history[-1]['test_bits_per_code']:.4f} bits/code")
-            checkpoint()
-            stopping = stopping or utils.should_stop(stop, step, args.log_every, device)
-            t0 = time.perf_counter()
-    bar.close()
-    if stopping:
-        if dist.main:
-            print(f"stopped at prior step {step}; saved to {path}; continue with --resume")
-        utils.cleanup_distributed()
-        raise utils.Stopped(stop.requested)
+    loop = utils.train(
+        prior, opt, step_fn, batches.indices, steps_per_epoch, total, out, kind="vq_vae_prior",
+        args=args, lr=args.prior_lr, state=state,
+        evaluate=lambda last: {"train_bits_per_code": last["bits_per_code"],
+                               "test_bits_per_code": held_out_bits()},
+        describe=lambda h: (f"prior epoch {h['epoch']} step {h['step']}: held-out "
+                            f"{h['test_bits_per_code']:.4f} bits/code"),
+        saved={"config": config, "vq_step": vq_step, "vqvae": model.state_dict(),
+               "data": {"channels": train.channels, "image_size": train.image_size}},
+        name="prior.pt", history_name="prior_history.json", compile=args.compile,
+        log_every=args.log_every, reserve=(model,),
+        postfix=lambda r: {"bits": f"{r['bits_per_code']:.3f}"}, desc="prior",
+        what=f"{args.prior_batch_size * dist.world} code grids each")
+    step, log, history = loop.step, loop.log, loop.history
 
     # the last epoch's score is the final one when it was taken at this step (the common case)
     bits = history[-1]["test_bits_per_code"] if history and history[-1]["step"] == step \
@@ -976,7 +839,7 @@ def train_prior(args, model, train, test, grid, vq_step, out, device):
               f"({math.log2(model.quantizer.num_codes):.1f} for a uniform prior); samples in "
               f"{out / 'samples.png'}")
     return {"test_bits_per_code": bits, "uniform_bits_per_code": math.log2(config["num_codes"]),
-            "steps": step, "epochs": step / steps_per_epoch, "train_time_s": train_time,
+            "steps": step, "epochs": loop.epochs, "train_time_s": loop.train_time,
             "config": config, "conditional": bool(args.prior_conditional)}
 
 
