@@ -83,7 +83,7 @@ attribute-dsprites:
 	$(PY) beta_vae_analyze.py --checkpoint runs/beta_B_seed1/checkpoint.pt --attribute scale --n-images 5000 --strengths=-2:2:9 --images 0,1,2,3,4,5
 
 # VQ-VAE with EMA codebook and restart, plus the conditional PixelCNN prior; and the ablations
-VQ = --dataset dsprites --limit 20000 --eval-limit 2000 --batch-size 32 --lr 1e-3 --hidden 64 --res-hidden 32 --res-layers 2 --codes 512 --code-dim 64 --epochs 2 --max-steps 1200 --log-every 100 --device cpu --seed 0
+VQ = --dataset dsprites --limit 20000 --eval-limit 2000 --batch-size 32 --lr 1e-3 --hidden 64 --res-hidden 32 --res-layers 2 --codes 512 --latent 64 --epochs 2 --max-steps 1200 --log-every 100 --device cpu --seed 0
 vq-dsprites:
 	$(THREADS) $(PY) vq_vae.py $(VQ) --codebook ema --prior-epochs 1 --prior-batch-size 32 --prior-channels 64 --prior-layers 6 --prior-kernel 5 --prior-lr 1e-3 --prior-conditional --out runs/vq/ema
 	$(THREADS) $(PY) vq_vae.py $(VQ) --codebook loss --prior-epochs 0 --out runs/vq/loss

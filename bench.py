@@ -130,7 +130,9 @@ def setup_beta(device, amp=True, channels_last=False, size=64):
     model = bv.build_model(args, 3, size).to(device)
 
     def loss(x, logits, mu, logvar, step):
-        return bv.beta_vae_loss(x, logits, mu, logvar, step, args, model.log_sigma)
+        return bv.beta_vae_loss(x, logits, mu, logvar, step,
+                                **{k: getattr(args, k) for k in bv.LOSS_FLAGS},
+                                log_sigma=model.log_sigma)
     return vae_step(model, loss, args.lr, device, amp, channels_last)
 
 

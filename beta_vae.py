@@ -140,28 +140,38 @@ def tc_decomposition(z, mu, logvar, data_size, estimator="mss"):
             "dim_kl": (log_qzj.sum(1) - log_pz).mean()}
 
 
-def beta_vae_loss(x, logits, mu, logvar, step, args, log_sigma=None, data_size=None):
-    """The objective of `args.objective` at `step`, with the named terms (all fp32, nats)."""
-    recon = -sv.log_likelihood(x, logits, args.recon, log_sigma).mean()
+# the flags that set the objective: beta_vae_loss's keyword arguments
+LOSS_FLAGS = ("objective", "recon", "beta", "beta_warmup", "gamma", "c_max", "c_steps",
+              "tc_estimator")
+
+
+def beta_vae_loss(x, logits, mu, logvar, step, objective, recon="bce", beta=4.0, beta_warmup=0,
+                  gamma=1000.0, c_max=25.0, c_steps=PUBLISHED_C_STEPS, tc_estimator="mss",
+                  log_sigma=None, data_size=None):
+    """The objective (H, B or TC) at `step`, with the named terms (all fp32, nats). `beta` and
+    `beta_warmup` weight H's KL and TC's total correlation; `gamma`, `c_max` and `c_steps` make
+    B's capacity term; `data_size` (training images) and `tc_estimator` serve TC's estimate of
+    the aggregate posterior."""
+    nll = -sv.log_likelihood(x, logits, recon, log_sigma).mean()         # -E_q[log p(x|z)]
     kl_dims = sv.gaussian_kl(mu.float(), logvar.float()).mean(0)          # (latent,)
     kl = kl_dims.sum()
     terms = {}
     c = 0.0
-    if args.objective == "H":
-        beta = beta_at(step, args.beta, args.beta_warmup)
-        loss = recon + beta * kl                                           # Higgins, eq. 4
-    elif args.objective == "B":
-        beta = args.gamma
-        c = capacity(step, args.c_max, args.c_steps)
-        loss = recon + args.gamma * (kl - c).abs()                         # Burgess, eq. 8
+    if objective == "H":
+        weight = beta_at(step, beta, beta_warmup)
+        loss = nll + weight * kl                                           # Higgins, eq. 4
+    elif objective == "B":
+        weight = gamma
+        c = capacity(step, c_max, c_steps)
+        loss = nll + gamma * (kl - c).abs()                                # Burgess, eq. 8
     else:
         # a reparameterised sample of its own: any sample of q(z|x) is an unbiased estimate
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-        terms = tc_decomposition(z, mu, logvar, data_size, args.tc_estimator)
-        beta = beta_at(step, args.beta, args.beta_warmup)
-        loss = recon + terms["mi"] + beta * terms["tc"] + terms["dim_kl"]  # beta-TCVAE
-    return {"loss": loss, "recon": recon, "kl": kl, "kl_dims": kl_dims,
-            "capacity": c, "beta": beta, **terms}
+        terms = tc_decomposition(z, mu, logvar, data_size, tc_estimator)
+        weight = beta_at(step, beta, beta_warmup)
+        loss = nll + terms["mi"] + weight * terms["tc"] + terms["dim_kl"]  # beta-TCVAE
+    return {"loss": loss, "recon": nll, "kl": kl, "kl_dims": kl_dims,
+            "capacity": c, "beta": weight, **terms}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,7 +295,6 @@ def check_args(args):
         args.beta = BETA.get(args.objective, BETA["H"])
     if args.objective == "TC" and args.batch_size < 2:
         raise utils.UserError("--objective TC estimates q(z) on the batch: --batch-size >= 2")
-    args.binarize = False            # read by standard_vae.evaluate
     return args
 
 
@@ -301,7 +310,9 @@ def main(args):
     args = check_args(args)
 
     def loss_fn(x, logits, mu, logvar, step, model, data_size):
-        return beta_vae_loss(x, logits, mu, logvar, step, args, model.log_sigma, data_size)
+        return beta_vae_loss(x, logits, mu, logvar, step, **{k: getattr(args, k) for k in
+                                                             LOSS_FLAGS},
+                             log_sigma=model.log_sigma, data_size=data_size)
 
     # the objective may come from the checkpoint on --resume: log whichever terms it returns
     keys = ("loss", "recon", "kl", "kl_dims", "mi", "tc", "dim_kl")

@@ -377,6 +377,8 @@ def load_model(path, device):
         else:
             import standard_vae
             model = standard_vae.build_model(args, data["channels"], data["image_size"])
+    except utils.UserError:               # a ValueError too, but already one clear line
+        raise
     except (TypeError, KeyError, ValueError, AttributeError) as e:
         raise utils.CheckpointError(f"{path} lacks or garbles what rebuilds its model (args or "
                                     f"data: {type(e).__name__} {str(e)[:100]}); use a checkpoint "
@@ -469,8 +471,8 @@ def evaluate_held_out(model, train_args, root, device, n=2000):
     test = utils.load_dataset(train_args.dataset, root, "test", n,
                               getattr(train_args, "image_size", 64),
                               getattr(train_args, "crop", 148))
-    train_args.binarize = getattr(train_args, "binarize", False)
-    return test, evaluate(model, test.images, train_args, test.binary, device)
+    return test, evaluate(model, test.images, device, train_args.seed,
+                          getattr(train_args, "binarize", False), test.binary)
 
 
 # ----------------------------------------------------------------------------------------------

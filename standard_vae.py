@@ -107,7 +107,7 @@ class VAE(nn.Module):
         super().__init__()
         self.encoder = Encoder(channels, image_size, latent, widths, hidden)
         self.decoder = Decoder(channels, image_size, latent, widths, hidden)
-        self.recon = recon
+        self.recon, self.latent = recon, latent
         # Gaussian decoder: one standard deviation shared by all pixels, fixed or learned.
         # Learning it makes the reconstruction/KL balance a maximum-likelihood choice
         # (Rybkin et al. 2021, "Simple and Effective VAE Training with Calibrated Decoders").
@@ -199,24 +199,28 @@ def bits_per_dim(nll, dims, recon, binary):
 
 
 @torch.no_grad()
-def evaluate(model, images, args, binary, device, iw_samples=0, iw_images=None):
+def evaluate(model, images, device, seed=0, binarize=False, binary=False, iw_samples=0,
+             iw_images=None):
     """Held-out negative ELBO, KL per dimension, active units and (optionally) the IW-NLL with
-    `iw_samples` importance samples on the first `iw_images` images (default: all).
+    `iw_samples` importance samples on the first `iw_images` images (default: all). The noise
+    comes from its own generator seeded by `seed`; `binarize` draws x ~ Bernoulli(intensity)
+    (dynamic binarisation); bits per dimension count pixels as binary with `binarize` or when
+    the data are `binary` (exactly 0 or 255).
 
     Sums stay on the device in compensated float32 (utils.Sums: no float64, which MPS lacks)
     and are read once at the end; under torchrun each rank scores its shard and the sums are
     added over ranks.
     """
     model.eval()
-    gen = torch.Generator(device).manual_seed(args.seed + 1 + utils.DIST.rank)   # not training RNG
-    latent = model.decoder.fc[0].in_features
+    gen = torch.Generator(device).manual_seed(seed + 1 + utils.DIST.rank)   # not training RNG
+    latent = model.latent
     rank, world = utils.DIST.rank, utils.DIST.world
     # neg_elbo, recon, kl, count | kl per dim | sum mu | sum mu^2
     sums = utils.Sums(4 + 3 * latent, device)
     shard = images[rank::world]
     for x in utils.Progress(utils.iterate(shard, 500, device), total=math.ceil(len(shard) / 500),
                             desc="evaluation", unit="batch", what=f"{len(shard):,} images"):
-        if args.binarize:
+        if binarize:
             x = torch.bernoulli(x, generator=gen)
         mu, logvar = model.encoder(x)
         z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, device=device, generator=gen)
@@ -233,7 +237,7 @@ def evaluate(model, images, args, binary, device, iw_samples=0, iw_images=None):
                                 total=math.ceil(len(scored) / batch),
                                 desc=f"IW-NLL (K={iw_samples})", unit="batch",
                                 what=f"{len(scored):,} images", announce=True):
-            if args.binarize:
+            if binarize:
                 x = torch.bernoulli(x, generator=gen)
             ll = iw_log_likelihood(model, x, iw_samples, generator=gen)
             iw.add(torch.stack([ll.sum(), torch.tensor(len(x), device=device)]))
@@ -249,7 +253,7 @@ def evaluate(model, images, args, binary, device, iw_samples=0, iw_images=None):
     if iw_n > 0:
         result.update(iw_nll=-iw_sum / iw_n, iw_samples=iw_samples, iw_images=int(iw_n))
     result["bits_per_dim"] = bits_per_dim(result.get("iw_nll", result["neg_elbo"]),
-                                          images[0].numel(), model.recon, binary or args.binarize)
+                                          images[0].numel(), model.recon, binary or binarize)
     return {k: float(v) if isinstance(v, np.floating) else v for k, v in result.items()}
 
 
@@ -273,16 +277,17 @@ def save_images(model, images, out, device, seed, n=32):
     pairs = torch.stack([x.view(-1, cols, *x.shape[1:]), recon.view(-1, cols, *x.shape[1:])], 1)
     utils.save_grid(pairs.flatten(0, 2), out / "reconstructions.png", nrow=cols)
     gen = torch.Generator(device).manual_seed(seed)
-    z = torch.randn(64, model.decoder.fc[0].in_features, device=device, generator=gen)
+    z = torch.randn(64, model.latent, device=device, generator=gen)
     utils.save_grid(model.mean_image(model.decoder(z)), out / "samples.png", nrow=8)
     model.train()
 
 
-def plot_history(log, history, out, test_key="test_neg_elbo"):
+def plot_history(log, history, out):
     """losses.png: the running training loss per logged step and the held-out bound per epoch."""
     curves = {"train loss": ([r["step"] for r in log], [r["loss"] for r in log])}
     if history:
-        curves["held-out -ELBO"] = ([h["step"] for h in history], [h[test_key] for h in history])
+        curves["held-out -ELBO"] = ([h["step"] for h in history],
+                                    [h["test_neg_elbo"] for h in history])
     utils.plot_curves(curves, out / "losses.png", xlabel="step", title="loss (nats per image)")
 
 
@@ -381,8 +386,9 @@ def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl"), sche
     if fast:                                      # NHWC convolutions are faster on GPUs
         model.to(memory_format=torch.channels_last)
     opt = utils.adam(model.parameters(), args.lr, device)
+    binarize = getattr(args, "binarize", False)          # a flag of standard_vae.py alone
     batches = utils.DeviceBatches(train.images, args.batch_size, device, args.seed,
-                                  binarize=args.binarize, rank=dist.rank, world=dist.world,
+                                  binarize=binarize, rank=dist.rank, world=dist.world,
                                   channels_last=fast)
     torch.manual_seed(args.seed + 1_000_003 * dist.rank)         # each rank its own noise
     total = len(batches) * args.epochs
@@ -398,16 +404,16 @@ def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl"), sche
         return {k: terms[k] for k in log_keys if k in terms}
 
     def score(last):
-        res = evaluate(model, test.images, args, test.binary, device)
+        res = evaluate(model, test.images, device, args.seed, binarize, test.binary)
         return {"train_loss": last["loss"], "test_neg_elbo": res["neg_elbo"],
                 "test_recon": res["recon"], "test_kl": res["kl"],
                 "kl_per_dim": res["kl_per_dim"]}
 
     loop = utils.train(
-        model, opt, step_fn, batches.epoch, len(batches), total, out, kind=kind, args=args, lr=args.lr,
-        state=state, evaluate=score, set_aside=args.resume or None, compile=args.compile,
-        log_every=args.log_every, saved={"data": {"channels": train.channels,
-                                                   "image_size": train.image_size}},
+        model, opt, step_fn, batches.epoch, len(batches), total, out, kind=kind, args=args,
+        lr=args.lr, state=state, evaluate=score, set_aside=args.resume or None,
+        compile=args.compile, log_every=args.log_every,
+        saved={"data": {"channels": train.channels, "image_size": train.image_size}},
         postfix=lambda r: {"loss": f"{r['loss']:.2f}", "kl": f"{r['kl']:.2f}"},
         what=f"{args.batch_size * dist.world} images each")
     return argparse.Namespace(
@@ -428,8 +434,8 @@ def final_evaluation(run, args):
             f", sized to the run's {trained:,} training images; --iw-images sets it"
         print(f"IW-NLL: K={args.iw_samples} importance samples on {iw_images:,} of the {n:,} "
               f"held-out images ({iw_images * args.iw_samples:,} decoder passes{sized})")
-    return evaluate(run.model, run.test.images, args, run.test.binary, run.device,
-                    args.iw_samples, iw_images)
+    return evaluate(run.model, run.test.images, run.device, args.seed,
+                    getattr(args, "binarize", False), run.test.binary, args.iw_samples, iw_images)
 
 
 def run_metrics(run, final, timer, **extra):

@@ -27,15 +27,10 @@ import torchvision
 DATASETS = ("mnist", "cifar10", "celeba", "dsprites")
 
 
-class UserError(SystemExit):
-    """A mistake in the input (flags, files): printed as one line, exit status 1, no traceback."""
-
-    def __init__(self, message):
-        self.message = message
-        super().__init__(f"error: {message}")
-
-    def __str__(self):
-        return self.message
+class UserError(ValueError):
+    """A mistake in the input (flags, files). An ordinary exception, so a notebook or a caller
+    can catch it; a command (`run_command`) prints it as one line, exit status 1, no
+    traceback."""
 
 
 class DatasetNotFound(UserError):
@@ -55,7 +50,6 @@ class ImageSet:
     name: str
     images: torch.Tensor
     labels: torch.Tensor | None = None          # (N,) class or (N, F) factor classes
-    values: torch.Tensor | None = None          # (N, F) factor values (dSprites)
     label_names: list = field(default_factory=list)
     binary: bool = False                        # pixels are exactly 0 or 255
     files: list = field(default_factory=list)   # file names, where the images have them
@@ -110,7 +104,6 @@ def _limit(data, limit):
         return data
     data.images = data.images[:limit]
     data.labels = None if data.labels is None else data.labels[:limit]
-    data.values = None if data.values is None else data.values[:limit]
     return data
 
 
@@ -663,6 +656,8 @@ def _convert_official_dsprites(npz, cache):
                         arr[i:i + m] = block.reshape(m, 64, 64) * np.uint8(255)
                     arr.flush()
                     del arr
+        except UserError:               # a ValueError too (a full disk, say): already clear
+            raise
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
             raise UserError(f"{npz} is not a readable official dSprites file: {e}") from None
 
@@ -839,7 +834,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     None or False."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or "default:" in (action.help or ""):
+        if action.default is None or action.default is False \
+                or "default:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -872,7 +868,8 @@ def decoder_sigma(text):
     return text
 
 
-def add_common_args(p, latent=10, lr=1e-3, batch_size=64, epochs=10, dataset="dsprites"):
+def add_common_args(p, latent=10, lr=1e-3, batch_size=64, epochs=10, dataset="dsprites",
+                    latent_help="latent dimensions"):
     """The command-line contract shared by the training scripts."""
     add_data_args(p, dataset)
     p.add_argument("--epochs", type=positive_int, default=epochs, help="epochs")
@@ -881,8 +878,7 @@ def add_common_args(p, latent=10, lr=1e-3, batch_size=64, epochs=10, dataset="ds
     p.add_argument("--batch-size", type=positive_int, default=batch_size,
                    help="images per step")
     p.add_argument("--lr", type=positive_float, default=lr, help="Adam learning rate")
-    p.add_argument("--latent", type=positive_int, default=latent,
-                   help="latent dimensions")
+    p.add_argument("--latent", type=positive_int, default=latent, help=latent_help)
     p.add_argument("--out", default=None, help="run folder (default: runs/<script>_<dataset>)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH",
                    help="continue the run in --out from its checkpoint.pt (or from PATH, "
@@ -1297,8 +1293,8 @@ def load_state(module, state_dict, what, path):
 # ----------------------------------------------------------------------------------------------
 # The training loop: one for every phase (the VAEs, the VQ-VAE, the PixelCNN prior)
 # ----------------------------------------------------------------------------------------------
-def train(model, opt, step_fn, batches, steps_per_epoch, total, out, *, kind, args, lr, state=None,
-          evaluate=None, describe=None, saved=None, name="checkpoint.pt",
+def train(model, opt, step_fn, batches, steps_per_epoch, total, out, *, kind, args, lr,
+          state=None, evaluate=None, describe=None, saved=None, name="checkpoint.pt",
           history_name="history.json", set_aside=None, compile=False, log_every=100,
           postfix=None, desc=None, what=None, reserve=()):
     """Train `model` with `opt` for `total` steps and return the run's step, log, history and
@@ -1503,7 +1499,8 @@ class Terminated(KeyboardInterrupt):
 
 
 def run_command(main, parse_args):
-    """main(parse_args()) as a command. A SIGINT or SIGTERM outside the training loop
+    """main(parse_args()) as a command. A UserError is one line on stderr and exit status 1.
+    A SIGINT or SIGTERM outside the training loop
     (rendering or caching data, the final evaluation, the IW-NLL, the prior, the metrics) stops
     it with one line and Stopped's exit status: every file is written whole or not at all, so
     none is left half-written, and the same command (with --resume for a training run) redoes
@@ -1516,6 +1513,9 @@ def run_command(main, parse_args):
     signal.signal(signal.SIGTERM, terminate)
     try:
         main(parse_args())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
     except KeyboardInterrupt as e:
         name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
         print(f"\n{name} received: stopped; no file is left half-written; run the same command "

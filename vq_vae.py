@@ -25,10 +25,10 @@ rank 0 alone writes.
         --hidden 64 --max-steps 1200 --epochs 2 --prior-epochs 1 --prior-batch-size 32 \
         --prior-channels 64 --prior-layers 6 --prior-lr 1e-3 --prior-conditional
 
-Flags: `--code-dim` is the shared `--latent` flag under its VQ name (one value, the dimension D
-of each code vector). The defaults are the reference CIFAR-10 configuration (REFERENCE.md):
-128 hidden channels, 2 residual layers of 32, 512 codes of dimension 64, batch 256, Adam lr 1e-3;
-the reported run is 15,000 steps: `--dataset cifar10 --epochs 77 --max-steps 15000`.
+Flags: `--latent` is the dimension D of each code vector, `--codes` the codebook size K. The
+defaults are the reference CIFAR-10 configuration (REFERENCE.md): 128 hidden channels, 2
+residual layers of 32, 512 codes of dimension 64, batch 256, Adam lr 1e-3; the reported run is
+15,000 steps: `--dataset cifar10 --epochs 77 --max-steps 15000`.
 """
 import argparse
 import math
@@ -513,35 +513,34 @@ def encode_all(model, images, batch_size, device, desc="encoding"):
 # Arguments
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=utils.HelpFormatter)
     # reference CIFAR-10 configuration (REFERENCE.md): batch 256, Adam lr 1e-3, codes of dim 64
-    utils.add_common_args(p, latent=64, lr=1e-3, batch_size=256, epochs=10)
-    p.add_argument("--code-dim", dest="latent", type=utils.positive_int, default=64, metavar="D",
-                   help="dimension D of each code vector; another name for --latent "
-                        "(default: 64)")
-    p.add_argument("--codes", "--num-codes", dest="codes", default=512,
+    utils.add_common_args(p, latent=64, lr=1e-3, batch_size=256, epochs=10,
+                          latent_help="dimension D of each code vector")
+    p.add_argument("--codes", default=512,
                    type=utils.number(int, lambda v: v >= 2, "an integer >= 2"),
-                   help="codebook size K (default: 512)")
+                   help="codebook size K")
     p.add_argument("--hidden", type=utils.positive_int, default=128,
-                   help="channels of the encoder/decoder trunk (default: 128)")
+                   help="channels of the encoder/decoder trunk")
     p.add_argument("--res-hidden", type=utils.positive_int, default=32,
-                   help="hidden channels of each residual block (default: 32)")
+                   help="hidden channels of each residual block")
     p.add_argument("--res-layers", type=utils.nonneg_int, default=2,
-                   help="residual blocks in the encoder and in the decoder (default: 2)")
+                   help="residual blocks in the encoder and in the decoder")
     p.add_argument("--codebook", default="ema", choices=("ema", "loss"),
                    help="codebook update: ema = moving averages (paper, appendix), loss = the "
-                        "codebook loss term ||sg[z_e] - e||^2 (default: ema)")
+                        "codebook loss term ||sg[z_e] - e||^2")
     p.add_argument("--decay", default=0.99,
                    type=utils.number(float, lambda v: 0 < v < 1, "a number in (0, 1)"),
-                   help="EMA decay of the codebook counts and sums (default: 0.99)")
+                   help="EMA decay of the codebook counts and sums")
     p.add_argument("--beta", type=utils.nonneg_float, default=0.25,
-                   help="commitment loss weight (default: 0.25)")
+                   help="commitment loss weight")
     p.add_argument("--no-restart", action="store_true",
-                   help="turn dead-code restart off (default: on)")
+                   help="turn dead-code restart off (restart is on by default)")
     p.add_argument("--restart-threshold", type=utils.positive_float, default=1.0,
                    help="a code whose EMA count of assignments per step falls below this is "
                         "re-seeded from an encoder output of the current batch, drawn in "
-                        "proportion to its squared distance to its nearest code (default: 1.0)")
+                        "proportion to its squared distance to its nearest code")
     p.add_argument("--prior-epochs", type=utils.nonneg_int, default=None,
                    help="epochs of the gated PixelCNN prior trained on the code grids once the "
                         f"VQ-VAE is trained; 0 = no prior and no samples (default: "
@@ -550,18 +549,17 @@ def parse_args(argv=None):
                    help="stop the prior after this many steps (default: --max-steps, so a "
                         "short run stays short in both phases)")
     p.add_argument("--prior-batch-size", type=utils.positive_int, default=128,
-                   help="code grids per prior step (default: 128)")
+                   help="code grids per prior step")
     p.add_argument("--prior-lr", type=utils.positive_float, default=3e-4,
-                   help="Adam learning rate of the prior (default: 3e-4)")
+                   help="Adam learning rate of the prior")
     p.add_argument("--prior-channels", type=utils.positive_int, default=128,
-                   help="channels of the prior's stacks (default: 128)")
+                   help="channels of the prior's stacks")
     p.add_argument("--prior-layers", type=utils.positive_int, default=12,
-                   help="gated layers of the prior (default: 12)")
+                   help="gated layers of the prior")
     p.add_argument("--prior-kernel", type=utils.positive_int, default=5,
-                   help="odd kernel width of the prior's convolutions (default: 5)")
+                   help="odd kernel width of the prior's convolutions")
     p.add_argument("--prior-conditional", action="store_true",
-                   help="condition the prior on the class label (dSprites: the shape) "
-                        "(default: off)")
+                   help="condition the prior on the class label (dSprites: the shape)")
     return utils.parse_args(p, argv)
 
 

@@ -1,8 +1,15 @@
 import os
+import struct
+import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
+
+from faces import ATTRIBUTES
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -11,7 +18,6 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 def run_script(script, *args, cwd=None, check=True, timeout=300, env=None):
     """Run one of the repository's scripts in a subprocess, as a user would."""
-    import subprocess
     proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)],
                           capture_output=True, text=True, cwd=cwd or ROOT, timeout=timeout,
                           env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
@@ -23,3 +29,78 @@ def run_script(script, *args, cwd=None, check=True, timeout=300, env=None):
 @pytest.fixture
 def script():
     return run_script
+
+
+def torchrun(*args, timeout=300):
+    """Run `args` under torchrun with two CPU processes (one thread each)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def collapsed_quantizer(codebook, restart):
+    """A VQ-VAE quantiser of 16 codes: code 0 at the origin, where the data are, the other 15
+    far away and unused."""
+    import vq_vae as vq
+    q = vq.VectorQuantizer(16, 4, codebook, decay=0.99, restart=restart, restart_threshold=1.0)
+    with torch.no_grad():
+        q.codebook.copy_(torch.full((16, 4), 100.0))
+        q.codebook[0] = 0
+        q.ema_count.copy_(torch.full((16,), 0.5))
+        q.ema_count[0] = 1000.0
+        if codebook == "ema":
+            q.ema_sum.copy_(q.codebook * q.ema_count[:, None])
+    return q
+
+
+# ---- fixtures in the datasets' real on-disk formats ------------------------------------------
+def write_idx(path, array):
+    """IDX format: magic (0, 0, type 0x08 = uint8, ndim), big-endian dims, raw bytes."""
+    with open(path, "wb") as f:
+        f.write(struct.pack(">BBBB", 0, 0, 0x08, array.ndim))
+        f.write(struct.pack(f">{array.ndim}I", *array.shape))
+        f.write(array.astype(np.uint8).tobytes())
+
+
+N = 36
+PARTITION = [0] * 24 + [1] * 6 + [2] * 6
+
+
+def face_colour(i):
+    return (40 + 5 * i, 200 - 4 * i, 90)
+
+
+def write_celeba(root, layout="official", n=N):
+    """A few dozen 178x218 JPEGs: red outside the 148x148 centre crop, a colour of their own
+    inside it; plus attribute and partition files in the exact real formats."""
+    if layout == "official":
+        folder, images = root / "celeba", root / "celeba" / "img_align_celeba"
+    else:
+        folder, images = root / "celeba", root / "celeba" / "img_align_celeba" / "img_align_celeba"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    attrs = rng.choice([-1, 1], size=(n, 40))
+    files = [f"{i + 1:06d}.jpg" for i in range(n)]
+    for i, name in enumerate(files):
+        img = np.zeros((218, 178, 3), np.uint8)
+        img[...] = (255, 0, 0)
+        top, left = (218 - 148) // 2, (178 - 148) // 2
+        img[top:top + 148, left:left + 148] = face_colour(i)
+        Image.fromarray(img).save(images / name, quality=95)
+    if layout == "official":
+        lines = [str(n), " ".join(ATTRIBUTES) + " "]
+        # the real file pads values to width 2 with spaces: "-1  1 -1 ..."
+        lines += [f"{f} " + " ".join(f"{v:2d}" for v in row) for f, row in zip(files, attrs)]
+        (folder / "list_attr_celeba.txt").write_text("\n".join(lines) + "\n")
+        (folder / "list_eval_partition.txt").write_text(
+            "".join(f"{f} {p}\n" for f, p in zip(files, PARTITION)))
+    else:
+        lines = ["image_id," + ",".join(ATTRIBUTES)]
+        lines += [f + "," + ",".join(str(v) for v in row) for f, row in zip(files, attrs)]
+        (folder / "list_attr_celeba.csv").write_text("\n".join(lines) + "\n")
+        (folder / "list_eval_partition.csv").write_text(
+            "image_id,partition\n" + "".join(f"{f},{p}\n" for f, p in zip(files, PARTITION)))
+    return files, (attrs > 0).astype(np.int8)

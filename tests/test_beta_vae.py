@@ -48,6 +48,11 @@ def test_defaults_are_the_published_settings():
         assert not bv.resolve_schedule(args, 1110)[0].startswith("objective")
 
 
+def settings(args):
+    """beta_vae_loss's keyword arguments from parsed flags, as beta_vae.main passes them."""
+    return {k: getattr(args, k) for k in bv.LOSS_FLAGS}
+
+
 def test_objectives_match_a_hand_computation():
     g = torch.Generator().manual_seed(0)
     x = torch.bernoulli(torch.full((4, 1, 8, 8), 0.3), generator=g)
@@ -56,12 +61,12 @@ def test_objectives_match_a_hand_computation():
     recon = -sv.log_likelihood(x, logits, "bce").mean()
     kl = sv.gaussian_kl(mu, logvar).sum(1).mean()
     args = bv.check_args(bv.parse_args(["--objective", "B", "--c-max", "20", "--c-steps", "100"]))
-    terms = bv.beta_vae_loss(x, logits, mu, logvar, 30, args)
+    terms = bv.beta_vae_loss(x, logits, mu, logvar, 30, **settings(args))
     torch.testing.assert_close(terms["loss"], recon + 1000 * (kl - 6.0).abs())
     assert terms["capacity"] == pytest.approx(6.0)
     args = bv.check_args(bv.parse_args(["--objective", "H", "--beta", "4", "--beta-warmup", "10"]))
-    torch.testing.assert_close(bv.beta_vae_loss(x, logits, mu, logvar, 5, args)["loss"],
-                               recon + 2.0 * kl)
+    terms_h = bv.beta_vae_loss(x, logits, mu, logvar, 5, **settings(args))
+    torch.testing.assert_close(terms_h["loss"], recon + 2.0 * kl)
     torch.testing.assert_close(terms["kl_dims"].sum(), kl)
 
 
@@ -259,7 +264,8 @@ def test_tc_objective_is_the_elbo_when_beta_is_one():
         args = bv.check_args(bv.parse_args(["--objective", "TC", "--beta", str(beta),
                                             "--beta-warmup", "0"]))
         torch.manual_seed(7)
-        losses[beta] = bv.beta_vae_loss(x, logits, mu, logvar, 10, args, data_size=100)
+        losses[beta] = bv.beta_vae_loss(x, logits, mu, logvar, 10, **settings(args),
+                                        data_size=100)
     torch.manual_seed(7)
     z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)                # the loss's sample
     sampled_kl = (Normal(mu, torch.exp(0.5 * logvar)).log_prob(z)

@@ -9,48 +9,8 @@ from PIL import Image
 
 import beta_vae_analyze as ba
 import utils
+from conftest import N, face_colour, write_celeba
 from faces import ATTRIBUTES, write_faces
-
-N = 36
-PARTITION = [0] * 24 + [1] * 6 + [2] * 6
-
-
-def face_colour(i):
-    return (40 + 5 * i, 200 - 4 * i, 90)
-
-
-def write_celeba(root, layout="official", n=N):
-    """A few dozen 178x218 JPEGs: red outside the 148x148 centre crop, a colour of their own
-    inside it; plus attribute and partition files in the exact real formats."""
-    if layout == "official":
-        folder, images = root / "celeba", root / "celeba" / "img_align_celeba"
-    else:
-        folder, images = root / "celeba", root / "celeba" / "img_align_celeba" / "img_align_celeba"
-    images.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    attrs = rng.choice([-1, 1], size=(n, 40))
-    files = [f"{i + 1:06d}.jpg" for i in range(n)]
-    for i, name in enumerate(files):
-        img = np.zeros((218, 178, 3), np.uint8)
-        img[...] = (255, 0, 0)
-        top, left = (218 - 148) // 2, (178 - 148) // 2
-        img[top:top + 148, left:left + 148] = face_colour(i)
-        Image.fromarray(img).save(images / name, quality=95)
-    if layout == "official":
-        lines = [str(n), " ".join(ATTRIBUTES) + " "]
-        # the real file pads values to width 2 with spaces: "-1  1 -1 ..."
-        lines += [f"{f} " + " ".join(f"{v:2d}" for v in row) for f, row in zip(files, attrs)]
-        (folder / "list_attr_celeba.txt").write_text("\n".join(lines) + "\n")
-        (folder / "list_eval_partition.txt").write_text(
-            "".join(f"{f} {p}\n" for f, p in zip(files, PARTITION)))
-    else:
-        lines = ["image_id," + ",".join(ATTRIBUTES)]
-        lines += [f + "," + ",".join(str(v) for v in row) for f, row in zip(files, attrs)]
-        (folder / "list_attr_celeba.csv").write_text("\n".join(lines) + "\n")
-        (folder / "list_eval_partition.csv").write_text(
-            "image_id,partition\n" + "".join(f"{f},{p}\n" for f, p in zip(files, PARTITION)))
-    return files, (attrs > 0).astype(np.int8)
-
 
 @pytest.mark.parametrize("layout", ["official", "mirror"])
 def test_celeba_splits_attributes_crop_and_size(tmp_path, layout):

@@ -2,7 +2,6 @@
 import math
 import pickle
 import re
-import struct
 import zipfile
 from pathlib import Path
 
@@ -11,19 +10,12 @@ import pytest
 import torch
 
 import utils
+from conftest import write_idx
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
 # ---- MNIST: IDX files --------------------------------------------------------------------------
-def write_idx(path, array):
-    """IDX format: magic (0, 0, type 0x08 = uint8, ndim), big-endian dims, raw bytes."""
-    with open(path, "wb") as f:
-        f.write(struct.pack(">BBBB", 0, 0, 0x08, array.ndim))
-        f.write(struct.pack(f">{array.ndim}I", *array.shape))
-        f.write(array.astype(np.uint8).tobytes())
-
-
 def test_mnist_reads_idx_files(tmp_path):
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)

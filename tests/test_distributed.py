@@ -1,22 +1,9 @@
 """torchrun with two CPU processes (gloo): sharding, rank-0 outputs, identical replicas."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import utils
-from conftest import ROOT
-
-
-def torchrun(*args, timeout=300):
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
+from conftest import ROOT, torchrun
 
 
 def tiny(tmp_path, out, *extra):

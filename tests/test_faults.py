@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import utils
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, write_celeba, write_idx
 
 RUN = ["--data-root", None, "--limit", 512, "--batch-size", 32, "--eval-limit", 64,
        "--iw-samples", 2, "--log-every", 4, "--device", "cpu", "--epochs", 3]
@@ -218,6 +218,9 @@ def run_in_process(script, args, capsys):
     try:
         module.main(module.parse_args([str(a) for a in args]))
         status = 0
+    except utils.UserError as e:             # what utils.run_command does with it
+        status = 1
+        print(f"error: {e}", file=sys.stderr)
     except SystemExit as e:                  # what Python does with it at the top level
         status = e.code if isinstance(e.code, int) else 1
         if not isinstance(e.code, int):
@@ -324,7 +327,7 @@ def full_disk_on_a_vq_run(finished, tmp):
     return Row("vq_vae.py", ["--dataset", "dsprites", "--data-root", tmp / "data", "--limit", 64,
                              "--batch-size", 32, "--eval-limit", 16, "--hidden", 16,
                              "--res-hidden", 8, "--res-layers", 1, "--codes", 16,
-                             "--code-dim", 8, "--epochs", 1, "--device", "cpu",
+                             "--latent", 8, "--epochs", 1, "--device", "cpu",
                              "--prior-epochs", 1, "--prior-batch-size", 32, "--out",
                              tmp / "run"], 1, "no room for a checkpoint",
                absent=[tmp / "run" / "checkpoint.pt"], limit_file_size=2**16)
@@ -454,7 +457,6 @@ def damaged_dsprites_cache(content, message):
 
 
 def truncated_celeba_cache(finished, tmp):
-    from test_celeba import write_celeba
     write_celeba(tmp / "data")
     utils.load_dataset("celeba", tmp / "data", "test")
     cache = tmp / "data" / "celeba" / "celeba_cache_crop148_64px.npy"
@@ -465,7 +467,6 @@ def truncated_celeba_cache(finished, tmp):
 
 
 def mnist_files(tmp, images_bytes=None):
-    from test_data import write_idx
     raw = tmp / "data" / "MNIST" / "raw"
     raw.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -589,7 +590,7 @@ ROWS = [
     flag("beta_vae.py", "--sigma", "abc", message="--sigma: expected a positive number"),
     flag("beta_vae.py", "--gamma", "inf", message="--gamma: must be a number >= 0"),
     flag("vq_vae.py", "--decay", "1", message="--decay: must be a number in (0, 1)"),
-    flag("vq_vae.py", "--codes", "1", message="--codes/--num-codes: must be an integer >= 2"),
+    flag("vq_vae.py", "--codes", "1", message="--codes: must be an integer >= 2"),
     flag("beta_vae_analyze.py", "--checkpoint", "x.pt", "--attribute", "scale",
          "--strengths=1:2:-3", message="bad --strengths '1:2:-3'", status=1),
     flag("beta_vae_analyze.py", "--checkpoint", "x.pt", "--seeds", "0",
@@ -712,7 +713,7 @@ def test_vq_vae_with_fewer_held_out_images_than_a_grid_row_finishes(tmp_path, ca
     status, stderr = run_in_process("vq_vae.py", [
         "--dataset", "dsprites", "--data-root", tmp_path / "data", "--limit", 64,
         "--batch-size", 32, "--eval-limit", 12, "--hidden", 16, "--res-hidden", 8,
-        "--res-layers", 1, "--codes", 16, "--code-dim", 8, "--epochs", 1, "--device", "cpu",
+        "--res-layers", 1, "--codes", 16, "--latent", 8, "--epochs", 1, "--device", "cpu",
         "--prior-epochs", 1, "--prior-batch-size", 32, "--prior-channels", 8,
         "--prior-layers", 2, "--prior-kernel", 3, "--out", out], capsys)
     assert status == 0, stderr

@@ -131,13 +131,13 @@ def test_vae_evaluation_makes_no_float64_tensor_and_equals_float64_sums(recon, m
     torch.manual_seed(0)
     model = sv.VAE(1, 28, 4, sv.default_widths(28, 8), hidden=32, recon=recon)
     images = small_images(1_300, 1, 28)
-    args = argparse.Namespace(seed=0, binarize=recon == "bce")
+    binarize = recon == "bce"
     log = DtypeLog()
     with log:
-        result = sv.evaluate(model, images, args, False, torch.device("cpu"), 3, 90)
+        result = sv.evaluate(model, images, torch.device("cpu"), 0, binarize, False, 3, 90)
     assert torch.float64 not in log.dtypes and torch.float32 in log.dtypes
     monkeypatch.setattr(utils, "Sums", Float64Sums)
-    reference = sv.evaluate(model, images, args, False, torch.device("cpu"), 3, 90)
+    reference = sv.evaluate(model, images, torch.device("cpu"), 0, binarize, False, 3, 90)
     assert result["images"] == 1_300 and result["iw_images"] == 90
     for key in ("neg_elbo", "recon", "kl", "iw_nll"):
         assert result[key] == pytest.approx(reference[key], rel=1e-6), key
@@ -197,7 +197,7 @@ def test_bf16_autocast_channels_last_and_fused_adam_train_on_cpu(tmp_path, monke
     metrics = vq.main(vq.parse_args([*map(str, TINY), "--eval-limit", "64",
                                      "--data-root", str(tmp_path / "data"),
                                      "--max-steps", "6", "--hidden", "16", "--res-hidden", "8",
-                                     "--res-layers", "1", "--codes", "32", "--code-dim", "8",
+                                     "--res-layers", "1", "--codes", "32", "--latent", "8",
                                      "--prior-epochs", "0", "--out", str(tmp_path / "vq")]))
     assert metrics["steps"] == 6 and np.isfinite(metrics["test"]["recon_error"])
     log = utils.load_checkpoint(tmp_path / "vq" / "checkpoint.pt")["log"]
@@ -208,7 +208,7 @@ def test_bf16_autocast_channels_last_and_fused_adam_train_on_cpu(tmp_path, monke
     ("standard_vae.py", ["--iw-samples", 2, "--width", 8, "--hidden", 32]),
     ("beta_vae.py", ["--hidden", 32, "--objective", "TC"]),
     ("vq_vae.py", ["--hidden", 16, "--res-hidden", 8, "--res-layers", 1, "--codes", 32,
-                   "--code-dim", 8, "--prior-channels", 16, "--prior-layers", 3,
+                   "--latent", 8, "--prior-channels", 16, "--prior-layers", 3,
                    "--prior-kernel", 3, "--prior-batch-size", 32]),
 ])
 def test_each_script_runs_compiled(name, flags, tmp_path, script):

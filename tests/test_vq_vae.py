@@ -10,8 +10,7 @@ import torch.nn.functional as F
 
 import utils
 import vq_vae as vq
-from conftest import ROOT
-from test_distributed import torchrun
+from conftest import ROOT, collapsed_quantizer, torchrun
 
 # Subprocess runs use one thread: the tensors of the tiny configurations are too small to gain
 # from more, and two busy OpenMP pools on a 2-core machine slow each other down many times over.
@@ -170,19 +169,6 @@ def test_distances_are_computed_in_fp32_under_autocast():
         _, indices, _ = q(z_e)
     assert (unguarded != exact).float().mean() > 0.5      # bf16 would pick wrong codes
     assert torch.equal(indices.flatten(), exact)
-
-
-def collapsed_quantizer(codebook, restart):
-    """16 codes: code 0 at the origin, where the data are, the other 15 far away and unused."""
-    q = vq.VectorQuantizer(16, 4, codebook, decay=0.99, restart=restart, restart_threshold=1.0)
-    with torch.no_grad():
-        q.codebook.copy_(torch.full((16, 4), 100.0))
-        q.codebook[0] = 0
-        q.ema_count.copy_(torch.full((16,), 0.5))
-        q.ema_count[0] = 1000.0
-        if codebook == "ema":
-            q.ema_sum.copy_(q.codebook * q.ema_count[:, None])
-    return q
 
 
 @pytest.mark.parametrize("codebook", ["ema", "loss"])
@@ -347,7 +333,7 @@ def test_prior_nll_is_log_k_for_a_uniform_prior():
 
 # ---- the script end to end --------------------------------------------------------------------
 TINY = ["--limit", 256, "--batch-size", 32, "--eval-limit", 64, "--hidden", 16, "--res-hidden", 8,
-        "--res-layers", 1, "--codes", 32, "--code-dim", 8, "--prior-channels", 16,
+        "--res-layers", 1, "--codes", 32, "--latent", 8, "--prior-channels", 16,
         "--prior-layers", 3, "--prior-kernel", 3, "--prior-batch-size", 32, "--prior-conditional",
         "--log-every", 2, "--device", "cpu"]
 
@@ -430,7 +416,7 @@ def test_bad_flags_are_clear_errors(tmp_path, script):
 # ---- torchrun: two CPU processes (gloo) -------------------------------------------------------
 # 256 images, 16 per rank and step: 8 steps per epoch on each of the two ranks
 DDP_TINY = ["--limit", 256, "--batch-size", 16, "--eval-limit", 64, "--hidden", 16,
-            "--res-hidden", 8, "--res-layers", 1, "--codes", 32, "--code-dim", 8,
+            "--res-hidden", 8, "--res-layers", 1, "--codes", 32, "--latent", 8,
             "--log-every", 2, "--device", "cpu"]
 DDP_PRIOR = ["--prior-channels", 16, "--prior-layers", 3, "--prior-kernel", 3,
              "--prior-batch-size", 16, "--prior-conditional"]

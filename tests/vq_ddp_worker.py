@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import utils  # noqa: E402
 import vq_vae as vq  # noqa: E402
-from test_vq_vae import collapsed_quantizer  # noqa: E402
+from conftest import collapsed_quantizer  # noqa: E402
 
 
 def quantizer(out, rank):
