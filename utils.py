@@ -685,8 +685,8 @@ def load_dsprites(root, split, limit=None):
     if limit is not None:
         index = index[:limit]
     classes = dsprites_classes(index)
-    return ImageSet("dsprites", dsprites_images(root, index), classes, dsprites_values(classes),
-                    list(DSPRITES_FACTORS), binary=True,
+    return ImageSet("dsprites", dsprites_images(root, index), classes, list(DSPRITES_FACTORS),
+                    binary=True,
                     value_names={"shape": list(DSPRITES_SHAPES)})
 
 
