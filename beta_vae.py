@@ -258,7 +258,7 @@ def parse_args(argv=None):
                         "(default 6)")
     p.add_argument("--beta-warmup", type=utils.nonneg_int, default=None,
                    help="steps of linear beta warm-up from 0, objectives H and TC (default: "
-                        f"{WARMUP_SHARE:.0%} of the run; 0 = none)")
+                        f"{WARMUP_SHARE:.0%}% of the run; 0 = none)")
     p.add_argument("--tc-estimator", default="mss", choices=("mss", "mws"),
                    help="objective TC: estimate q(z) on the minibatch by stratified (mss) or "
                         "minibatch-weighted (mws) sampling")
@@ -268,18 +268,9 @@ def parse_args(argv=None):
                         "else 25)")
     p.add_argument("--c-steps", type=utils.nonneg_int, default=None,
                    help="steps over which C rises linearly from 0 to --c-max (default: "
-                        f"{C_SHARE:.0%} of the run, at most the published {PUBLISHED_C_STEPS:,})")
-    p.add_argument("--recon", default="bce", choices=("bce", "mse"),
-                   help="decoder likelihood: bce = Bernoulli, mse = Gaussian")
-    p.add_argument("--sigma", default="learned", type=utils.decoder_sigma,
-                   help="Gaussian decoder std: 'learned' or a number (--recon mse)")
-    p.add_argument("--hidden", type=utils.positive_int, default=256, help="units of the FC layers")
-    p.add_argument("--iw-samples", type=utils.nonneg_int, default=0,
-                   help="importance samples of a final IW-NLL (0 = skip)")
-    p.add_argument("--iw-images", type=utils.positive_int, default=None,
-                   help="held-out images scored by the IW-NLL (default: all when the run "
-                        "trained on at least K/3 times as many, else proportionally fewer, at "
-                        "least 100)")
+                        f"{C_SHARE:.0%}% of the run, at most the published "
+                        f"{PUBLISHED_C_STEPS:,})")
+    sv.add_vae_args(p, iw_samples=0)
     return utils.parse_args(p, argv)
 
 

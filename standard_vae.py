@@ -12,7 +12,6 @@ with the importance-weighted bound of Burda et al. 2016, which tightens towards 
 """
 import argparse
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -298,10 +297,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=utils.HelpFormatter)
     utils.add_common_args(p, latent=10, lr=1e-3, batch_size=128, epochs=10)
-    p.add_argument("--recon", default="bce", choices=("bce", "mse"),
-                   help="decoder likelihood: bce = Bernoulli, mse = Gaussian")
-    p.add_argument("--sigma", default="learned", type=utils.decoder_sigma,
-                   help="Gaussian decoder std: 'learned' or a number such as 0.1 (--recon mse)")
+    add_vae_args(p, iw_samples=100)
     p.add_argument("--binarize", action=argparse.BooleanOptionalAction, default=None,
                    help="dynamic binarisation, x ~ Bernoulli(intensity) redrawn every time "
                         "(default: on for mnist with --recon bce)")
@@ -309,15 +305,24 @@ def parse_args(argv=None):
                    help="steps of linear KL warm-up from 0 to 1 (0 = none)")
     p.add_argument("--free-bits", type=utils.nonneg_float, default=0.0,
                    help="minimum KL per latent dimension in nats (0 = off)")
-    p.add_argument("--width", type=utils.positive_int, default=32, help="channels of the first conv layer")
+    p.add_argument("--width", type=utils.positive_int, default=32,
+                   help="channels of the first conv layer")
+    return utils.parse_args(p, argv)
+
+
+def add_vae_args(p, iw_samples):
+    """The decoder and evaluation flags of standard_vae.py and beta_vae.py."""
+    p.add_argument("--recon", default="bce", choices=("bce", "mse"),
+                   help="decoder likelihood: bce = Bernoulli, mse = Gaussian")
+    p.add_argument("--sigma", default="learned", type=utils.decoder_sigma,
+                   help="Gaussian decoder std: 'learned' or a number such as 0.1 (--recon mse)")
     p.add_argument("--hidden", type=utils.positive_int, default=256, help="units of the FC layers")
-    p.add_argument("--iw-samples", type=utils.nonneg_int, default=100,
+    p.add_argument("--iw-samples", type=utils.nonneg_int, default=iw_samples,
                    help="importance samples K of the final IW-NLL (0 = skip)")
     p.add_argument("--iw-images", type=utils.positive_int, default=None,
                    help="held-out images scored by the IW-NLL (default: all when the run "
                         "trained on at least K/3 times as many, else proportionally fewer, at "
                         "least 100)")
-    return utils.parse_args(p, argv)
 
 
 def check_args(args):
@@ -366,20 +371,8 @@ def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl"), sche
     its shard of every batch order with DistributedDataParallel; rank 0 alone writes. Returns
     the run state; a stop by a signal raises utils.Stopped once the checkpoint is saved.
     """
-    dist, device = utils.setup_distributed(args.device)
-    out = utils.prepare_out(args.out, not args.resume, args.overwrite) if dist.main \
-        else Path(args.out)
-    state = None
-    if args.resume:
-        state = utils.resume_state(args.resume, out, kind)
-        vars(args).update(vars(utils.resume_args(args, state, RESUME_FLAGS)))
-    utils.seed_everything(args.seed)                  # the same initial weights on every rank
-    if args.dataset == "celeba":
-        feature_size(args.image_size)             # refuse a bad size before decoding anything
-    with utils.main_first():                      # rank 0 builds any data cache alone
-        train = utils.load_dataset(args.dataset, args.data_root, "train", args.limit,
-                                   args.image_size, args.crop)
-        test = utils.load_held_out(args, len(train), dist)
+    dist, device, out, state, train, test = utils.start_run(
+        args, kind, RESUME_FLAGS, check_image_size=feature_size)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     fast = utils.fast_paths(device)
     model = build_model(args, train.channels, train.image_size).to(device)

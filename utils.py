@@ -762,6 +762,30 @@ def held_out_size(limit, train_images, epoch_images, default=10_000, floor=1_000
     return max(floor, min(default, epoch_images, train_images))
 
 
+def start_run(args, kind, flags, keys=None, check_image_size=None):
+    """What every training run does before its model exists: join torchrun (if launched by
+    it), prepare the run folder (rank 0), load and check the checkpoint that --resume names
+    and take its settings into `args` in place (typed `flags` replace them), seed (the same
+    initial weights on every rank), refuse a bad CelebA --image-size with
+    `check_image_size(size)` before anything is decoded, then load the training split and the
+    held-out split sized to the run (rank 0 first: it builds any data cache alone).
+    Returns (dist, device, out, state or None, train, test)."""
+    dist, device = setup_distributed(args.device)
+    out = prepare_out(args.out, not args.resume, args.overwrite) if dist.main else Path(args.out)
+    state = None
+    if args.resume:
+        state = resume_state(args.resume, out, kind, keys or RESUME_KEYS)
+        vars(args).update(vars(resume_args(args, state, flags)))
+    seed_everything(args.seed)
+    if args.dataset == "celeba" and check_image_size is not None:
+        check_image_size(args.image_size)
+    with main_first():
+        train = load_dataset(args.dataset, args.data_root, "train", args.limit, args.image_size,
+                             args.crop)
+        test = load_held_out(args, len(train), dist)
+    return dist, device, out, state, train, test
+
+
 def load_held_out(args, train_size, dist):
     """The held-out split, `--eval-limit` images of it, the limit sized to the run when not
     given (`held_out_size`, written back into `args` so the checkpoint keeps it), and said."""

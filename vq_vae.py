@@ -32,7 +32,6 @@ residual layers of 32, 512 codes of dimension 64, batch 256, Adam lr 1e-3; the r
 """
 import argparse
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -612,23 +611,11 @@ def fit(args):
     process group is joined here) each rank trains on its shard of every epoch's order with
     DistributedDataParallel and rank 0 alone writes. Returns the run; a stop by a signal
     raises utils.Stopped once the checkpoint is saved."""
-    dist, device = utils.setup_distributed(args.device)
-    out = utils.prepare_out(args.out, not args.resume, args.overwrite) if dist.main \
-        else Path(args.out)
-    state = None
-    if args.resume:
-        state = utils.resume_state(args.resume, out, "vq_vae", {**utils.RESUME_KEYS, "data": dict})
-        args = utils.resume_args(args, state, RESUME_FLAGS + PRIOR_FLAGS)
     # The same seed on every rank: the same initial weights. The only other use of the torch
     # RNG in training is the restart draw, which rank 0 makes for all ranks.
-    utils.seed_everything(args.seed)
-
-    if args.dataset == "celeba":
-        grid_size(args.image_size)                # refuse a bad size before decoding anything
-    with utils.main_first():                      # rank 0 builds any data cache alone
-        train = utils.load_dataset(args.dataset, args.data_root, "train", args.limit,
-                                   args.image_size, args.crop)
-        test = utils.load_held_out(args, len(train), dist)
+    dist, device, out, state, train, test = utils.start_run(
+        args, "vq_vae", RESUME_FLAGS + PRIOR_FLAGS, {**utils.RESUME_KEYS, "data": dict},
+        check_image_size=grid_size)
     grid = (grid_size(train.image_size),) * 2
     model = build_model(args, train.channels).to(device)
     opt = utils.adam(model.parameters(), args.lr, device)

@@ -225,3 +225,18 @@ def test_each_script_runs_compiled(name, flags, tmp_path, script):
     for line in ("held-out evaluation: 1,000 images", f"{name[:-3]}: 4 steps, 32 images each",
                  f"{name[:-3]}: done: 4 steps in "):
         assert line in proc.stdout, (line, proc.stdout)
+
+
+@pytest.mark.parametrize("name", ["standard_vae", "beta_vae", "vq_vae", "beta_vae_analyze",
+                                  "bench"])
+def test_help_lists_every_flag_with_its_default(name, capsys):
+    module = __import__(name)
+    with pytest.raises(SystemExit) as e:
+        module.parse_args(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())     # argparse wraps lines anywhere
+    flags = [a for line in text.split("[")[1:] for a in line.split("]")[:1]]
+    assert len(flags) >= 5 and all(f.split()[0] in text.split("options:")[1] for f in flags)
+    if name in ("standard_vae", "vq_vae"):                # one help style: defaults are shown
+        assert "--seed SEED random seed (default: 0)" in text
+        assert "(default: (default:" not in text and "default: None" not in text
