@@ -14,7 +14,6 @@ images and the image size. Prints a table and writes JSON.
 """
 import argparse
 import json
-import math
 import os
 import platform
 import shutil
@@ -22,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torchvision
 
@@ -30,6 +28,7 @@ import beta_vae as bv
 import standard_vae as sv
 import utils
 import vq_vae as vq
+from tests.faces import write_faces
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,25 +59,11 @@ def fixture_root(path):
 
 
 def write_jpeg_fixture(root, n, seed=0):
-    """n 178x218 JPEGs of smooth random colour fields in CelebA's official layout."""
-    from PIL import Image
+    """n 178x218 synthetic faces in CelebA's official layout (the tests' writer), all in the
+    training partition; written once per fixture folder."""
     folder = Path(root) / "celeba"
-    images = folder / "img_align_celeba"
-    if (folder / "list_eval_partition.txt").exists():
-        return folder
-    images.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    names = [f"{i + 1:06d}.jpg" for i in range(n)]
-    yy, xx = np.mgrid[0:218, 0:178] / 218.0
-    for name in names:
-        a, b, c = rng.uniform(0, 2 * math.pi, (3, 3))
-        img = np.stack([np.sin(a[k] * xx + b[k] * yy + c[k]) for k in range(3)], -1)
-        Image.fromarray(((img + 1) * 127.5).astype(np.uint8)).save(images / name, quality=90)
-    attrs = rng.choice([-1, 1], size=(n, 40))
-    header = " ".join(f"Attr_{i}" for i in range(40))
-    rows = [f"{f} " + " ".join(f"{v:2d}" for v in r) for f, r in zip(names, attrs)]
-    (folder / "list_attr_celeba.txt").write_text("\n".join([str(n), header] + rows) + "\n")
-    (folder / "list_eval_partition.txt").write_text("".join(f"{f} 0\n" for f in names))
+    if not (folder / "list_eval_partition.txt").exists():      # written last: a whole fixture
+        write_faces(root, n, seed, split=(1.0, 0.0))
     return folder
 
 
