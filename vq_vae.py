@@ -385,6 +385,18 @@ def prior_nll(prior, codes, labels=None):
     return F.cross_entropy(prior(codes, labels).float(), codes.long())
 
 
+def prior_train_step(prior, opt, codes, labels=None, amp=True):
+    """One optimiser step of the prior on code grids (B, H, W): the NLL of each code given the
+    codes above and to its left, backward, Adam. `prior` is the PixelCNN or its DDP/compiled
+    wrapper. Returns the (device) bits per code."""
+    with utils.autocast(codes.device, amp):
+        nll = prior_nll(prior, codes.long(), labels)
+    opt.zero_grad(set_to_none=True)
+    nll.backward()
+    opt.step()
+    return {"bits_per_code": nll.detach() / math.log(2)}
+
+
 @torch.no_grad()
 def sample_codes(prior, n, grid, labels=None, generator=None):
     """Ancestral sampling in raster order, c_i ~ p(c_i | c_<i). Rows below i cannot affect
@@ -782,12 +794,8 @@ def train_prior(args, model, train, test, grid, vq_step, out, device):
         return float(nll.read()[0]) / len(test_codes) / math.log(2)
 
     def step_fn(fwd, idx, step):
-        with utils.autocast(device, amp):
-            nll = prior_nll(fwd, codes[idx].long(), None if labels is None else labels[idx])
-        opt.zero_grad(set_to_none=True)
-        nll.backward()
-        opt.step()
-        return {"bits_per_code": nll.detach().float() / math.log(2)}
+        return prior_train_step(fwd, opt, codes[idx], None if labels is None else labels[idx],
+                                amp)
 
     loop = utils.train(
         prior, opt, step_fn, batches.indices, steps_per_epoch, total, out, kind="vq_vae_prior",
