@@ -20,6 +20,7 @@ representation taken as the posterior mean and the factors shape, scale, orienta
   majority-vote classifier trained on 10,000 votes is scored on 5,000 more.
 """
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -550,7 +551,9 @@ def parse_args(argv=None):
                    help="images to edit when not named")
     p.add_argument("--strengths", default="0:1.5:10",
                    help="alphas: start:stop:count or a comma list; for negatives write --strengths=-1:1.5:11")
-    p.add_argument("--traverse", action="store_true", help="draw traversal.png")
+    p.add_argument("--traverse", action="store_true",
+                   help="draw traversal.png (rows named by the factor they encode with "
+                        "--metrics, or from an earlier --metrics run of this checkpoint)")
     p.add_argument("--gif", action="store_true",
                    help="with --traverse: also traversal.gif, one frame per traversal step")
     p.add_argument("--steps", type=utils.number(int, lambda v: v >= 2, "an integer >= 2"),
@@ -579,6 +582,18 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def earlier_metrics(path, checkpoint, step):
+    """The metrics that an earlier --metrics run wrote to `path` for this checkpoint at this
+    step (so --traverse alone can name its rows), else {}."""
+    try:
+        results = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    same = isinstance(results, dict) and results.get("step") == step and \
+        Path(str(results.get("checkpoint"))).resolve() == Path(checkpoint).resolve()
+    return results if same else {}
+
+
 def main(args):
     if args.gif and not args.traverse:
         raise utils.UserError("--gif animates the traversal: pass it with --traverse")
@@ -604,7 +619,8 @@ def main(args):
               f"-> {out / 'disentanglement.json'}")
     if args.traverse:       # rows named by the factors they encode when the metrics are known
         test, held_out = evaluate_held_out(model, train_args, root, device)
-        names = {int(z[1:]): label for z, label in results.get("latent_factors", {}).items()}
+        known = results or earlier_metrics(out / "disentanglement.json", path, state["step"])
+        names = {int(z[1:]): label for z, label in known.get("latent_factors", {}).items()}
         order = beta_vae.save_traversal(model, test.images, held_out["kl_per_dim"],
                                         out / "traversal.png", seeds=args.seeds,
                                         steps=args.steps, span=args.span,

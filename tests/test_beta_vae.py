@@ -388,3 +388,16 @@ def test_fresh_encoder_output_depends_on_the_image(tmp_path):
     with torch.no_grad():
         mu, _ = model.encoder(x)
     assert mu.std(0).mean() > 0.05
+
+
+def test_traverse_alone_names_rows_from_the_same_checkpoints_earlier_metrics(tmp_path):
+    ckpt = tmp_path / "checkpoint.pt"
+    found = tmp_path / "disentanglement.json"
+    found.write_text(json.dumps({"checkpoint": str(ckpt), "step": 300,
+                                 "latent_factors": {"z0": "posX", "z1": ""}}))
+    assert ba.earlier_metrics(found, ckpt, 300)["latent_factors"]["z0"] == "posX"
+    assert ba.earlier_metrics(found, ckpt, 600) == {}                 # trained on since
+    assert ba.earlier_metrics(found, tmp_path / "other.pt", 300) == {}
+    assert ba.earlier_metrics(tmp_path / "absent.json", ckpt, 300) == {}
+    found.write_text("{not json")
+    assert ba.earlier_metrics(found, ckpt, 300) == {}
