@@ -173,8 +173,8 @@ def test_bf16_autocast_channels_last_and_fused_adam_train_on_cpu(tmp_path, monke
     monkeypatch.setattr(utils, "FAST_PATHS", {"cuda", "cpu"})
     seen = []
 
-    def loss(x, logits, mu, logvar, step, args, log_sigma=None, data_size=None):
-        terms = bv_loss(x, logits, mu, logvar, step, args, log_sigma, data_size)
+    def loss(x, logits, mu, logvar, *settings, **named):
+        terms = bv_loss(x, logits, mu, logvar, *settings, **named)
         seen.append((logits.dtype, x.is_contiguous(memory_format=torch.channels_last),
                      {k: v.dtype for k, v in terms.items() if torch.is_tensor(v)}))
         return terms
