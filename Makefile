@@ -40,6 +40,7 @@ beta-objectives:
 	for s in 0 1 2; do for o in B TC H; do \
 	  $(THREADS) $(PY) beta_vae.py --dataset dsprites --objective $$o --max-steps $(OBJ_STEPS) --seed $$s --eval-limit 5000 --out runs/beta_$${o}_3k_seed$$s && \
 	  $(THREADS) $(PY) beta_vae_analyze.py --checkpoint runs/beta_$${o}_3k_seed$$s/checkpoint.pt --traverse --metrics --latent-kl; done; done
+	$(THREADS) $(PY) beta_vae_analyze.py --checkpoint runs/beta_TC_3k_seed1/checkpoint.pt --traverse --rows 6
 
 # controlled experiments on objective B at 3,000 steps (seed 0): one change per run
 DIAG = --dataset dsprites --objective B --c-steps 2500 --max-steps 3000 --eval-limit 2000 --seed 0
