@@ -67,9 +67,10 @@ faces-attributes:
 	$(THREADS) $(PY) beta_vae.py $(HEADLINE) --data-root $(FACES) --eval-limit 300 --batch-size 32 --out runs/faces3k_H1_b32
 	$(THREADS) $(PY) beta_vae.py $(HEADLINE) --data-root $(FACES) --eval-limit 300 --latent 32 --out runs/faces3k_H1_lat32
 	$(THREADS) $(PY) beta_vae.py $(HEADLINE) --data-root $(FACES) --eval-limit 300 --recon mse --out runs/faces3k_H1_mse
+	$(THREADS) $(PY) beta_vae.py $(HEADLINE) --data-root $(FACES) --eval-limit 300 --epochs 120 --out runs/faces3k_H1_ep120
 	$(THREADS) $(PY) beta_vae.py $(HEADLINE) --data-root $(FACES20K) --eval-limit 1000 --out runs/faces20k_H1
 	$(THREADS) $(PY) beta_vae.py $(HEADLINE) --data-root $(FACES20K) --eval-limit 1000 --objective B --out runs/faces20k_B
-	for r in faces3k_H1 faces3k_B_c100k faces3k_B faces3k_B_mse faces3k_H1_lr1e-3 faces3k_H1_b32 faces3k_H1_lat32 faces3k_H1_mse faces20k_H1 faces20k_B; do \
+	for r in faces3k_H1 faces3k_B_c100k faces3k_B faces3k_B_mse faces3k_H1_lr1e-3 faces3k_H1_b32 faces3k_H1_lat32 faces3k_H1_mse faces3k_H1_ep120 faces20k_H1 faces20k_B; do \
 	  for a in Smiling Eyeglasses; do \
 	  $(PY) beta_vae_analyze.py --checkpoint runs/$$r/checkpoint.pt --attribute $$a --n-images 5000 --strengths=0:2:5; done; done
 

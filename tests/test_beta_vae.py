@@ -401,3 +401,15 @@ def test_traverse_alone_names_rows_from_the_same_checkpoints_earlier_metrics(tmp
     assert ba.earlier_metrics(tmp_path / "absent.json", ckpt, 300) == {}
     found.write_text("{not json")
     assert ba.earlier_metrics(found, ckpt, 300) == {}
+
+
+def test_a_short_celeba_run_says_attribute_vectors_need_more_steps():
+    args = bv.check_args(bv.parse_args(["--dataset", "celeba"]))              # 30 epochs
+    said = " ".join(bv.resolve_schedule(args, 1110))
+    assert "note: 1,110 steps are few for attribute vectors" in said
+    assert "(--epochs 109)" in said                     # 109 epochs of 37 steps: 4,033 steps
+    args = bv.check_args(bv.parse_args(["--dataset", "celeba", "--max-steps", "500"]))
+    assert "(--max-steps 4000)" in " ".join(bv.resolve_schedule(args, 500))
+    for argv, total in ((["--dataset", "celeba"], 76_000), (["--dataset", "dsprites"], 100)):
+        args = bv.check_args(bv.parse_args(argv))
+        assert not any(line.startswith("note") for line in bv.resolve_schedule(args, total))

@@ -210,6 +210,8 @@ def test_headline_journey_on_a_small_face_set(tmp_path, script):
     assert said[0].startswith("objective H with beta 1: the default on celeba")
     assert "schedule: beta on the KL rises linearly from 0 to 1 over 36 steps" in train.stdout
     assert "warning" not in train.stdout
+    assert "note: 360 steps are few for attribute vectors" in train.stdout     # and the fix:
+    assert "train at least 4,000 steps (--epochs 334)" in train.stdout
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 360 and metrics["args"]["objective"] == "H"
     assert metrics["test"]["kl"] > 8                         # measured: 13 nats
