@@ -41,7 +41,8 @@ BETA = {"H": 4.0, "TC": 6.0}
 DEFAULT_OBJECTIVE = {"celeba": ("H", 1.0)}
 # Attribute vectors need the model to reconstruct small features, which comes late: on 3,000
 # CelebA-format faces the Smiling vector added 9% of the smile after 1,110 steps (the headline
-# command) and 95% after 4,440 (README, "Attribute arithmetic on synthetic faces").
+# command) and 95% after 4,440 (README, "Attribute arithmetic on synthetic faces"), with
+# objective H, CelebA's default. Shorter runs of it say so at their start.
 ATTRIBUTE_STEPS = 4_000
 # Shorter runs, where --c-steps / --beta-warmup are not given: C reaches C_max after this share
 # of the run (at most the published 100,000 steps), and beta warms up over this share.
@@ -72,13 +73,6 @@ def resolve_schedule(args, total_steps):
         lines.append(f"objective {args.objective} with beta {args.beta:g}: the default on "
                      f"{args.dataset}, chosen for attribute vectors; --objective B is Burgess "
                      "et al.'s published setting")
-    if args.dataset == "celeba" and total_steps < ATTRIBUTE_STEPS:
-        longer = (f"--max-steps {ATTRIBUTE_STEPS}" if args.max_steps is not None else
-                  f"--epochs {math.ceil(args.epochs * ATTRIBUTE_STEPS / total_steps)}")
-        lines.append(f"note: {total_steps:,} steps are few for attribute vectors: small "
-                     "features such as a smile are learnt late (on 3,000 faces the Smiling "
-                     "vector added 9% of the smile after 1,110 steps, 95% after 4,440); for "
-                     f"them train at least {ATTRIBUTE_STEPS:,} steps ({longer})")
     if args.objective == "B":
         how = "--c-steps"
         if args.c_steps is None:
@@ -103,6 +97,13 @@ def resolve_schedule(args, total_steps):
         if args.beta_warmup > total_steps:
             lines.append(f"warning: beta will reach {total_steps / args.beta_warmup:.2f} of "
                          f"{args.beta:g} in {total_steps:,} steps (lower --beta-warmup)")
+    if args.dataset == "celeba" and args.objective == "H" and total_steps < ATTRIBUTE_STEPS:
+        longer = (f"--max-steps {ATTRIBUTE_STEPS}" if args.max_steps is not None else
+                  f"--epochs {math.ceil(args.epochs * ATTRIBUTE_STEPS / total_steps)}")
+        lines.append(f"note: {total_steps:,} steps are few for attribute vectors: small "
+                     "features such as a smile are learnt late (on 3,000 faces the Smiling "
+                     "vector added 9% of the smile after 1,110 steps, 95% after 4,440); for "
+                     f"them train at least {ATTRIBUTE_STEPS:,} steps ({longer})")
     return lines
 
 

@@ -410,6 +410,7 @@ def test_a_short_celeba_run_says_attribute_vectors_need_more_steps():
     assert "(--epochs 109)" in said                     # 109 epochs of 37 steps: 4,033 steps
     args = bv.check_args(bv.parse_args(["--dataset", "celeba", "--max-steps", "500"]))
     assert "(--max-steps 4000)" in " ".join(bv.resolve_schedule(args, 500))
-    for argv, total in ((["--dataset", "celeba"], 76_000), (["--dataset", "dsprites"], 100)):
+    for argv, total in ((["--dataset", "celeba"], 76_000), (["--dataset", "dsprites"], 100),
+                        (["--dataset", "celeba", "--objective", "B"], 1110)):
         args = bv.check_args(bv.parse_args(argv))
         assert not any(line.startswith("note") for line in bv.resolve_schedule(args, total))
