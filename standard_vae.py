@@ -412,7 +412,7 @@ def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl"), sche
     return argparse.Namespace(
         args=args, model=model, train=train, test=test, device=device, out=out, log=loop.log,
         history=loop.history, step=loop.step, epochs=loop.epochs, train_time=loop.train_time,
-        dist=dist, images_per_s=loop.steps_timed * args.batch_size * dist.world
+        dist=dist, binarize=binarize, images_per_s=loop.steps_timed * args.batch_size * dist.world
         / max(loop.train_time, 1e-9))
 
 
@@ -427,8 +427,8 @@ def final_evaluation(run, args):
             f", sized to the run's {trained:,} training images; --iw-images sets it"
         print(f"IW-NLL: K={args.iw_samples} importance samples on {iw_images:,} of the {n:,} "
               f"held-out images ({iw_images * args.iw_samples:,} decoder passes{sized})")
-    return evaluate(run.model, run.test.images, run.device, args.seed,
-                    getattr(args, "binarize", False), run.test.binary, args.iw_samples, iw_images)
+    return evaluate(run.model, run.test.images, run.device, args.seed, run.binarize,
+                    run.test.binary, args.iw_samples, iw_images)
 
 
 def run_metrics(run, final, timer, **extra):

@@ -391,7 +391,7 @@ def train(model, opt, step_fn, batches, steps_per_epoch, total, out, *, kind, ar
         cleanup_distributed()
         raise Stopped(stop.requested)
     return argparse.Namespace(step=step, log=log, history=history, train_time=train_time,
-                              steps_per_epoch=steps_per_epoch, epochs=step / steps_per_epoch,
+                              epochs=step / steps_per_epoch,
                               steps_timed=step - first_step)
 
 
