@@ -322,8 +322,7 @@ def model_list(text):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=utils.HelpFormatter)
+    p = utils.ArgumentParser(__doc__.split("\n\n")[0])
     p.add_argument("--models", type=model_list, default=list(MODELS),
                    help=f"comma list of {', '.join(MODELS)}")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))

@@ -20,7 +20,6 @@ al.: four 4x4 stride-2 convolutions of 32 channels, FC 256, FC 256, 2 x latent o
 
     python beta_vae.py --dataset dsprites --latent 10 --epochs 30
 """
-import argparse
 import math
 
 import torch
@@ -258,8 +257,7 @@ def plot_kl_per_dim(log, path, args, informative=0.5, ax=None):
 # Training
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=utils.HelpFormatter)
+    p = utils.ArgumentParser(__doc__.split("\n\n")[0])
     utils.add_common_args(p, latent=10, lr=5e-4, batch_size=64, epochs=30, dataset="celeba")
     p.add_argument("--objective", default=None, choices=("H", "B", "TC"),
                    help="H: recon + beta*KL (Higgins); B: recon + gamma*|KL - C| (Burgess); "
@@ -283,7 +281,7 @@ def parse_args(argv=None):
                         f"{C_SHARE:.0%}% of the run, at most the published "
                         f"{PUBLISHED_C_STEPS:,})")
     sv.add_vae_args(p, iw_samples=0)
-    return utils.parse_args(p, argv)
+    return p.parse_args(argv)
 
 
 def check_args(args):

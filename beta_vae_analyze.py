@@ -531,8 +531,7 @@ def latent_kl(paths, args, device, out, informative=0.5):
 # Command line
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=utils.HelpFormatter)
+    p = utils.ArgumentParser(__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="a beta_vae.py checkpoint.pt")
     p.add_argument("--data-root", default=None,
                    help="where the data are (default: the training run's --data-root)")

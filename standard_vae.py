@@ -294,8 +294,7 @@ def plot_history(log, history, out):
 # Training
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=utils.HelpFormatter)
+    p = utils.ArgumentParser(__doc__.split("\n\n")[0])
     utils.add_common_args(p, latent=10, lr=1e-3, batch_size=128, epochs=10)
     add_vae_args(p, iw_samples=100)
     p.add_argument("--binarize", action=argparse.BooleanOptionalAction, default=None,
@@ -307,7 +306,7 @@ def parse_args(argv=None):
                    help="minimum KL per latent dimension in nats (0 = off)")
     p.add_argument("--width", type=utils.positive_int, default=32,
                    help="channels of the first conv layer")
-    return utils.parse_args(p, argv)
+    return p.parse_args(argv)
 
 
 def add_vae_args(p, iw_samples):

@@ -152,19 +152,32 @@ def check_common_args(args, script):
     return args
 
 
-def parse_args(parser, argv=None):
-    """parser.parse_args, also recording in `args.given` which options were typed, so that a
-    resumed run overrides its saved settings only with flags the user actually passed."""
-    args = parser.parse_args(argv)
-    defaults = {a.dest: a.default for a in parser._actions}
-    try:
-        for a in parser._actions:
-            a.default = argparse.SUPPRESS
-        args.given = sorted(vars(parser.parse_args(argv)))
-    finally:
-        for a in parser._actions:
-            a.default = defaults[a.dest]
-    return args
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with our help style that also records, in `args.given`, the flags the user
+    typed: a resumed run replaces its saved settings only with those (`resume_args`).
+
+    One parse: every flag starts as None in the namespace handed to argparse, so argparse
+    leaves it None unless typed (no typed flag parses to None); the defaults are filled in
+    after. Defaults are given as values, not as strings for `type` to convert."""
+
+    def __init__(self, description=None):
+        self.defaults = {}                        # dest -> default, as the flags are added
+        super().__init__(description=description, formatter_class=HelpFormatter)
+
+    def add_argument(self, *names, **kwargs):
+        action = super().add_argument(*names, **kwargs)
+        if action.default is not argparse.SUPPRESS:
+            self.defaults[action.dest] = action.default
+        return action
+
+    def parse_args(self, args=None, namespace=None):
+        args = super().parse_args(args, argparse.Namespace(**dict.fromkeys(self.defaults)))
+        given = sorted(k for k, v in vars(args).items() if v is not None)
+        for k, default in self.defaults.items():
+            if getattr(args, k) is None:
+                setattr(args, k, default)
+        args.given = given
+        return args
 
 
 # ----------------------------------------------------------------------------------------------

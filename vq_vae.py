@@ -524,8 +524,7 @@ def encode_all(model, images, batch_size, device, desc="encoding"):
 # Arguments
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=utils.HelpFormatter)
+    p = utils.ArgumentParser(__doc__.split("\n\n")[0])
     # reference CIFAR-10 configuration (REFERENCE.md): batch 256, Adam lr 1e-3, codes of dim 64
     utils.add_common_args(p, latent=64, lr=1e-3, batch_size=256, epochs=10,
                           latent_help="dimension D of each code vector")
@@ -571,7 +570,7 @@ def parse_args(argv=None):
                    help="odd kernel width of the prior's convolutions")
     p.add_argument("--prior-conditional", action="store_true",
                    help="condition the prior on the class label (dSprites: the shape)")
-    return utils.parse_args(p, argv)
+    return p.parse_args(argv)
 
 
 def prior_length(args):

@@ -240,3 +240,19 @@ def test_help_lists_every_flag_with_its_default(name, capsys):
     if name in ("standard_vae", "vq_vae"):                # one help style: defaults are shown
         assert "--seed SEED random seed (default: 0)" in text
         assert "(default: (default:" not in text and "default: None" not in text
+
+
+def test_typed_flags_are_recorded_in_one_parse_and_resume_honours_them():
+    args = sv.parse_args(["--epochs", "10", "--no-amp"])          # 10 is the default
+    assert args.given == ["epochs", "no_amp"] and (args.epochs, args.lr) == (10, 1e-3)
+    assert sv.parse_args([]).given == [] and sv.parse_args([]).compile is False
+
+    saved = {"args": vars(sv.parse_args(["--epochs", "30", "--lr", "1e-4"]))}
+    resumed = utils.resume_args(sv.parse_args(["--resume", "--epochs", "10"]), saved,
+                                sv.RESUME_FLAGS)
+    assert (resumed.epochs, resumed.lr) == (10, 1e-4)           # typed default wins, rest saved
+
+    # a flag that shapes the model, typed at its default against a checkpoint that differs
+    saved = {"args": vars(sv.parse_args(["--latent", "32"]))}
+    with pytest.raises(utils.UserError, match="--latent cannot change on --resume"):
+        utils.resume_args(sv.parse_args(["--resume", "--latent", "10"]), saved, sv.RESUME_FLAGS)
