@@ -170,7 +170,7 @@ class ArgumentParser(argparse.ArgumentParser):
             self.defaults[action.dest] = action.default
         return action
 
-    def parse_args(self, args=None, namespace=None):
+    def parse_args(self, args=None):
         args = super().parse_args(args, argparse.Namespace(**dict.fromkeys(self.defaults)))
         given = sorted(k for k, v in vars(args).items() if v is not None)
         for k, default in self.defaults.items():
