@@ -763,16 +763,11 @@ def train_prior(args, model, train, test, grid, vq_step, out, device):
     test_codes = encode_all(model, test.images, args.batch_size, device,
                             "encoding the held-out set for the prior")
     test_labels = class_labels(test)[0].to(device) if args.prior_conditional else None
-    steps_per_epoch = len(codes) // dist.world // args.prior_batch_size
-    if steps_per_epoch == 0:
-        raise utils.UserError(f"{len(codes)} code grids are fewer than one prior batch of "
-                              f"{args.prior_batch_size}"
-                              f"{f' on each of {dist.world} ranks' if dist.active else ''}")
-    total = steps_per_epoch * epochs
+    batches = utils.DeviceBatches(codes, args.prior_batch_size, device, args.seed,
+                                  rank=dist.rank, world=dist.world)     # refuses < 1 batch
+    total = len(batches) * epochs
     if max_steps is not None:
         total = min(total, max_steps)
-    batches = utils.DeviceBatches(codes, args.prior_batch_size, device, args.seed,
-                                  rank=dist.rank, world=dist.world)
     amp = not args.no_amp
 
     @torch.no_grad()
@@ -797,7 +792,7 @@ def train_prior(args, model, train, test, grid, vq_step, out, device):
                                 amp)
 
     loop = utils.train(
-        prior, opt, step_fn, batches.indices, steps_per_epoch, total, out, kind="vq_vae_prior",
+        prior, opt, step_fn, batches.indices, len(batches), total, out, kind="vq_vae_prior",
         args=args, lr=args.prior_lr, state=state,
         evaluate=lambda last: {"train_bits_per_code": last["bits_per_code"],
                                "test_bits_per_code": held_out_bits()},
