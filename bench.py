@@ -162,7 +162,7 @@ def timed(run_steps, steps, warmup, batch, device):
 # ----------------------------------------------------------------------------------------------
 def bench_limit(name, device, batch, steps, warmup, channels_last=False):
     torch.manual_seed(0)
-    step = MODELS[name](device, amp=True, channels_last=channels_last)
+    step = MODELS[name](device, amp=device.type == "cuda", channels_last=channels_last)
     x = torch.rand(batch, 3, 64, 64, device=device)
     counter = iter(range(10**9))
     return timed(lambda n: [step(x, next(counter)) for _ in range(n)], steps, warmup, batch,
@@ -172,7 +172,7 @@ def bench_limit(name, device, batch, steps, warmup, channels_last=False):
 def bench_ours(name, device, images, batch, steps, warmup, log_every=100):
     torch.manual_seed(0)
     cuda = device.type == "cuda"
-    step = MODELS[name](device, amp=True, channels_last=cuda)    # as the scripts do on CUDA
+    step = MODELS[name](device, amp=device.type == "cuda", channels_last=cuda)    # as the scripts do on CUDA
     batches = utils.DeviceBatches(images, batch, device, seed=0, channels_last=cuda)
     running = utils.RunningMean()
     state = {"i": 0, "it": iter(())}
@@ -215,7 +215,7 @@ def bench_baseline(name, device, folder, batch, steps, warmup, workers):
 def epoch_seconds(name, device, images, batch):
     """One epoch of the ours path over `images`, timed whole."""
     torch.manual_seed(0)
-    step = MODELS[name](device, amp=True, size=images.shape[-1])
+    step = MODELS[name](device, amp=device.type == "cuda", size=images.shape[-1])
     batches = utils.DeviceBatches(images, batch, device, seed=0)
     sync(device)
     t = time.perf_counter()

@@ -280,12 +280,17 @@ def parse_args(argv=None):
                    help="steps over which C rises linearly from 0 to --c-max (default: "
                         f"{C_SHARE:.0%}% of the run, at most the published "
                         f"{PUBLISHED_C_STEPS:,})")
+    p.add_argument("--mig-points", type=utils.nonneg_int, default=None,
+                   help="dsprites: MIG on this many images at every held-out evaluation, "
+                        "a curve of disentanglement in history.json (default: 10,000, or the "
+                        "images the run trains on if fewer, at least 1,000; 0 = off)")
     sv.add_vae_args(p, iw_samples=0)
     return p.parse_args(argv)
 
 
 def check_args(args):
     utils.check_common_args(args, "beta_vae")
+    sv.check_vae_args(args)
     if args.c_max is None:
         args.c_max = C_MAX.get(args.dataset, 25.0)
     if args.objective is None:
@@ -294,6 +299,10 @@ def check_args(args):
             args.beta = beta
     if args.beta is None:
         args.beta = BETA.get(args.objective, BETA["H"])
+    if args.mig_points is None:           # sized to the run, as the held-out set is
+        train = min(args.limit or math.inf, len(utils.dsprites_split("train")))
+        args.mig_points = 0 if args.dataset != "dsprites" else \
+            utils.held_out_size(None, *utils.run_images(args, train))
     if args.objective == "TC" and args.batch_size < 2:
         raise utils.UserError("--objective TC estimates q(z) on the batch: --batch-size >= 2")
     return args
@@ -303,7 +312,7 @@ def build_model(args, channels, image_size):
     """The Burgess et al. architecture: 32 channels in every conv layer, FC `hidden`."""
     n_convs = len(sv.default_widths(image_size))
     return sv.VAE(channels, image_size, args.latent, [32] * n_convs, args.hidden, args.recon,
-                  args.sigma)
+                  args.sigma, getattr(args, "arch", "conv"))     # checkpoints before --arch
 
 
 def main(args):
@@ -317,8 +326,15 @@ def main(args):
 
     # the objective may come from the checkpoint on --resume: log whichever terms it returns
     keys = ("loss", "recon", "kl", "kl_dims", "mi", "tc", "dim_kl")
+    def mig_curve(model, bf16):          # disentanglement at every held-out evaluation
+        import beta_vae_analyze           # here: the analysis script imports this one
+        device = next(model.parameters()).device
+        return beta_vae_analyze.mig_only(model, args.data_root, device, args.seed,
+                                         args.mig_points, bf16)
+
     run = sv.fit(args, "beta_vae", build_model, loss_fn, keys,
-                 lambda total_steps: resolve_schedule(args, total_steps))
+                 lambda total_steps: resolve_schedule(args, total_steps),
+                 mig_curve if args.mig_points and args.dataset == "dsprites" else None)
     args, model, out, test = run.args, run.model, run.out, run.test
     final = sv.final_evaluation(run, args)
     c = capacity(run.step, args.c_max, args.c_steps) if args.objective == "B" else None

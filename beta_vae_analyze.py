@@ -392,8 +392,9 @@ def load_model(path, device):
     return model.to(device).eval(), args, state
 
 
-def dsprites_encoder(model, root, device, chunk=4096):
-    """represent(classes of the scored factors) -> posterior means (n, D), as numpy.
+def dsprites_encoder(model, root, device, chunk=4096, bf16=False):
+    """represent(classes of the scored factors) -> posterior means (n, D), as numpy; the
+    encoder runs in bf16 autocast with `bf16`, the means are returned in fp32.
 
     The posterior mean is a deterministic function of the image, so each distinct image is
     encoded once and looked up when it is drawn again: the protocol's ~985,000 draws touch about
@@ -413,7 +414,8 @@ def dsprites_encoder(model, root, device, chunk=4096):
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]
             x = utils.dsprites_images(root, torch.from_numpy(part))
-            mu = model.encoder(x.to(device).float() / 255)[0].float().cpu().numpy()
+            with utils.autocast(device, bf16):
+                mu = model.encoder(x.to(device).float() / 255)[0].float().cpu().numpy()
             if table is None:
                 table = np.zeros((DSPRITES_GRID, mu.shape[1]), np.float32)
             table[part] = mu
@@ -433,6 +435,20 @@ def sample_dsprites_factors(n, rng):
     """Uniform, independent draws of the scored factors' classes (n, 5)."""
     sizes = [utils.DSPRITES_SIZES[i] for i in DSPRITES_SCORED]
     return np.stack([rng.integers(s, size=n) for s in sizes], 1)
+
+
+def mig_only(model, data_root, device, seed, n_points=10_000, bf16=False):
+    """MIG alone, on `n_points` images drawn as the protocol draws them: a cheap point of a
+    curve during training (beta_vae.py on dSprites). Returns the score and each latent's
+    factor."""
+    factors = sample_dsprites_factors(n_points, np.random.default_rng(seed))
+    was_training = model.training
+    model.eval()
+    score, mi = mig(dsprites_encoder(model, data_root, device, n_points, bf16)(factors), factors)
+    model.train(was_training)
+    names = [utils.DSPRITES_FACTORS[i] for i in DSPRITES_SCORED]
+    entropy = np.array([mutual_information(f, f) for f in factors.T])
+    return {"mig": score, "latent_factors": latent_factors(mi, entropy, names)}
 
 
 def compute_metrics(model, args, data_root, device, seed, n_points=10_000, n_train=10_000,
@@ -578,6 +594,10 @@ def parse_args(argv=None):
                    help="traversal rows: the latents with the most KL (0 = every latent)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--seed", type=utils.nonneg_int, default=0, help="random seed of the metrics")
+    p.add_argument("--precision", default="auto", choices=utils.PRECISIONS,
+                   help="the networks in bf16 autocast or fp32 (sums and metrics are fp32); "
+                        "auto: bf16 where the device runs it natively and a probe finds it "
+                        "faster")
     return p.parse_args(argv)
 
 
@@ -606,13 +626,34 @@ def main(args):
     model, train_args, state = load_model(path, device)
     root = args.data_root or train_args.data_root
     out = utils.prepare_out(args.out or path.parent)
+    bf16, why = inference_precision(args.precision, model, state["data"], device)
+    print(why)
+    with utils.autocast(device, bf16):      # every encoder and decoder pass of the analysis
+        return analyse(args, model, train_args, state, path, root, out, device,
+                       why.split(": ", 1)[1])
+
+
+def inference_precision(requested, model, data, device, batch=500):
+    """--precision for the analysis, probed on encoding and decoding a batch (no training)."""
+    x = torch.rand(batch, data["channels"], data["image_size"], data["image_size"],
+                   device=device)
+
+    @torch.no_grad()
+    def infer(m, opt, bf16):
+        with utils.autocast(device, bf16):
+            m.decoder(m.encoder(x)[0])
+    return utils.choose_precision(requested, device, model, 0.0, infer)
+
+
+def analyse(args, model, train_args, state, path, root, out, device, precision):
+    """The analyses the flags ask for, on the loaded model; returns the metrics, if any."""
     results = {}
     if args.attribute:
         attribute_analysis(model, train_args, root, args, device, out)
     if args.metrics:
         results = compute_metrics(model, train_args, root, device, args.seed, args.points,
                                   args.train_votes, args.eval_votes)
-        results.update(checkpoint=str(path), step=state["step"])
+        results.update(checkpoint=str(path), step=state["step"], precision=precision)
         utils.write_json(out / "disentanglement.json", results)
         print(f"MIG {results['mig']:.3f}, FactorVAE score {results['factor_vae']:.3f} "
               f"-> {out / 'disentanglement.json'}")

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 import utils
 
 LOG_2PI = math.log(2 * math.pi)
+ARCHS = ("conv", "mlp")
+HIDDEN = {"conv": 256, "mlp": 1200}        # FC units: Burgess et al. 2018; Higgins et al. 2017
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,12 +102,54 @@ class Decoder(nn.Module):
         return self.deconvs(self.fc(z))
 
 
-class VAE(nn.Module):
-    def __init__(self, channels, image_size, latent, widths, hidden=256, recon="bce",
-                 sigma="learned"):
+class MLPEncoder(nn.Module):
+    """x (B, C, S, S) -> mu, logvar (B, latent): fully connected, C*S*S-hidden-hidden-2*latent
+    with ReLU; the dSprites network of Higgins et al. 2017 (4096-1200-1200-2z), also used by
+    Chen et al. 2018 for beta-TCVAE."""
+
+    def __init__(self, channels, image_size, latent, hidden=1200):
         super().__init__()
-        self.encoder = Encoder(channels, image_size, latent, widths, hidden)
-        self.decoder = Decoder(channels, image_size, latent, widths, hidden)
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(channels * image_size ** 2, hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, 2 * latent))                          # (B, 2 * latent)
+        he_init(self)
+
+    def forward(self, x):
+        mu, logvar = self.net(x).float().chunk(2, dim=1)
+        return mu, logvar
+
+
+class MLPDecoder(nn.Module):
+    """z (B, latent) -> logits (B, C, S, S): latent-hidden-hidden-hidden-C*S*S with tanh, as in
+    Higgins et al. 2017 (z-1200-1200-1200-4096 on dSprites). PyTorch's default init, which
+    keeps tanh units out of saturation."""
+
+    def __init__(self, channels, image_size, latent, hidden=1200):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(latent, hidden), nn.Tanh(),
+            nn.Linear(hidden, hidden), nn.Tanh(),
+            nn.Linear(hidden, hidden), nn.Tanh(),
+            nn.Linear(hidden, channels * image_size ** 2),
+            nn.Unflatten(1, (channels, image_size, image_size)))     # (B, C, S, S) logits
+
+    def forward(self, z):
+        return self.net(z)
+
+
+class VAE(nn.Module):
+    """`arch` "conv": Encoder/Decoder with the conv `widths`; "mlp": MLPEncoder/MLPDecoder."""
+
+    def __init__(self, channels, image_size, latent, widths, hidden=256, recon="bce",
+                 sigma="learned", arch="conv"):
+        super().__init__()
+        if arch == "mlp":
+            self.encoder = MLPEncoder(channels, image_size, latent, hidden)
+            self.decoder = MLPDecoder(channels, image_size, latent, hidden)
+        else:
+            self.encoder = Encoder(channels, image_size, latent, widths, hidden)
+            self.decoder = Decoder(channels, image_size, latent, widths, hidden)
         self.recon, self.latent = recon, latent
         # Gaussian decoder: one standard deviation shared by all pixels, fixed or learned.
         # Learning it makes the reconstruction/KL balance a maximum-likelihood choice
@@ -199,12 +243,13 @@ def bits_per_dim(nll, dims, recon, binary):
 
 @torch.no_grad()
 def evaluate(model, images, device, seed=0, binarize=False, binary=False, iw_samples=0,
-             iw_images=None):
+             iw_images=None, bf16=False):
     """Held-out negative ELBO, KL per dimension, active units and (optionally) the IW-NLL with
     `iw_samples` importance samples on the first `iw_images` images (default: all). The noise
     comes from its own generator seeded by `seed`; `binarize` draws x ~ Bernoulli(intensity)
     (dynamic binarisation); bits per dimension count pixels as binary with `binarize` or when
-    the data are `binary` (exactly 0 or 255).
+    the data are `binary` (exactly 0 or 255). The networks run in bf16 autocast with `bf16`;
+    the bounds are computed in fp32.
 
     Sums stay on the device in compensated float32 (utils.Sums: no float64, which MPS lacks)
     and are read once at the end; under torchrun each rank scores its shard and the sums are
@@ -221,9 +266,12 @@ def evaluate(model, images, device, seed=0, binarize=False, binary=False, iw_sam
                             desc="evaluation", unit="batch", what=f"{len(shard):,} images"):
         if binarize:
             x = torch.bernoulli(x, generator=gen)
-        mu, logvar = model.encoder(x)
-        z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, device=device, generator=gen)
-        terms = vae_loss(x, model.decoder(z), mu, logvar, model.recon, model.log_sigma)
+        with utils.autocast(device, bf16):
+            mu, logvar = model.encoder(x)
+            z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, device=device,
+                                                            generator=gen)
+            logits = model.decoder(z)
+        terms = vae_loss(x, logits, mu, logvar, model.recon, model.log_sigma)
         n = len(x)
         sums.add(torch.cat([torch.stack([terms["neg_elbo"] * n, terms["recon"] * n,
                                          terms["kl"] * n, torch.tensor(n, device=device)]),
@@ -238,7 +286,8 @@ def evaluate(model, images, device, seed=0, binarize=False, binary=False, iw_sam
                                 what=f"{len(scored):,} images", announce=True):
             if binarize:
                 x = torch.bernoulli(x, generator=gen)
-            ll = iw_log_likelihood(model, x, iw_samples, generator=gen)
+            with utils.autocast(device, bf16):
+                ll = iw_log_likelihood(model, x, iw_samples, generator=gen)
             iw.add(torch.stack([ll.sum(), torch.tensor(len(x), device=device)]))
     model.train()
     sums, (iw_sum, iw_n) = sums.read(), iw.read()                  # float64, on the host
@@ -315,7 +364,11 @@ def add_vae_args(p, iw_samples):
                    help="decoder likelihood: bce = Bernoulli, mse = Gaussian")
     p.add_argument("--sigma", default="learned", type=utils.decoder_sigma,
                    help="Gaussian decoder std: 'learned' or a number such as 0.1 (--recon mse)")
-    p.add_argument("--hidden", type=utils.positive_int, default=256, help="units of the FC layers")
+    p.add_argument("--arch", default="conv", choices=ARCHS,
+                   help="conv: strided convolutions, then FC layers; mlp: fully connected "
+                        "(the beta-VAE paper's dSprites network, 1200 units)")
+    p.add_argument("--hidden", type=utils.positive_int, default=None,
+                   help="units of the FC layers (default: 256 with --arch conv, 1200 with mlp)")
     p.add_argument("--iw-samples", type=utils.nonneg_int, default=iw_samples,
                    help="importance samples K of the final IW-NLL (0 = skip)")
     p.add_argument("--iw-images", type=utils.positive_int, default=None,
@@ -324,8 +377,16 @@ def add_vae_args(p, iw_samples):
                         "least 100)")
 
 
+def check_vae_args(args):
+    """The defaults of add_vae_args that depend on another flag."""
+    if args.hidden is None:
+        args.hidden = HIDDEN[args.arch]
+    return args
+
+
 def check_args(args):
     utils.check_common_args(args, "standard_vae")
+    check_vae_args(args)
     if args.binarize is None:
         args.binarize = args.dataset == "mnist" and args.recon == "bce"
     if args.binarize and args.recon != "bce":
@@ -334,20 +395,20 @@ def check_args(args):
 
 
 # flags that may change when a run is resumed; everything else comes from the checkpoint
-RESUME_FLAGS = ("epochs", "max_steps", "lr", "device", "out", "resume", "compile", "no_amp",
-                "log_every", "eval_limit", "iw_samples", "iw_images", "data_root")
+RESUME_FLAGS = ("epochs", "max_steps", "lr", "device", "out", "resume", "compile", "precision",
+                "log_every", "eval_every", "eval_limit", "iw_samples", "iw_images", "data_root")
 
 
 def build_model(args, channels, image_size):
     return VAE(channels, image_size, args.latent, default_widths(image_size, args.width),
-               args.hidden, args.recon, args.sigma)
+               args.hidden, args.recon, args.sigma, getattr(args, "arch", "conv"))
 
 
-def train_step(model, opt, x, loss_fn, amp=True):
-    """One optimiser step on a batch x (B, C, S, S) in [0, 1]: the forward pass (bf16 autocast
-    on the GPU), `loss_fn(x, logits, mu, logvar)`'s terms in fp32, backward, Adam. `model` is
-    the VAE or its DDP/compiled wrapper. Returns the (device) terms."""
-    with utils.autocast(x.device, amp):
+def train_step(model, opt, x, loss_fn, bf16=False):
+    """One optimiser step on a batch x (B, C, S, S) in [0, 1]: the forward pass (in bf16
+    autocast with `bf16`), `loss_fn(x, logits, mu, logvar)`'s terms in fp32, backward, Adam.
+    `model` is the VAE or its DDP/compiled wrapper. Returns the (device) terms."""
+    with utils.autocast(x.device, bf16):
         logits, mu, logvar = model(x)
     terms = loss_fn(x, logits, mu, logvar)
     opt.zero_grad(set_to_none=True)
@@ -356,7 +417,8 @@ def train_step(model, opt, x, loss_fn, amp=True):
     return terms
 
 
-def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl"), schedule=None):
+def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl"), schedule=None,
+        extra_scores=None):
     """Train a VAE; also the loop of beta_vae.py, which differs only in `loss_fn`.
 
     `loss_fn(x, logits, mu, logvar, step, model, data_size)` returns the named terms; those
@@ -366,7 +428,8 @@ def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl"), sche
     every epoch end, SIGINT/SIGTERM save the current step, and `--resume` continues exactly.
     The saved settings are written into `args` itself, so closures that read it see the
     run's settings. `schedule(total_steps)`, if given, is called once the run's length is
-    known and returns lines to print (rank 0 prints them). Under torchrun each rank trains on
+    known and returns lines to print (rank 0 prints them); `extra_scores(model, bf16)`, if
+    given, adds its scores to each evaluation. Under torchrun each rank trains on
     its shard of every batch order with DistributedDataParallel; rank 0 alone writes. Returns
     the run state; a stop by a signal raises utils.Stopped once the checkpoint is saved.
     """
@@ -386,32 +449,39 @@ def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl"), sche
     total = len(batches) * args.epochs
     if args.max_steps is not None:
         total = min(total, args.max_steps)
-    for line in schedule(total) if schedule is not None else ():
+    lines = schedule(total) if schedule is not None else []     # before the probe's steps
+    x0 = next(batches.epoch(0))
+    bf16, why = utils.choose_precision(args.precision, device, model, args.lr, lambda m, o, bf16:
+                                       train_step(m, o, x0, lambda *out: loss_fn(
+                                           *out, 0, m, len(train)), bf16))
+    for line in [why, *lines]:
         if dist.main:
             print(line)
 
     def step_fn(fwd, x, step):
         terms = train_step(fwd, opt, x, lambda *out: loss_fn(*out, step, model, len(train)),
-                           not args.no_amp)
+                           bf16)
         return {k: terms[k] for k in log_keys if k in terms}
 
     def score(last):
-        res = evaluate(model, test.images, device, args.seed, binarize, test.binary)
+        res = evaluate(model, test.images, device, args.seed, binarize, test.binary, bf16=bf16)
         return {"train_loss": last["loss"], "test_neg_elbo": res["neg_elbo"],
                 "test_recon": res["recon"], "test_kl": res["kl"],
-                "kl_per_dim": res["kl_per_dim"]}
+                "kl_per_dim": res["kl_per_dim"],
+                **(extra_scores(model, bf16) if extra_scores is not None else {})}
 
     loop = utils.train(
         model, opt, step_fn, batches.epoch, len(batches), total, out, kind=kind, args=args,
         lr=args.lr, state=state, evaluate=score, set_aside=args.resume or None,
-        compile=args.compile, log_every=args.log_every,
+        compile=args.compile, log_every=args.log_every, eval_every=args.eval_every,
         saved={"data": {"channels": train.channels, "image_size": train.image_size}},
         postfix=lambda r: {"loss": f"{r['loss']:.2f}", "kl": f"{r['kl']:.2f}"},
         what=f"{args.batch_size * dist.world} images each")
     return argparse.Namespace(
         args=args, model=model, train=train, test=test, device=device, out=out, log=loop.log,
         history=loop.history, step=loop.step, epochs=loop.epochs, train_time=loop.train_time,
-        dist=dist, binarize=binarize, images_per_s=loop.steps_timed * args.batch_size * dist.world
+        dist=dist, binarize=binarize, bf16=bf16, precision=why.split(": ", 1)[1],
+        images_per_s=loop.steps_timed * args.batch_size * dist.world
         / max(loop.train_time, 1e-9))
 
 
@@ -427,7 +497,7 @@ def final_evaluation(run, args):
         print(f"IW-NLL: K={args.iw_samples} importance samples on {iw_images:,} of the {n:,} "
               f"held-out images ({iw_images * args.iw_samples:,} decoder passes{sized})")
     return evaluate(run.model, run.test.images, run.device, args.seed, run.binarize,
-                    run.test.binary, args.iw_samples, iw_images)
+                    run.test.binary, args.iw_samples, iw_images, run.bf16)
 
 
 def run_metrics(run, final, timer, **extra):
@@ -436,6 +506,7 @@ def run_metrics(run, final, timer, **extra):
             "train_images": len(run.train), "device": str(run.device),
             "train_time_s": run.train_time, "wall_time_s": timer(),
             "images_per_s": run.images_per_s, "world_size": run.dist.world,
+            "precision": {"bf16": run.bf16, "why": run.precision},
             "torch": torch.__version__, "args": vars(run.args)}
 
 

@@ -10,6 +10,7 @@ The sections, in the order a reader needs them:
 """
 import argparse
 import contextlib
+import copy
 import errno
 import gzip
 import json
@@ -18,6 +19,7 @@ import os
 import pickle
 import random
 import secrets
+import statistics
 import struct
 import sys
 import tempfile
@@ -135,9 +137,14 @@ def add_common_args(p, latent=10, lr=1e-3, batch_size=64, epochs=10, dataset="ds
                         "least 1,000)")
     p.add_argument("--log-every", type=positive_int, default=100,
                    help="steps between reads of the running loss")
+    p.add_argument("--eval-every", type=positive_int, default=None,
+                   help="steps between held-out evaluations and checkpoints, besides every "
+                        "epoch end (default: epoch ends only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--no-amp", action="store_true",
-                   help="disable bf16 autocast on CUDA (losses are always fp32)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="forward passes in bf16 autocast or fp32 (losses are always fp32); "
+                        "auto: bf16 where the device runs it natively and a start-up probe "
+                        "finds it faster")
 
 
 def check_common_args(args, script):
@@ -228,20 +235,108 @@ def _as_tuple(x):
     return tuple(_as_tuple(i) for i in x) if isinstance(x, (list, tuple)) else x
 
 
-# Device types that take the GPU fast paths: bf16 autocast, channels-last tensors and fused
-# Adam. The CPU test suite adds "cpu" to run those paths on a machine without a GPU.
+# Device types that take the GPU fast paths: channels-last tensors and fused Adam. The CPU
+# test suite adds "cpu" to run those paths on a machine without a GPU.
 FAST_PATHS = {"cuda"}
+PRECISIONS = ("auto", "fp32", "bf16")
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")      # /proc/cpuinfo: bf16 in hardware
 
 
 def fast_paths(device):
     return torch.device(device).type in FAST_PATHS
 
 
-def autocast(device, enabled=True):
-    """bf16 autocast on CUDA (the FAST_PATHS devices); a no-op context elsewhere."""
+def autocast(device, bf16=True):
+    """bf16 autocast of the forward pass on `device` (CUDA or CPU) when `bf16`; else a no-op
+    (an enclosing autocast region stays in force). Losses and sums are computed in fp32
+    outside it, or from outputs cast to fp32 first."""
     kind = torch.device(device).type
-    on = enabled and kind in FAST_PATHS
-    return torch.autocast(kind if on else "cpu", dtype=torch.bfloat16, enabled=on)
+    if not (bf16 and kind in ("cuda", "cpu")):
+        return contextlib.nullcontext()
+    return torch.autocast(kind, dtype=torch.bfloat16)
+
+
+def cpu_flags():
+    """The CPU's feature flags (Linux /proc/cpuinfo), or an empty set where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bf16(device):
+    """(runs bf16 natively, why): CUDA with bf16 support, or a CPU with AMX or AVX-512 BF16."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(), "CUDA"
+    if device.type != "cpu":
+        return False, f"no bf16 autocast on {device.type}"
+    have = [f for f in CPU_BF16_FLAGS if f in cpu_flags()]
+    if have:
+        return True, "CPU has " + " and ".join(f.upper().replace("_BF16", " BF16") if
+                                               f.startswith("amx") else "AVX-512 BF16"
+                                               for f in have)
+    return False, "CPU has no native bf16 (no AMX or AVX-512 BF16): bf16 would be emulated"
+
+
+def time_precisions(step, device, rounds=3):
+    """Median seconds of `step(bf16)` in fp32 and in bf16, interleaved (one warm-up each).
+    `step` must act on scratch copies; the global RNGs are restored afterwards."""
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = {False: [], True: []}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for r in range(rounds + 1):
+            for bf16 in (False, True):
+                sync()
+                t = time.perf_counter()
+                step(bf16)
+                sync()
+                if r > 0:
+                    times[bf16].append(time.perf_counter() - t)
+    return statistics.median(times[False]), statistics.median(times[True])
+
+
+def choose_precision(requested, device, model, lr, step, rounds=3):
+    """Resolve --precision to (bf16: bool, the line that says why), the same on every rank.
+
+    auto: bf16 autocast only where the device runs it natively (CUDA, or a CPU with AMX or
+    AVX-512 BF16) and a probe of a few training steps, `step(model, opt, bf16)` on a copy of
+    `model` with its own Adam at `lr`, shows it at least 5% faster than fp32; else fp32. bf16
+    typed on a CPU without native bf16 is obeyed, with a warning giving the probe's measured
+    slowdown."""
+    bf16, why = _choose_precision(requested, device, model, lr, step, rounds)
+    if DIST.active:                                 # rank 0's measurement decides for all
+        bf16 = bool(broadcast(torch.tensor([float(bf16)], device=device)).item())
+        why = gather_objects(why)[0]
+    return bf16, why
+
+
+def _choose_precision(requested, device, model, lr, step, rounds):
+    native, why = native_bf16(device)
+    if requested == "fp32":
+        return False, "precision: fp32 (--precision fp32)"
+    if not native and requested == "auto":
+        return False, f"precision: fp32 ({why})"
+    if torch.device(device).type not in ("cuda", "cpu"):
+        return False, f"precision: fp32 ({why})"
+    if native and requested == "bf16":
+        return True, f"precision: bf16 (--precision bf16; {why})"
+    scratch = copy.deepcopy(model)
+    opt = adam(scratch.parameters(), lr, device)
+    fp32_s, bf16_s = time_precisions(lambda bf16: step(scratch, opt, bf16), device, rounds)
+    speedup = fp32_s / bf16_s
+    probe = f"probe {speedup:.2f}x fp32"
+    if requested == "bf16":                         # typed, on a CPU that emulates bf16
+        return True, (f"warning: precision bf16 as asked, but {why}; the probe ran "
+                      f"{1 / speedup:.1f}x slower than fp32 (--precision auto picks fp32)")
+    if speedup >= 1.05:
+        return True, f"precision: bf16 ({why}; {probe})"
+    return False, f"precision: fp32 ({why}, but bf16 was not faster here: {probe})"
 
 
 def adam(params, lr, device):
@@ -311,7 +406,7 @@ def load_held_out(args, train_size, dist):
 def train(model, opt, step_fn, batches, steps_per_epoch, total, out, *, kind, args, lr,
           state=None, evaluate=None, describe=None, saved=None, name="checkpoint.pt",
           history_name="history.json", set_aside=None, compile=False, log_every=100,
-          postfix=None, desc=None, what=None, reserve=()):
+          eval_every=None, postfix=None, desc=None, what=None, reserve=()):
     """Train `model` with `opt` for `total` steps and return the run's step, log, history and
     training time. Each script writes its own step; this is the plumbing around it:
 
@@ -324,10 +419,11 @@ def train(model, opt, step_fn, batches, steps_per_epoch, total, out, *, kind, ar
       then `set_aside_current(set_aside, out)` when `set_aside` is given.
     - Logging: the terms are summed on the device and read every `log_every` steps (the one
       host-device sync), which also stops the run on a non-finite term.
-    - Evaluation: at every epoch end and at the last step, `evaluate(last_log)` returns the
+    - Evaluation: at every epoch end, every `eval_every` steps (if given) and at the last
+      step, `evaluate(last_log)` returns the
       held-out scores; they join the history (out/`history_name`), and `describe(entry)`, if
       given, the line printed.
-    - Checkpoints: out/`name` after every epoch and on a stop, written atomically, holding
+    - Checkpoints: out/`name` after every evaluation and on a stop, written atomically, holding
       `saved` besides the states, log, history, args and RNGs. Space for it and the modules
       in `reserve` is reserved first, so a full disk is found now, not after an epoch.
     - Signals: the first SIGINT/SIGTERM saves the current step and raises Stopped.
@@ -382,11 +478,12 @@ def train(model, opt, step_fn, batches, steps_per_epoch, total, out, *, kind, ar
                     if postfix is not None:
                         bar.set_postfix(**postfix(r))
                 stopping = should_stop(stop, step, log_every, device)
-                if step >= total or stopping:
+                if step >= total or stopping or (eval_every and step % eval_every == 0):
                     break
             read_running()
             train_time += time.perf_counter() - t0
-            if evaluate is not None and (step % steps_per_epoch == 0 or step >= total):
+            due = step % steps_per_epoch == 0 or (eval_every and step % eval_every == 0)
+            if evaluate is not None and (due or step >= total):
                 history.append({"epoch": step // steps_per_epoch, "step": step,
                                 **evaluate(log[-1])})
                 if dist.main:

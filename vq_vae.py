@@ -283,12 +283,12 @@ def vq_vae_loss(x, recon, vq_terms, data_variance, beta):
 TRAIN_TERMS = ("loss", "recon_error", "commitment", "codebook", "perplexity", "used")
 
 
-def train_step(model, opt, x, data_variance, beta, amp=True):
+def train_step(model, opt, x, data_variance, beta, bf16=False):
     """One optimiser step on a batch x (B, C, S, S) in [0, 1]; returns the (device) terms.
     `model` is the VQ-VAE or its DDP/compiled wrapper (DDP averages the gradients over ranks;
     under torch.compile the quantiser still runs eagerly)."""
     x = x - 0.5                                    # the reference scales images to [-0.5, 0.5]
-    with utils.autocast(x.device, amp):
+    with utils.autocast(x.device, bf16):                        # the quantiser stays fp32
         recon, _, vq_terms = model(x)                                      # (B, C, S, S)
     terms = vq_vae_loss(x, recon, vq_terms, data_variance, beta)
     opt.zero_grad(set_to_none=True)
@@ -333,19 +333,32 @@ class GatedLayer(nn.Module):
         self.v_to_h = nn.Conv2d(2 * channels, 2 * channels, 1)
         self.h_conv = nn.Conv2d(channels, 2 * channels, (1, kernel // 2 + 1))
         self.h_out = nn.Conv2d(channels, channels, 1)
-        # class conditioning: a learned bias per class on every gate (paper, eq. 4)
         self.cond = nn.Embedding(num_classes, 2 * channels) if num_classes else None
 
     def forward(self, v, h, labels=None):
+        v_out, above = self.vertical(v, labels)
+        return v_out, self.horizontal(h, above, labels)
+
+    def vertical(self, v, labels=None):
+        """The vertical stack: its output, and what it passes to the horizontal stack (each
+        row holds the features of the rows above it only)."""
         p = self.pad
         v_feat = self.v_conv(F.pad(v, (p, p, p, 0)))                        # (B, 2C, H, W)
+        above = self.v_to_h(shift_down(v_feat))                              # rows < i
+        return gate(self.conditioned(v_feat, labels)), above
+
+    def horizontal(self, h, above, labels=None):
+        """The horizontal stack on rows of `h`, given the vertical stack's `above` for them."""
         h_in = shift_right(h) if self.first else h
-        h_feat = self.h_conv(F.pad(h_in, (p, 0, 0, 0))) + self.v_to_h(shift_down(v_feat))
-        if self.cond is not None:
-            bias = self.cond(labels)[:, :, None, None]                      # (B, 2C, 1, 1)
-            v_feat, h_feat = v_feat + bias, h_feat + bias
+        h_feat = self.conditioned(self.h_conv(F.pad(h_in, (self.pad, 0, 0, 0))) + above, labels)
         h_new = self.h_out(gate(h_feat))                                    # (B, C, H, W)
-        return gate(v_feat), h_new if self.first else h + h_new
+        return h_new if self.first else h + h_new
+
+    def conditioned(self, feat, labels):
+        """class conditioning: a learned bias per class on every gate (paper, eq. 4)"""
+        if self.cond is None:
+            return feat
+        return feat + self.cond(labels)[:, :, None, None]                  # (B, 2C, 1, 1)
 
 
 class GatedPixelCNN(nn.Module):
@@ -368,6 +381,23 @@ class GatedPixelCNN(nn.Module):
             v, h = layer(v, h, labels)
         return self.head(h)                                                  # (B, K, H, W)
 
+    def row_sampler(self, codes, i, labels=None):
+        """logits(j) -> the logits (B, K) of position (i, j) of `codes` (B, H, W), whose rows
+        < i are final. The vertical stack, which sees only rows < i at row i, runs once for
+        the row; each position then runs only the horizontal stack and the head, on row i."""
+        v = self.embed(codes[:, :i + 1]).permute(0, 3, 1, 2)                 # rows 0..i
+        aboves = []
+        for layer in self.layers:
+            v, above = layer.vertical(v, labels)
+            aboves.append(above[:, :, i:i + 1])                              # (B, 2C, 1, W)
+
+        def logits(j):
+            h = self.embed(codes[:, i:i + 1]).permute(0, 3, 1, 2)            # (B, C, 1, W)
+            for layer, above in zip(self.layers, aboves):
+                h = layer.horizontal(h, above, labels)
+            return self.head(h[..., j:j + 1])[:, :, 0, 0]   # the head is 1x1: column j alone
+        return logits
+
 
 def prior_config(args, num_codes, grid, num_classes):
     """Everything needed to rebuild the prior; stored in prior.pt."""
@@ -385,11 +415,11 @@ def prior_nll(prior, codes, labels=None):
     return F.cross_entropy(prior(codes, labels).float(), codes.long())
 
 
-def prior_train_step(prior, opt, codes, labels=None, amp=True):
+def prior_train_step(prior, opt, codes, labels=None, bf16=False):
     """One optimiser step of the prior on code grids (B, H, W): the NLL of each code given the
     codes above and to its left, backward, Adam. `prior` is the PixelCNN or its DDP/compiled
     wrapper. Returns the (device) bits per code."""
-    with utils.autocast(codes.device, amp):
+    with utils.autocast(codes.device, bf16):
         nll = prior_nll(prior, codes.long(), labels)
     opt.zero_grad(set_to_none=True)
     nll.backward()
@@ -399,15 +429,17 @@ def prior_train_step(prior, opt, codes, labels=None, amp=True):
 
 @torch.no_grad()
 def sample_codes(prior, n, grid, labels=None, generator=None):
-    """Ancestral sampling in raster order, c_i ~ p(c_i | c_<i). Rows below i cannot affect
-    row i (the prior is causal), so each pass runs on rows 0..i only."""
+    """Ancestral sampling in raster order, c_i ~ p(c_i | c_<i). The prior is causal, so each
+    row's vertical stack runs once, on rows 0..i, and each position only the horizontal stack
+    on its own row (GatedPixelCNN.row_sampler): the work grows as h*w rows, not h^2*w."""
     device = next(prior.parameters()).device
     h, w = grid
     codes = torch.zeros(n, h, w, dtype=torch.long, device=device)
     with utils.Progress(total=h * w, desc=f"sampling {n} code grids", unit="position") as bar:
         for i in range(h):
+            logits_at = prior.row_sampler(codes, i, labels)
             for j in range(w):
-                logits = prior(codes[:, :i + 1], labels)[:, :, i, j].float()    # (n, K)
+                logits = logits_at(j).float()                                     # (n, K)
                 codes[:, i, j] = torch.multinomial(logits.softmax(1), 1,
                                                    generator=generator)[:, 0]
                 bar.update(1)
@@ -429,12 +461,12 @@ def data_variance(images, device):
 
 
 @torch.no_grad()
-def evaluate(model, images, variance, batch_size, device):
+def evaluate(model, images, variance, batch_size, device, bf16=False):
     """Held-out recon error (MSE / Var), PSNR, and code usage over the whole split.
 
     Sums stay on the device in compensated float32 (utils.Sums: no float64, which MPS lacks)
     and are read once at the end; under torchrun each rank scores its shard and the sums and
-    code counts are added over ranks.
+    code counts are added over ranks. The network runs in bf16 autocast with `bf16`.
     """
     model.eval()
     k = model.quantizer.num_codes
@@ -443,7 +475,8 @@ def evaluate(model, images, variance, batch_size, device):
     shard = images[utils.DIST.rank::utils.DIST.world]
     bar = utils.Progress(total=len(shard), desc="evaluation", unit="image")
     for x in utils.iterate(shard, batch_size, device):
-        recon, indices, _ = model(x - 0.5)
+        with utils.autocast(device, bf16):
+            recon, indices, _ = model(x - 0.5)
         recon = recon.float()
         counts = torch.bincount(indices.flatten(), minlength=k).float()
         sums.add(torch.cat([torch.stack([
@@ -599,8 +632,8 @@ def check_args(args):
 # Flags that a resumed run takes from its command line when typed; the rest come from
 # checkpoint.pt. The prior's own settings (PRIOR_FLAGS) may be typed until prior.pt exists;
 # from then on they come from prior.pt.
-RESUME_FLAGS = ("epochs", "max_steps", "lr", "device", "out", "resume", "compile", "no_amp",
-                "log_every", "eval_limit", "data_root", "prior_epochs", "prior_max_steps",
+RESUME_FLAGS = ("epochs", "max_steps", "lr", "device", "out", "resume", "compile", "precision",
+                "log_every", "eval_every", "eval_limit", "data_root", "prior_epochs", "prior_max_steps",
                 "prior_lr")
 PRIOR_FLAGS = ("prior_batch_size", "prior_channels", "prior_layers", "prior_kernel",
                "prior_conditional")
@@ -652,13 +685,18 @@ def fit(args):
     total = len(batches) * args.epochs
     if args.max_steps is not None:
         total = min(total, args.max_steps)
+    x0 = next(batches.epoch(0))
+    bf16, why = utils.choose_precision(args.precision, device, model, args.lr, lambda m, o, bf16:
+                                       train_step(m, o, x0, variance, args.beta, bf16))
+    if dist.main:
+        print(why)
 
     def step_fn(fwd, x, step):
-        terms = train_step(fwd, opt, x, variance, args.beta, not args.no_amp)
+        terms = train_step(fwd, opt, x, variance, args.beta, bf16)
         return {k: terms[k] for k in TRAIN_TERMS}
 
     def score(last):
-        res = evaluate(model, test.images, variance, args.batch_size, device)
+        res = evaluate(model, test.images, variance, args.batch_size, device, bf16)
         return {"train_loss": last["loss"], "train_recon_error": last["recon_error"],
                 "train_perplexity": last["perplexity"], "train_used": last["used"],
                 **{f"test_{k}": v for k, v in res.items() if k != "code_counts"}}
@@ -672,6 +710,7 @@ def fit(args):
         model, opt, step_fn, batches.epoch, len(batches), total, out, kind="vq_vae", args=args,
         lr=args.lr, state=state, evaluate=score, describe=describe,
         set_aside=args.resume or None, compile=args.compile, log_every=args.log_every,
+        eval_every=args.eval_every,
         saved={"data": {"channels": train.channels, "image_size": train.image_size,
                         "variance": variance}},
         postfix=lambda r: {"recon": f"{r['recon_error']:.4f}", "ppl": f"{r['perplexity']:.0f}"},
@@ -679,7 +718,7 @@ def fit(args):
     return argparse.Namespace(
         args=args, model=model, dist=dist, device=device, out=out, train=train, test=test,
         grid=grid, variance=variance, log=loop.log, history=loop.history, step=loop.step,
-        epochs=loop.epochs, train_time=loop.train_time,
+        epochs=loop.epochs, train_time=loop.train_time, bf16=bf16, precision=why.split(": ", 1)[1],
         images_per_s=loop.steps_timed * args.batch_size * dist.world
         / max(loop.train_time, 1e-9))
 
@@ -689,8 +728,9 @@ def main(args):
     args = check_args(args)
     run = fit(args)
     args, model, device, out, dist = run.args, run.model, run.device, run.out, run.dist
-    final = evaluate(model, run.test.images, run.variance, args.batch_size, device)
+    final = evaluate(model, run.test.images, run.variance, args.batch_size, device, run.bf16)
     metrics = {"test": final, "steps": run.step, "epochs": run.epochs,
+               "precision": {"bf16": run.bf16, "why": run.precision},
                "train_images": len(run.train), "data_variance": run.variance,
                "device": str(device), "world_size": dist.world, "train_time_s": run.train_time,
                "images_per_s": run.images_per_s, "torch": torch.__version__, "args": vars(args)}
@@ -768,7 +808,13 @@ def train_prior(args, model, train, test, grid, vq_step, out, device):
     total = len(batches) * epochs
     if max_steps is not None:
         total = min(total, max_steps)
-    amp = not args.no_amp
+    idx0 = next(batches.indices(0))
+    amp, why = utils.choose_precision(args.precision, device, prior, args.prior_lr,
+                                      lambda m, o, bf16: prior_train_step(
+                                          m, o, codes[idx0], None if labels is None else
+                                          labels[idx0], bf16))
+    if dist.main:
+        print(f"prior {why}")
 
     @torch.no_grad()
     def held_out_bits():
@@ -827,7 +873,8 @@ def train_prior(args, model, train, test, grid, vq_step, out, device):
               f"{out / 'samples.png'}")
     return {"test_bits_per_code": bits, "uniform_bits_per_code": math.log2(config["num_codes"]),
             "steps": step, "epochs": loop.epochs, "train_time_s": loop.train_time,
-            "config": config, "conditional": bool(args.prior_conditional)}
+            "config": config, "conditional": bool(args.prior_conditional),
+            "precision": {"bf16": amp, "why": why.split(": ", 1)[1]}}
 
 
 if __name__ == "__main__":

@@ -161,16 +161,71 @@ def test_vq_evaluation_makes_no_float64_tensor_and_equals_float64_sums(monkeypat
     assert sum(result["code_counts"]) == 700 * 8 * 8
 
 
+# ---- precision: chosen by the device and a probe ----------------------------------------------
+def test_auto_precision_takes_bf16_only_where_native_and_faster(monkeypatch):
+    model = torch.nn.Linear(4, 4)
+    probed = []
+
+    def step(m, opt, bf16):
+        assert m is not model                       # the probe trains a copy
+        probed.append(bf16)
+        opt.zero_grad()
+        m(torch.randn(8, 4)).pow(2).mean().backward()
+        opt.step()
+
+    monkeypatch.setattr(utils, "native_bf16", lambda device: (False, "CPU has no native bf16"))
+    assert utils.choose_precision("auto", "cpu", model, 1e-3, step) == (
+        False, "precision: fp32 (CPU has no native bf16)")
+    assert probed == []                             # no probe where bf16 is emulated
+    assert utils.choose_precision("fp32", "cpu", model, 1e-3, step)[0] is False
+
+    # bf16 typed where it is emulated: obeyed, with the probe's measured slowdown
+    monkeypatch.setattr(utils, "time_precisions", lambda step, device, rounds: (1.0, 8.0))
+    bf16, line = utils.choose_precision("bf16", "cpu", model, 1e-3, step)
+    assert bf16 and line.startswith("warning: precision bf16 as asked") and "8.0x slower" in line
+
+    monkeypatch.setattr(utils, "native_bf16", lambda device: (True, "CPU has AMX BF16"))
+    assert utils.choose_precision("auto", "cpu", model, 1e-3, step) == (
+        False, "precision: fp32 (CPU has AMX BF16, but bf16 was not faster here: probe 0.12x "
+        "fp32)")
+    monkeypatch.setattr(utils, "time_precisions", lambda step, device, rounds: (1.9, 1.0))
+    assert utils.choose_precision("auto", "cpu", model, 1e-3, step) == (
+        True, "precision: bf16 (CPU has AMX BF16; probe 1.90x fp32)")
+    monkeypatch.setattr(utils, "time_precisions", lambda step, device, rounds: (1.03, 1.0))
+    assert utils.choose_precision("auto", "cpu", model, 1e-3, step)[0] is False    # noise
+
+
+def test_precision_probe_times_both_and_leaves_the_random_stream_alone():
+    calls = []
+
+    def step(bf16):
+        calls.append(bf16)
+        torch.randn(100)                              # a step draws noise
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    fp32_s, bf16_s = utils.time_precisions(step, "cpu", rounds=3)
+    assert torch.equal(torch.rand(3), expected)     # the run's stream is not advanced
+    assert calls == [False, True] * 4 and fp32_s > 0 and bf16_s > 0      # one warm-up each
+    flags = utils.cpu_flags()
+    native, why = utils.native_bf16("cpu")
+    assert native == bool(flags & {"amx_bf16", "avx512_bf16"}) and why.startswith("CPU has")
+
+
 # ---- the GPU paths, run on the CPU -----------------------------------------------------------
 TINY = ["--dataset", "dsprites", "--limit", 512, "--batch-size", 32, "--log-every", 4,
         "--device", "cpu"]
 
 
 def test_bf16_autocast_channels_last_and_fused_adam_train_on_cpu(tmp_path, monkeypatch):
-    """The paths a GPU takes (utils.FAST_PATHS), through the real training loop: the model
-    runs in bf16 on channels-last batches, the loss terms stay fp32, the loss falls, and the
-    optimiser is the fused Adam."""
+    """--precision bf16 and the paths a GPU takes (utils.FAST_PATHS), through the real
+    training loop: the model runs in bf16 on channels-last batches, the loss terms stay fp32,
+    the loss falls, and the optimiser is the fused Adam. (The CPU is taken as native bf16, so
+    no probe steps join the record; where it is emulated these 26 tiny steps are slow, not
+    wrong.)"""
     monkeypatch.setattr(utils, "FAST_PATHS", {"cuda", "cpu"})
+    monkeypatch.setattr(utils, "native_bf16", lambda device: (True, "taken as native"))
+    TINY = [*globals()["TINY"], "--precision", "bf16"]
     seen = []
 
     def loss(x, logits, mu, logvar, *settings, **named):
@@ -243,8 +298,8 @@ def test_help_lists_every_flag_with_its_default(name, capsys):
 
 
 def test_typed_flags_are_recorded_in_one_parse_and_resume_honours_them():
-    args = sv.parse_args(["--epochs", "10", "--no-amp"])          # 10 is the default
-    assert args.given == ["epochs", "no_amp"] and (args.epochs, args.lr) == (10, 1e-3)
+    args = sv.parse_args(["--epochs", "10", "--precision", "fp32"])     # 10 is the default
+    assert args.given == ["epochs", "precision"] and (args.epochs, args.lr) == (10, 1e-3)
     assert sv.parse_args([]).given == [] and sv.parse_args([]).compile is False
 
     saved = {"args": vars(sv.parse_args(["--epochs", "30", "--lr", "1e-4"]))}

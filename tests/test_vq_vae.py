@@ -322,6 +322,25 @@ def test_pixelcnn_rows_above_do_not_need_rows_below():
     assert not torch.allclose(full[0], other[0])            # the class changes the prediction
 
 
+def test_row_sampler_draws_what_full_passes_drew():
+    """The fast sampler (one vertical pass per row, then the horizontal stack on that row
+    alone) gives each position the logits of a full pass over rows 0..i, and so draws exactly
+    the codes that the sampler of full passes drew with the same seed."""
+    prior = small_prior(num_classes=3, layers=3).float()
+    labels = torch.tensor([0, 2, 1, 1])
+    gen = torch.Generator().manual_seed(3)
+    expected = torch.zeros(4, 5, 6, dtype=torch.long)
+    with torch.no_grad():
+        for i in range(5):                      # the sampler before it: a pass per position
+            logits_at = prior.row_sampler(expected, i, labels)
+            for j in range(6):
+                full = prior(expected[:, :i + 1], labels)[:, :, i, j]
+                torch.testing.assert_close(logits_at(j), full, rtol=1e-5, atol=1e-6)
+                expected[:, i, j] = torch.multinomial(full.softmax(1), 1, generator=gen)[:, 0]
+    drawn = vq.sample_codes(prior, 4, (5, 6), labels, torch.Generator().manual_seed(3))
+    assert torch.equal(drawn, expected) and len(expected.unique()) > 1
+
+
 def test_prior_nll_is_log_k_for_a_uniform_prior():
     prior = small_prior()
     with torch.no_grad():
