@@ -483,8 +483,10 @@ def compute_metrics(model, args, data_root, device, seed, n_points=10_000, n_tra
 
 
 def evaluate_held_out(model, train_args, root, device, n=2000):
-    """The first `n` test images and standard_vae.evaluate on them (KL per dim, active units)."""
+    """The first `n` test images, at most as many as the run itself scored (its
+    --eval-limit), and standard_vae.evaluate on them (KL per dim, active units)."""
     from standard_vae import evaluate
+    n = min(n, getattr(train_args, "eval_limit", None) or n)
     test = utils.load_dataset(train_args.dataset, root, "test", n,
                               getattr(train_args, "image_size", 64),
                               getattr(train_args, "crop", 148))

@@ -450,10 +450,11 @@ def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl"), sche
     if args.max_steps is not None:
         total = min(total, args.max_steps)
     lines = schedule(total) if schedule is not None else []     # before the probe's steps
-    x0 = next(batches.epoch(0))
+    x0 = batches.to_float(batches.images[:args.batch_size])        # the probe's batch
     bf16, why = utils.choose_precision(args.precision, device, model, args.lr, lambda m, o, bf16:
                                        train_step(m, o, x0, lambda *out: loss_fn(
                                            *out, 0, m, len(train)), bf16))
+    args.precision = "bf16" if bf16 else "fp32"     # kept in the checkpoint: --resume goes on in it
     for line in [why, *lines]:
         if dist.main:
             print(line)

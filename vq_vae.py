@@ -685,9 +685,10 @@ def fit(args):
     total = len(batches) * args.epochs
     if args.max_steps is not None:
         total = min(total, args.max_steps)
-    x0 = next(batches.epoch(0))
+    x0 = batches.to_float(batches.images[:args.batch_size])        # the probe's batch
     bf16, why = utils.choose_precision(args.precision, device, model, args.lr, lambda m, o, bf16:
                                        train_step(m, o, x0, variance, args.beta, bf16))
+    args.precision = "bf16" if bf16 else "fp32"     # kept in the checkpoint: --resume goes on in it
     if dist.main:
         print(why)
 
@@ -808,7 +809,7 @@ def train_prior(args, model, train, test, grid, vq_step, out, device):
     total = len(batches) * epochs
     if max_steps is not None:
         total = min(total, max_steps)
-    idx0 = next(batches.indices(0))
+    idx0 = torch.arange(args.prior_batch_size, device=device)       # the probe's batch
     amp, why = utils.choose_precision(args.precision, device, prior, args.prior_lr,
                                       lambda m, o, bf16: prior_train_step(
                                           m, o, codes[idx0], None if labels is None else

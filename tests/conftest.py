@@ -1,4 +1,8 @@
+import contextlib
+import importlib
+import io
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -14,6 +18,12 @@ from faces import ATTRIBUTES
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("MPLBACKEND", "Agg")
+# One thread, here and in the scripts the tests start: the tensors of the tiny configurations
+# gain nothing from more, and on a 2-core machine a second busy thread pool (another test
+# process, a training run) slows both many times over. Measured on the default tier with one
+# core busy elsewhere: 52 s with one thread, 75 s with two.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 
 def run_script(script, *args, cwd=None, check=True, timeout=300, env=None):
@@ -29,6 +39,69 @@ def run_script(script, *args, cwd=None, check=True, timeout=300, env=None):
 @pytest.fixture
 def script():
     return run_script
+
+
+def run_cli(script, *args, check=True):
+    """What `python script args...` does, in this process: utils.run_command(main, parse_args)
+    with stdout and stderr captured and the exit status kept. For tests of what a command
+    does and says; where the process itself matters (signals, exit by the interpreter,
+    torchrun, --compile) use run_script."""
+    import utils
+    module = importlib.import_module(Path(script).stem)
+    out, err = io.StringIO(), io.StringIO()
+    sigterm = signal.getsignal(signal.SIGTERM)      # run_command installs its own
+    argv, sys.argv = sys.argv, [script, *map(str, args)]     # argparse names the script
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                utils.run_command(module.main, lambda: module.parse_args(list(map(str, args))))
+                status = 0
+            except SystemExit as e:                 # as the interpreter ends a command
+                status = e.code if isinstance(e.code, int) else 1
+                if e.code is not None and not isinstance(e.code, int):
+                    print(e.code, file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+        sys.argv = argv
+    proc = subprocess.CompletedProcess([script, *map(str, args)], status, out.getvalue(),
+                                       err.getvalue())
+    if check and status != 0:
+        raise AssertionError(f"{script} failed ({status}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+# ---- the two tiers ----------------------------------------------------------------------------
+def pytest_addoption(parser):
+    parser.addoption("--max-test-seconds", type=float, default=None,
+                     help="fail the session if any test (setup + call + teardown) takes longer")
+
+
+TEST_SECONDS = {}             # test id -> setup + call + teardown seconds
+
+
+def pytest_runtest_logreport(report):
+    TEST_SECONDS[report.nodeid] = TEST_SECONDS.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    limit = config.getoption("--max-test-seconds")
+    over = sorted(((s, n) for n, s in TEST_SECONDS.items() if limit and s > limit),
+                  reverse=True)
+    if over:
+        terminalreporter.section(f"tests over --max-test-seconds {limit:g}", red=True)
+        for s, n in over:
+            terminalreporter.write_line(f"{s:7.1f} s  {n}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    limit = session.config.getoption("--max-test-seconds")
+    if limit and any(s > limit for s in TEST_SECONDS.values()) and session.exitstatus == 0:
+        session.exitstatus = 1
 
 
 def torchrun(*args, timeout=300):

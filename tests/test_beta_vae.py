@@ -296,14 +296,14 @@ def test_metric_codes_encode_each_distinct_image_once(tmp_path):
 
 
 # ---- end to end --------------------------------------------------------------------------------
-def test_beta_vae_trains_resumes_exactly_and_is_analysed(tmp_path, script):
+def test_beta_vae_trains_resumes_exactly_and_is_analysed(tmp_path, cli):
     common = ["--dataset", "dsprites", "--data-root", tmp_path / "data", "--limit", 256,
               "--batch-size", 32, "--eval-limit", 64, "--log-every", 2, "--device", "cpu",
-              "--c-steps", 100, "--latent", 4]
+              "--precision", "fp32", "--c-steps", 100, "--latent", 4]
     straight, split = tmp_path / "straight", tmp_path / "split"
-    script("beta_vae.py", *common, "--max-steps", 12, "--out", straight)
-    script("beta_vae.py", *common, "--max-steps", 6, "--out", split)
-    script("beta_vae.py", *common, "--max-steps", 12, "--out", split, "--resume")
+    cli("beta_vae.py", *common, "--max-steps", 12, "--out", straight)
+    cli("beta_vae.py", *common, "--max-steps", 6, "--out", split)
+    cli("beta_vae.py", *common, "--max-steps", 12, "--out", split, "--resume")
     for name in ("checkpoint.pt", "metrics.json", "history.json", "reconstructions.png",
                  "samples.png", "losses.png", "kl_per_dim.png", "traversal.png"):
         assert (straight / name).stat().st_size > 0, name
@@ -316,7 +316,7 @@ def test_beta_vae_trains_resumes_exactly_and_is_analysed(tmp_path, script):
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
 
-    proc = script("beta_vae_analyze.py", "--checkpoint", straight / "checkpoint.pt",
+    proc = cli("beta_vae_analyze.py", "--checkpoint", straight / "checkpoint.pt",
                   "--traverse", "--gif", "--metrics", "--points", 300, "--train-votes", 40,
                   "--eval-votes", 20, "--out", tmp_path / "analysis")
     assert "MIG" in proc.stdout
@@ -337,8 +337,8 @@ def test_beta_vae_trains_resumes_exactly_and_is_analysed(tmp_path, script):
 
     # --latent-kl: the held-out KL per latent of each run, recomputed here, and identical runs
     # (straight and split are bit-identical) give identical columns
-    script("beta_vae_analyze.py", "--checkpoint", straight / "checkpoint.pt", "--latent-kl",
-           split / "checkpoint.pt", "--out", tmp_path / "compare")
+    cli("beta_vae_analyze.py", "--checkpoint", straight / "checkpoint.pt", "--latent-kl",
+        split / "checkpoint.pt", "--out", tmp_path / "compare", "--precision", "fp32")
     compare = json.loads((tmp_path / "compare" / "latent_kl.json").read_text())
     first, second = compare["runs"]
     model, train_args, _ = ba.load_model(straight / "checkpoint.pt", "cpu")
@@ -370,10 +370,10 @@ def test_kl_plot_names_informative_latents_and_groups_the_rest():
     utils.save_figure(fig, os.devnull)
 
 
-def test_analysis_refuses_a_damaged_checkpoint(tmp_path, script):
+def test_analysis_refuses_a_damaged_checkpoint(tmp_path, cli):
     bad = tmp_path / "checkpoint.pt"
     bad.write_bytes(b"not a checkpoint")
-    proc = script("beta_vae_analyze.py", "--checkpoint", bad, "--traverse", check=False)
+    proc = cli("beta_vae_analyze.py", "--checkpoint", bad, "--traverse", check=False)
     assert proc.returncode == 1 and "damaged" in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -165,6 +165,7 @@ def write_official_npz(path, marks):
                 np.lib.format.write_array(f, arr)
 
 
+@pytest.mark.slow          # the official file is 737,280 images: a 3 GB conversion
 def test_dsprites_uses_the_official_file_when_present(tmp_path):
     test_index = utils.dsprites_split("test")[:3].tolist()
     marks = {test_index[0]: 5, test_index[1]: 40, test_index[2]: 63}

@@ -5,11 +5,13 @@ import torch
 import utils
 from conftest import ROOT, torchrun
 
+pytestmark = pytest.mark.slow          # torchrun: two processes per test
+
 
 def tiny(tmp_path, out, *extra):
     return ["--data-root", tmp_path / "data", "--limit", 256, "--batch-size", 16,
             "--eval-limit", 64, "--iw-samples", 2, "--log-every", 2, "--device", "cpu",
-            "--out", out, *extra]
+            "--precision", "fp32", "--out", out, *extra]
 
 
 @pytest.mark.parametrize("script", ["standard_vae.py", "beta_vae.py"])

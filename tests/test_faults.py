@@ -17,10 +17,10 @@ import pytest
 import torch
 
 import utils
-from conftest import ROOT, run_script, write_celeba, write_idx
+from conftest import ROOT, run_cli, run_script, write_celeba, write_idx
 
 RUN = ["--data-root", None, "--limit", 512, "--batch-size", 32, "--eval-limit", 64,
-       "--iw-samples", 2, "--log-every", 4, "--device", "cpu", "--epochs", 3]
+       "--iw-samples", 2, "--log-every", 4, "--device", "cpu", "--precision", "fp32", "--epochs", 3]
 
 
 def args_for(tmp, out, *extra):
@@ -33,7 +33,7 @@ def args_for(tmp, out, *extra):
 def straight(tmp_path_factory):
     """An uninterrupted 3-epoch run (48 steps) that the interrupted runs must reproduce."""
     tmp = tmp_path_factory.mktemp("straight")
-    run_script("standard_vae.py", *args_for(tmp, tmp / "run"))
+    run_cli("standard_vae.py", *args_for(tmp, tmp / "run"))
     return tmp, utils.load_checkpoint(tmp / "run" / "checkpoint.pt")
 
 
@@ -59,11 +59,24 @@ def wait_for(path, proc, timeout=120):
         time.sleep(0.02)
 
 
+def wait_for_line(proc, text, timeout=120):
+    """Read the process's output until a line holding `text` (it runs unbuffered)."""
+    end = time.time() + timeout
+    for line in proc.stdout:
+        if text in line:
+            return
+        assert time.time() < end, f"no line with {text!r}"
+    raise AssertionError(f"the process ended without a line with {text!r}: "
+                         f"{proc.communicate()}")
+
+
+@pytest.mark.slow
 def test_same_seed_gives_bit_identical_loss_histories(straight, tmp_path):
     run_script("standard_vae.py", *args_for(tmp_path, tmp_path / "again"))
     same_run(straight[1], utils.load_checkpoint(tmp_path / "again" / "checkpoint.pt"))
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_equals_the_uninterrupted_run(straight, tmp_path):
     out = tmp_path / "killed"
     proc = start("standard_vae.py", args_for(tmp_path, out))
@@ -75,6 +88,7 @@ def test_sigkill_mid_run_then_resume_equals_the_uninterrupted_run(straight, tmp_
     same_run(straight[1], utils.load_checkpoint(out / "checkpoint.pt"))
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_the_current_step_and_resume_continues_exactly(straight, tmp_path):
     out = tmp_path / "interrupted"
     proc = start("standard_vae.py", args_for(tmp_path, out))
@@ -108,6 +122,7 @@ def test_first_ctrl_c_requests_a_stop_and_the_second_exits_at_once():
     assert signal.getsignal(signal.SIGINT) is before                         # restored
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_names_the_previous_one_which_resume_can_use(straight, tmp_path):
     out = tmp_path / "damaged"
     run_script("standard_vae.py", *args_for(tmp_path, out, "--max-steps", 40))
@@ -126,29 +141,30 @@ def test_damaged_checkpoint_names_the_previous_one_which_resume_can_use(straight
     assert (out / "checkpoint.replaced.pt").exists()             # the damaged file is kept aside
 
 
-def test_checkpoint_of_another_model_or_other_args_is_a_clear_error(straight, tmp_path):
-    source = straight[0] / "run" / "checkpoint.pt"
+def test_checkpoint_of_another_model_or_other_args_is_a_clear_error(finished, tmp_path):
+    source = finished / "checkpoint.pt"
     out = tmp_path / "other"
     out.mkdir()
     (out / "checkpoint.pt").write_bytes(source.read_bytes())
-    proc = run_script("beta_vae.py", "--dataset", "dsprites", "--out", out, "--resume",
-                      check=False)
+    proc = run_cli("beta_vae.py", "--dataset", "dsprites", "--out", out, "--resume",
+                   check=False)
     assert proc.returncode == 1
     assert "holds a standard_vae model, not a beta_vae model" in proc.stderr
     state = torch.load(source, weights_only=True)
     state["args"]["latent"] = 7                                  # args that the weights don't fit
     torch.save(state, out / "checkpoint.pt")
-    proc = run_script("standard_vae.py", *args_for(tmp_path, out, "--resume"), check=False)
+    proc = run_cli("standard_vae.py", "--data-root", tmp_path / "data", "--out", out, "--resume",
+                   check=False)
     assert proc.returncode == 1 and "does not fit this standard_vae" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
 def test_nan_loss_stops_with_the_step_and_leaves_the_checkpoint_untouched(tmp_path):
     out = tmp_path / "nan"
-    run_script("standard_vae.py", *args_for(tmp_path, out, "--epochs", 1))
+    run_cli("standard_vae.py", *data(tmp_path), "--epochs", 1, "--out", out)
     before = (out / "checkpoint.pt").read_bytes()
-    proc = run_script("standard_vae.py", *args_for(tmp_path, out, "--resume", "--lr", "1e6"),
-                      check=False)
+    proc = run_cli("standard_vae.py", *data(tmp_path), "--out", out, "--resume", "--epochs", 3,
+                   "--lr", "1e6", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "non-finite loss at step" in proc.stderr and "loss=nan" in proc.stderr.lower()
     assert "recon=" in proc.stderr and "kl=" in proc.stderr
@@ -172,7 +188,7 @@ def test_bad_flags_and_data_give_one_clear_line(tmp_path, script, flags, message
     base = ["--data-root", tmp_path / "data", "--eval-limit", 64]
     if "--out" not in flags:
         base += ["--out", tmp_path / "out"]
-    proc = run_script(script, *base, *flags, check=False)
+    proc = run_cli(script, *base, *flags, check=False)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
@@ -186,15 +202,15 @@ def test_bad_flags_and_data_give_one_clear_line(tmp_path, script, flags, message
 # ----------------------------------------------------------------------------------------------
 
 TINY = ["--limit", 256, "--batch-size", 32, "--eval-limit", 32, "--iw-samples", 2,
-        "--log-every", 4, "--device", "cpu", "--width", 8, "--hidden", 32, "--latent", 4]
+        "--log-every", 4, "--device", "cpu", "--precision", "fp32", "--width", 8, "--hidden", 32, "--latent", 4]
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A finished 2-epoch Standard VAE run on dSprites (checkpoint.pt, .prev.pt, metrics)."""
     tmp = tmp_path_factory.mktemp("finished")
-    run_script("standard_vae.py", "--data-root", tmp / "data", *TINY, "--epochs", 2,
-               "--out", tmp / "run")
+    run_cli("standard_vae.py", "--data-root", tmp / "data", *TINY, "--epochs", 2,
+            "--out", tmp / "run")
     return tmp / "run"
 
 
@@ -327,7 +343,7 @@ def full_disk_on_a_vq_run(finished, tmp):
     return Row("vq_vae.py", ["--dataset", "dsprites", "--data-root", tmp / "data", "--limit", 64,
                              "--batch-size", 32, "--eval-limit", 16, "--hidden", 16,
                              "--res-hidden", 8, "--res-layers", 1, "--codes", 16,
-                             "--latent", 8, "--epochs", 1, "--device", "cpu",
+                             "--latent", 8, "--epochs", 1, "--device", "cpu", "--precision", "fp32",
                              "--prior-epochs", 1, "--prior-batch-size", 32, "--out",
                              tmp / "run"], 1, "no room for a checkpoint",
                absent=[tmp / "run" / "checkpoint.pt"], limit_file_size=2**16)
@@ -609,7 +625,17 @@ ROWS = [
 ]
 
 
-@pytest.mark.parametrize("make", ROWS, ids=[r.__name__ for r in ROWS])
+# rows that run the command in a process of its own (a full disk needs one) are journeys: the
+# slow tier; the --lr nan row stays in the default tier, the one check there that a script
+# started as a command reports a bad flag with its exit status and one line
+JOURNEYS = {"fresh_run_in_a_run_folder", "full_disk_on_a_fresh_run", "full_disk_on_resume",
+            "full_disk_on_a_vq_run", "cifar_batch_that_runs_a_command",
+            "symlink_planted_at_the_lock"}
+
+
+@pytest.mark.parametrize("make", [pytest.param(r, marks=pytest.mark.slow)
+                                  if r.__name__ in JOURNEYS else r for r in ROWS],
+                         ids=[r.__name__ for r in ROWS])
 def test_fault(make, finished, tmp_path, capsys):
     row = make(finished, tmp_path)
     run_row(row, capsys)
@@ -628,6 +654,7 @@ def test_overwrite_replaces_the_old_run_and_leaves_no_trace_of_it(finished, tmp_
     assert not (run / "checkpoint.prev.pt").exists()        # the old run's, deleted first
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_busy_folder_is_refused_and_the_first_is_untouched(tmp_path):
     out = tmp_path / "run"
     first = start("standard_vae.py", [*map(str, [*data(tmp_path), "--epochs", 1000, "--out",
@@ -674,6 +701,7 @@ def test_two_writers_of_one_file_never_share_a_temporary(tmp_path):
     assert path.read_text() == "[1]" and leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_rendering_dsprites_leaves_no_partial_cache(tmp_path):
     """More than 100,000 images make the first run render the full grid into a cache."""
     folder = tmp_path / "data" / "dsprites"
@@ -690,6 +718,7 @@ def test_ctrl_c_while_rendering_dsprites_leaves_no_partial_cache(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == [".build.lock"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_during_the_final_evaluation_stops_cleanly(tmp_path, sig, status):
     """After the last step, the IW-NLL with many samples is the long phase: a stop there keeps
@@ -698,8 +727,7 @@ def test_a_signal_during_the_final_evaluation_stops_cleanly(tmp_path, sig, statu
     args = [*map(str, [*data(tmp_path), "--epochs", 1, "--out", out])]
     args[args.index("--iw-samples") + 1] = "5000"
     proc = start("standard_vae.py", args)
-    wait_for(out / "checkpoint.pt", proc)                  # the one epoch is trained
-    time.sleep(0.3)
+    wait_for_line(proc, "IW-NLL: K=5000")                  # trained, and scoring
     saved = (out / "checkpoint.pt").read_bytes()
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
@@ -713,7 +741,7 @@ def test_vq_vae_with_fewer_held_out_images_than_a_grid_row_finishes(tmp_path, ca
     status, stderr = run_in_process("vq_vae.py", [
         "--dataset", "dsprites", "--data-root", tmp_path / "data", "--limit", 64,
         "--batch-size", 32, "--eval-limit", 12, "--hidden", 16, "--res-hidden", 8,
-        "--res-layers", 1, "--codes", 16, "--latent", 8, "--epochs", 1, "--device", "cpu",
+        "--res-layers", 1, "--codes", 16, "--latent", 8, "--epochs", 1, "--device", "cpu", "--precision", "fp32",
         "--prior-epochs", 1, "--prior-batch-size", 32, "--prior-channels", 8,
         "--prior-layers", 2, "--prior-kernel", 3, "--out", out], capsys)
     assert status == 0, stderr

@@ -214,7 +214,7 @@ def test_precision_probe_times_both_and_leaves_the_random_stream_alone():
 
 # ---- the GPU paths, run on the CPU -----------------------------------------------------------
 TINY = ["--dataset", "dsprites", "--limit", 512, "--batch-size", 32, "--log-every", 4,
-        "--device", "cpu"]
+        "--device", "cpu", "--precision", "fp32"]
 
 
 def test_bf16_autocast_channels_last_and_fused_adam_train_on_cpu(tmp_path, monkeypatch):
@@ -259,6 +259,7 @@ def test_bf16_autocast_channels_last_and_fused_adam_train_on_cpu(tmp_path, monke
     assert log[-1]["loss"] < log[0]["loss"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, flags", [
     ("standard_vae.py", ["--iw-samples", 2, "--width", 8, "--hidden", 32]),
     ("beta_vae.py", ["--hidden", 32, "--objective", "TC"]),

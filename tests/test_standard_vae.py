@@ -109,15 +109,16 @@ def test_bits_per_dim_where_defined():
     assert sv.bits_per_dim(0.0, 10, "mse", binary=False) == pytest.approx(8.0)
 
 
-def test_training_lowers_the_loss_and_resume_continues_exactly(tmp_path, script):
+def test_training_lowers_the_loss_and_resume_continues_exactly(tmp_path, cli):
     common = ["--data-root", tmp_path / "data", "--limit", 256, "--batch-size", 32,
-              "--eval-limit", 64, "--iw-samples", 4, "--log-every", 2, "--device", "cpu"]
+              "--eval-limit", 64, "--iw-samples", 4, "--log-every", 2, "--device", "cpu", "--precision", "fp32",
+              "--width", 16, "--hidden", 64, "--lr", 3e-3]
     straight, split = tmp_path / "straight", tmp_path / "split"
-    script("standard_vae.py", *common, "--epochs", 2, "--out", straight)
-    script("standard_vae.py", *common, "--epochs", 1, "--out", split)
+    cli("standard_vae.py", *common, "--epochs", 2, "--out", straight)
+    cli("standard_vae.py", *common, "--epochs", 1, "--out", split)
     m1 = json.loads((split / "metrics.json").read_text())
     assert m1["steps"] == 8
-    script("standard_vae.py", *common, "--epochs", 2, "--out", split, "--resume")
+    cli("standard_vae.py", *common, "--epochs", 2, "--out", split, "--resume")
 
     for name in ("checkpoint.pt", "checkpoint.prev.pt", "metrics.json", "history.json",
                  "reconstructions.png", "samples.png", "losses.png", "kl_per_dim.png"):
@@ -140,17 +141,17 @@ def test_training_lowers_the_loss_and_resume_continues_exactly(tmp_path, script)
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
-def test_missing_dataset_is_a_clear_error(tmp_path, script):
-    proc = script("standard_vae.py", "--dataset", "cifar10", "--data-root", tmp_path,
+def test_missing_dataset_is_a_clear_error(tmp_path, cli):
+    proc = cli("standard_vae.py", "--dataset", "cifar10", "--data-root", tmp_path,
                   "--out", tmp_path / "out", check=False)
     assert proc.returncode == 1
     assert str(tmp_path / "cifar-10-batches-py") in proc.stderr
     assert "--dataset dsprites" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_bench_runs_all_three_pipelines(tmp_path, script):
+def test_bench_runs_all_three_pipelines(tmp_path, cli):
     out = tmp_path / "bench.json"
-    script("bench.py", "--images", 48, "--batch-size", 16, "--steps", 2, "--warmup", 1,
+    cli("bench.py", "--images", 48, "--batch-size", 16, "--steps", 2, "--warmup", 1,
            "--workers", 0, "--device", "cpu", "--data-root", tmp_path / "data", "--out", out)
     result = json.loads(out.read_text())
     for name in ("standard_vae", "beta_vae", "vq_vae"):

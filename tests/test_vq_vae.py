@@ -354,7 +354,7 @@ def test_prior_nll_is_log_k_for_a_uniform_prior():
 TINY = ["--limit", 256, "--batch-size", 32, "--eval-limit", 64, "--hidden", 16, "--res-hidden", 8,
         "--res-layers", 1, "--codes", 32, "--latent", 8, "--prior-channels", 16,
         "--prior-layers", 3, "--prior-kernel", 3, "--prior-batch-size", 32, "--prior-conditional",
-        "--log-every", 2, "--device", "cpu"]
+        "--log-every", 2, "--device", "cpu", "--precision", "fp32"]
 
 
 def png_size(path):
@@ -363,11 +363,10 @@ def png_size(path):
     return w, h
 
 
-def test_vq_vae_and_prior_end_to_end_and_resume(tmp_path, script):
+def test_vq_vae_and_prior_end_to_end_and_resume(tmp_path, cli):
     common = ["--data-root", tmp_path / "data", *TINY]
     straight, split = tmp_path / "straight", tmp_path / "split"
-    script("vq_vae.py", *common, "--epochs", 2, "--prior-epochs", 1, "--out", straight,
-           env=ONE_THREAD)
+    cli("vq_vae.py", *common, "--epochs", 2, "--prior-epochs", 1, "--out", straight)
     for name in ("checkpoint.pt", "prior.pt", "metrics.json", "history.json", "losses.png",
                  "reconstructions.png", "code_usage.png", "samples.png", "prior_losses.png",
                  "prior_history.json"):
@@ -400,11 +399,9 @@ def test_vq_vae_and_prior_end_to_end_and_resume(tmp_path, script):
     model.load_state_dict(state["vqvae"])
 
     # stopped after one epoch without a prior, then resumed: the same run, bit for bit
-    script("vq_vae.py", *common, "--epochs", 1, "--prior-epochs", 0, "--out", split,
-           env=ONE_THREAD)
+    cli("vq_vae.py", *common, "--epochs", 1, "--prior-epochs", 0, "--out", split)
     assert not (split / "prior.pt").exists()
-    script("vq_vae.py", *common, "--epochs", 2, "--prior-epochs", 1, "--out", split, "--resume",
-           env=ONE_THREAD)
+    cli("vq_vae.py", *common, "--epochs", 2, "--prior-epochs", 1, "--out", split, "--resume")
     a = utils.load_checkpoint(straight / "checkpoint.pt")
     b = utils.load_checkpoint(split / "checkpoint.pt")
     assert a["step"] == b["step"] == 16
@@ -416,18 +413,17 @@ def test_vq_vae_and_prior_end_to_end_and_resume(tmp_path, script):
         assert torch.equal(pa["model"][k], pb["model"][k]), k
 
     # the prior resumes too; a VQ-VAE trained further makes the old prior stale: a clear error
-    script("vq_vae.py", *common, "--epochs", 2, "--prior-epochs", 2, "--out", split, "--resume",
-           env=ONE_THREAD)
+    cli("vq_vae.py", *common, "--epochs", 2, "--prior-epochs", 2, "--out", split, "--resume")
     assert utils.load_checkpoint(split / "prior.pt")["step"] == 16
     assert [h["step"] for h in json.loads((split / "prior_history.json").read_text())] == [8, 16]
-    proc = script("vq_vae.py", *common, "--epochs", 3, "--prior-epochs", 2, "--out", split,
-                  "--resume", check=False, env=ONE_THREAD)
+    proc = cli("vq_vae.py", *common, "--epochs", 3, "--prior-epochs", 2, "--out", split,
+                  "--resume", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "another VQ-VAE state" in proc.stderr and "prior.pt" in proc.stderr
 
 
-def test_bad_flags_are_clear_errors(tmp_path, script):
-    proc = script("vq_vae.py", "--prior-kernel", 4, "--out", tmp_path, check=False)
+def test_bad_flags_are_clear_errors(tmp_path, cli):
+    proc = cli("vq_vae.py", "--prior-kernel", 4, "--out", tmp_path, check=False)
     assert proc.returncode == 1 and "--prior-kernel must be odd" in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -436,7 +432,7 @@ def test_bad_flags_are_clear_errors(tmp_path, script):
 # 256 images, 16 per rank and step: 8 steps per epoch on each of the two ranks
 DDP_TINY = ["--limit", 256, "--batch-size", 16, "--eval-limit", 64, "--hidden", 16,
             "--res-hidden", 8, "--res-layers", 1, "--codes", 32, "--latent", 8,
-            "--log-every", 2, "--device", "cpu"]
+            "--log-every", 2, "--device", "cpu", "--precision", "fp32"]
 DDP_PRIOR = ["--prior-channels", 16, "--prior-layers", 3, "--prior-kernel", 3,
              "--prior-batch-size", 16, "--prior-conditional"]
 
@@ -456,6 +452,7 @@ def load_ranks(folder, name, key=None):
     return [s[key] for s in states] if key else states
 
 
+@pytest.mark.slow
 def test_torchrun_ema_update_is_the_update_on_the_joint_batch(ddp_worker):
     """Each rank quantises half a batch; with the counts and sums all-reduced, both ranks make
     the update that one process makes on the whole batch."""
@@ -478,6 +475,7 @@ def test_torchrun_ema_update_is_the_update_on_the_joint_batch(ddp_worker):
     assert not torch.allclose(alone.ema_sum, a["after"]["ema_sum"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ema", "loss"])
 def test_torchrun_dead_code_restart_takes_rank_0s_vectors_on_every_rank(ddp_worker, kind):
     """15 of 16 codes dead, each rank with its own batch and RNG seed: both ranks re-seed them
@@ -492,6 +490,7 @@ def test_torchrun_dead_code_restart_takes_rank_0s_vectors_on_every_rank(ddp_work
         assert not (rows[1] == e).all(1).any()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["fit", "fit_loss"])
 def test_torchrun_training_keeps_weights_and_codebooks_identical_on_all_ranks(ddp_worker, name):
     a, b = load_ranks(ddp_worker, name)
@@ -514,6 +513,7 @@ def test_torchrun_training_keeps_weights_and_codebooks_identical_on_all_ranks(dd
         assert torch.equal(a["model"][k], saved["model"][k]), k
 
 
+@pytest.mark.slow
 def test_torchrun_script_writes_once_from_rank_0_and_resumes_both_phases(tmp_path, ddp_worker):
     out = tmp_path / "run"
     common = ["--data-root", tmp_path / "data", *DDP_TINY, *DDP_PRIOR, "--out", out]
