@@ -4,6 +4,7 @@ The model is rebuilt from the checkpoint alone (its stored args); nothing is ret
 
     python beta_vae_analyze.py --checkpoint runs/beta_vae_celeba/checkpoint.pt --attribute Smiling
     python beta_vae_analyze.py --checkpoint runs/beta_vae_dsprites/checkpoint.pt --traverse --metrics
+    python beta_vae_analyze.py --curves runs/run_a runs/run_b --out runs/curves
 
 Attribute vector (latent arithmetic, as in White 2016 "Sampling generative networks" and the
 "smile vector"): the mean posterior mean of labelled images with the attribute minus that of
@@ -546,11 +547,77 @@ def latent_kl(paths, args, device, out, informative=0.5):
 
 
 # ----------------------------------------------------------------------------------------------
+# Disentanglement during training: MIG against images seen, one line per run
+# ----------------------------------------------------------------------------------------------
+def recipe(args):
+    """A run's recipe in a few words: objective, network, batch, TC estimator, seed."""
+    arch = getattr(args, "arch", "conv")
+    tc = f" {args.tc_estimator}" if args.objective == "TC" else ""
+    gamma = f" gamma {args.gamma:g}" if args.objective == "B" else ""
+    return f"{args.objective}{tc}{gamma}, {arch}, batch {args.batch_size}, seed {args.seed}"
+
+
+def run_record(folder):
+    """A beta_vae.py run folder's args, history and, once it has finished, its metrics."""
+    folder = Path(folder)
+    try:
+        history = json.loads((folder / "history.json").read_text())
+    except (OSError, ValueError) as e:
+        raise utils.UserError(f"{folder} has no readable history.json ({e}); --curves takes "
+                              "beta_vae.py run folders") from None
+    metrics = {}
+    if (folder / "metrics.json").is_file():
+        metrics = json.loads((folder / "metrics.json").read_text())
+        args = metrics["args"]
+    else:                                   # a run still training, or stopped: its checkpoint
+        state = utils.load_checkpoint(folder / "checkpoint.pt")
+        utils.check_checkpoint_kind(state, folder / "checkpoint.pt", "beta_vae")
+        args = state["args"]
+    return argparse.Namespace(**args), history, metrics
+
+
+def mig_curves(folders, out):
+    """mig_curves.png / .json: the MIG each beta_vae.py run on dSprites scored during training
+    (history.json: one point per held-out evaluation, on --mig-points images) against the
+    training images seen, one line per run, labelled by its recipe and its images/s."""
+    curves, summary = {}, []
+    for folder in folders:
+        args, history, metrics = run_record(folder)
+        points = [h for h in history if "mig" in h]
+        if not points:
+            raise utils.UserError(f"{folder}'s history.json holds no MIG: train on dsprites "
+                                  "with --mig-points > 0")
+        per_step = args.batch_size * metrics.get("world_size", 1)
+        speed = metrics.get("images_per_s")
+        label = recipe(args) + (f", {speed:,.0f} img/s" if speed else "")
+        curves[label] = ([h["step"] * per_step / 1e6 for h in points], [h["mig"] for h in points])
+        summary.append({"run": str(folder), "recipe": recipe(args), "images_per_s": speed,
+                        "precision": metrics.get("precision"),
+                        "finished": bool(metrics), "mig_points": args.mig_points,
+                        "images_seen": [h["step"] * per_step for h in points],
+                        "mig": [h["mig"] for h in points],
+                        "latent_factors_last": points[-1].get("latent_factors")})
+    utils.plot_curves(curves, out / "mig_curves.png", xlabel="training images seen (millions)",
+                      title="MIG during training (dSprites, posterior means)",
+                      legend="upper left")
+    utils.write_json(out / "mig_curves.json", {"runs": summary})
+    for r in summary:
+        print(f"{r['recipe']}: MIG {r['mig'][-1]:.3f} after {r['images_seen'][-1]:,} images "
+              f"(best {max(r['mig']):.3f})")
+    print(f"mig_curves.png and mig_curves.json written to {out}")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = utils.ArgumentParser(__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a beta_vae.py checkpoint.pt")
+    p.add_argument("--checkpoint", default=None,
+                   help="a beta_vae.py checkpoint.pt (needed by every analysis but --curves)")
+    p.add_argument("--curves", nargs="+", default=None, metavar="RUN",
+                   help="beta_vae.py run folders on dsprites: their MIG during training "
+                        "against images seen -> mig_curves.png / .json in --out")
     p.add_argument("--data-root", default=None,
                    help="where the data are (default: the training run's --data-root)")
     p.add_argument("--out", default=None, help="output folder (default: the checkpoint's)")
@@ -618,9 +685,17 @@ def earlier_metrics(path, checkpoint, step):
 def main(args):
     if args.gif and not args.traverse:
         raise utils.UserError("--gif animates the traversal: pass it with --traverse")
-    if not (args.traverse or args.metrics or args.attribute or args.latent_kl is not None):
-        raise utils.UserError("nothing to do: pass --attribute NAME, --traverse, --latent-kl "
-                              "and/or --metrics")
+    analyses = args.traverse or args.metrics or args.attribute or args.latent_kl is not None
+    if not (analyses or args.curves):
+        raise utils.UserError("nothing to do: pass --attribute NAME, --traverse, --latent-kl, "
+                              "--metrics and/or --curves")
+    if args.curves:
+        summary = mig_curves(args.curves, utils.prepare_out(args.out or "."))
+        if not analyses:
+            return summary
+    if args.checkpoint is None:
+        raise utils.UserError("--checkpoint is needed by --attribute, --traverse, --latent-kl "
+                              "and --metrics")
     if args.attribute:
         parse_strengths(args.strengths)           # a bad --strengths is refused before any work
     device = utils.get_device(args.device)

@@ -458,6 +458,20 @@ def test_mlp_trains_resumes_exactly_and_is_rebuilt_by_the_analysis(tmp_path):
     model, train_args, _ = ba.load_model(straight / "checkpoint.pt", "cpu")
     assert isinstance(model.encoder, sv.MLPEncoder) and train_args.hidden == 32
 
+    # --curves: MIG against images seen, from the finished run and from a run whose
+    # metrics.json is not written yet (read from its checkpoint)
+    (split / "metrics.json").unlink()
+    summary = ba.main(ba.parse_args(["--curves", str(straight), str(split), "--out",
+                                     str(tmp_path / "curves")]))
+    assert [r["images_seen"] for r in summary] == [[128, 256, 384], [128, 192, 256, 384]]
+    assert summary[0]["mig"] == [h["mig"] for h in history]     # the split run also scored
+    assert summary[1]["mig"][:1] + summary[1]["mig"][2:] == summary[0]["mig"]  # its stop, 6
+    assert summary[0]["recipe"] == "TC mws, mlp, batch 32, seed 0"
+    assert summary[0]["finished"] and not summary[1]["finished"]
+    assert (tmp_path / "curves" / "mig_curves.png").stat().st_size > 0
+    with pytest.raises(utils.UserError, match="no readable history.json"):
+        ba.mig_curves([tmp_path], tmp_path)
+
 
 def test_mig_curve_point_is_the_protocols_mig_on_fewer_points(tmp_path):
     """mig_only, the curve's point, equals mig on the same draws of the protocol."""
