@@ -88,7 +88,8 @@ def resolve_schedule(args, total_steps):
         how = "--beta-warmup"
         if args.beta_warmup is None:
             args.beta_warmup = sizes.warmup_steps(total_steps)
-            how = f"{sizes.WARMUP_SHARE:.0%} of the run's {total_steps:,} steps; --beta-warmup sets it"
+            how = (f"{sizes.WARMUP_SHARE:.0%} of the run's {total_steps:,} steps; "
+                   "--beta-warmup sets it")
         weighted = "KL" if args.objective == "H" else "total correlation"
         lines.append(f"schedule: beta on the {weighted} rises linearly from 0 to {args.beta:g} "
                      f"over {args.beta_warmup:,} steps ({how})")
@@ -271,7 +272,8 @@ def parse_args(argv=None):
     p.add_argument("--tc-estimator", default="mss", choices=("mss", "mws"),
                    help="objective TC: estimate q(z) on the minibatch by stratified (mss) or "
                         "minibatch-weighted (mws) sampling")
-    p.add_argument("--gamma", type=arguments.nonneg_float, default=1000.0, help="gamma of objective B")
+    p.add_argument("--gamma", type=arguments.nonneg_float, default=1000.0,
+                   help="gamma of objective B")
     p.add_argument("--c-max", type=arguments.nonneg_float, default=None,
                    help="final capacity in nats (default: 25 on dsprites, 50 on celeba, "
                         "else 25)")

@@ -162,7 +162,7 @@ def select(data, spec):
         name, sep, value = part.partition("=")
         if name not in names or not sep:
             raise UserError(f"bad condition {part!r}: use Name=value with Name one of "
-                                  f"{', '.join(names)}")
+                            f"{', '.join(names)}")
         mask &= labels[:, names.index(name)] == parse_label_value(data, name, value)
     return mask
 
@@ -177,7 +177,7 @@ def attribute_groups(data, attribute, condition=""):
     name, sep, value = attribute.partition("=")
     if name not in names:
         raise UserError(f"unknown attribute {name!r} for {data.name}; valid: "
-                              f"{', '.join(names)}")
+                        f"{', '.join(names)}")
     column = labels[:, names.index(name)].long()
     if sep:
         positive = column == parse_label_value(data, name, value)
@@ -189,7 +189,7 @@ def attribute_groups(data, attribute, condition=""):
         positive, negative = column > middle, column < middle
     else:
         raise UserError(f"{name} needs a value, e.g. {name}="
-                              f"{(data.value_names.get(name) or [1])[-1]}")
+                        f"{(data.value_names.get(name) or [1])[-1]}")
     keep = select(data, condition)
     return positive & keep, negative & keep
 
@@ -205,8 +205,8 @@ def attribute_vector(mu, positive, negative):
     """mean mu(x | attribute) - mean mu(x | no attribute), over the given images."""
     if positive.sum() == 0 or negative.sum() == 0:
         raise UserError(f"need images with and without the attribute; found "
-                              f"{int(positive.sum())} with and {int(negative.sum())} without "
-                              "(raise --n-images or loosen --condition)")
+                        f"{int(positive.sum())} with and {int(negative.sum())} without "
+                        "(raise --n-images or loosen --condition)")
     return mu[positive].mean(0) - mu[negative].mean(0)
 
 
@@ -223,7 +223,7 @@ def parse_strengths(text):
         return strengths
     except (ValueError, argparse.ArgumentTypeError):
         raise UserError(f"bad --strengths {text!r}: use start:stop:count or a comma "
-                              "list") from None
+                        "list") from None
 
 
 @torch.no_grad()
@@ -251,7 +251,7 @@ def pick_images(args, train_args, root, data_test, negative_test):
             within = "the whole test split" if len(data_test) < args.n_images else \
                 f"the first --n-images {args.n_images} test images (raise it to reach further)"
             raise UserError(f"--images takes indices 0 to {len(data_test) - 1} into "
-                                  f"{within} for {train_args.dataset}") from None
+                            f"{within} for {train_args.dataset}") from None
     found = {}
     for split in ("test", "valid", "train"):
         data = data_test if split == "test" else utils.load_dataset(
@@ -384,13 +384,13 @@ def load_model(path, device):
         raise
     except (TypeError, KeyError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path} lacks or garbles what rebuilds its model (args or "
-                                    f"data: {type(e).__name__} {str(e)[:100]}); use a checkpoint "
-                                    "written by beta_vae.py or standard_vae.py") from None
+                              f"data: {type(e).__name__} {str(e)[:100]}); use a checkpoint "
+                              "written by beta_vae.py or standard_vae.py") from None
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
         raise CheckpointError(f"{path} does not fit the model its args describe: "
-                                    f"{str(e).splitlines()[0]}") from None
+                              f"{str(e).splitlines()[0]}") from None
     return model.to(device).eval(), args, state
 
 
@@ -457,7 +457,7 @@ def compute_metrics(model, args, data_root, device, seed, n_points=10_000, n_tra
                     n_eval=5_000):
     if args.dataset != "dsprites":
         raise UserError(f"--metrics needs a model trained on dsprites (the ground-truth "
-                              f"factors); this one was trained on {args.dataset}")
+                        f"factors); this one was trained on {args.dataset}")
     rng = np.random.default_rng(seed)
     represent = dsprites_encoder(model, data_root, device)
     print(f"disentanglement metrics: MIG on {n_points:,} images, FactorVAE on {n_points:,} "
@@ -511,7 +511,7 @@ def latent_kl(paths, args, device, out, informative=0.5):
         model, train_args, state = load_model(path, device)
         if state["kind"] != "beta_vae":
             raise UserError(f"--latent-kl needs beta_vae.py checkpoints; {path} is "
-                                  f"{state['kind']}")
+                            f"{state['kind']}")
         root = args.data_root or train_args.data_root
         _, held_out = evaluate_held_out(model, train_args, root, device)
         runs.append((path, train_args, state, held_out))
@@ -622,7 +622,7 @@ def main(args):
         raise UserError("--gif animates the traversal: pass it with --traverse")
     if not (args.traverse or args.metrics or args.attribute or args.latent_kl is not None):
         raise UserError("nothing to do: pass --attribute NAME, --traverse, --latent-kl "
-                              "and/or --metrics")
+                        "and/or --metrics")
     if args.attribute:
         parse_strengths(args.strengths)           # a bad --strengths is refused before any work
     device = devices.get_device(args.device)

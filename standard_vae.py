@@ -38,7 +38,7 @@ def feature_size(image_size):
         size //= 2
     if size > 7 or image_size // size < 4:
         raise UserError(f"unsupported image size {image_size}: use 28, 32 or 64 "
-                              "(any size that halves at least twice down to 7 or less)")
+                        "(any size that halves at least twice down to 7 or less)")
     return size
 
 
@@ -413,7 +413,7 @@ def setup(model, device, train, lr, batch_size, seed, binarize=False):
     rank, world = distributed.DIST.rank, distributed.DIST.world
     batches = utils.DeviceBatches(train.images, batch_size, device, seed, binarize=binarize,
                                   rank=rank, world=world, channels_last=fast)
-    torch.manual_seed(seed + 1_000_003 * rank)
+    torch.manual_seed(seed + 1_000_003 * rank)     # the same initial weights, then own noise
     return model, opt, batches
 
 

@@ -54,7 +54,7 @@ def grid_size(image_size):
     """Side of the code grid: the image halved twice (28 -> 7, 32 -> 8, 64 -> 16)."""
     if image_size % 4 != 0:
         raise UserError(f"unsupported image size {image_size}: the VQ-VAE halves it twice, "
-                              "so it must be a multiple of 4 (28, 32 and 64 work)")
+                        "so it must be a multiple of 4 (28, 32 and 64 work)")
     return image_size // 4
 
 
@@ -538,7 +538,7 @@ def class_labels(data):
     """(labels (N,), number of classes) for class conditioning: dSprites conditions on shape."""
     if data.name not in NUM_CLASSES or data.labels is None:
         raise UserError(f"--prior-conditional needs class labels, which {data.name} does not "
-                              f"have; it works with {', '.join(NUM_CLASSES)}")
+                        f"have; it works with {', '.join(NUM_CLASSES)}")
     labels = data.labels[:, 1] if data.labels.dim() == 2 else data.labels
     return labels.long(), NUM_CLASSES[data.name]
 
@@ -562,7 +562,7 @@ def parse_args(argv=None):
     p = arguments.ArgumentParser(__doc__.split("\n\n")[0])
     # reference CIFAR-10 configuration (REFERENCE.md): batch 256, Adam lr 1e-3, codes of dim 64
     arguments.add_common_args(p, latent=64, lr=1e-3, batch_size=256, epochs=10,
-                          latent_help="dimension D of each code vector")
+                              latent_help="dimension D of each code vector")
     p.add_argument("--codes", default=512,
                    type=arguments.number(int, lambda v: v >= 2, "an integer >= 2"),
                    help="codebook size K")
@@ -613,7 +613,7 @@ def check_args(args):
     arguments.check_common_args(args, "vq_vae")
     if args.hidden % 2:
         raise UserError(f"--hidden must be even (the first layer has hidden/2 channels), "
-                              f"got {args.hidden}")
+                        f"got {args.hidden}")
     if args.prior_kernel % 2 == 0:
         raise UserError(f"--prior-kernel must be odd, got {args.prior_kernel}")
     if args.dataset == "celeba":

@@ -18,7 +18,7 @@ from training.errors import UserError
 # ---- progress --------------------------------------------------------------------------------
 def test_progress_off_a_terminal_is_a_few_plain_lines(capsys, monkeypatch):
     with progress.bar(total=4, desc="phase", unit="batch", what="8 images", announce=True,
-                        tty=False) as bar:
+                      tty=False) as bar:
         for _ in range(4):
             bar.update(1)
     assert capsys.readouterr().out.splitlines() == [
@@ -303,10 +303,11 @@ def test_typed_flags_are_recorded_in_one_parse_and_resume_honours_them():
 
     saved = {"args": vars(sv.parse_args(["--epochs", "30", "--lr", "1e-4"]))}
     resumed = checkpoints.resume_args(sv.parse_args(["--resume", "--epochs", "10"]), saved,
-                                sv.RESUME_FLAGS)
+                                      sv.RESUME_FLAGS)
     assert (resumed.epochs, resumed.lr) == (10, 1e-4)           # typed default wins, rest saved
 
     # a flag that shapes the model, typed at its default against a checkpoint that differs
     saved = {"args": vars(sv.parse_args(["--latent", "32"]))}
     with pytest.raises(UserError, match="--latent cannot change on --resume"):
-        checkpoints.resume_args(sv.parse_args(["--resume", "--latent", "10"]), saved, sv.RESUME_FLAGS)
+        checkpoints.resume_args(sv.parse_args(["--resume", "--latent", "10"]), saved,
+                                sv.RESUME_FLAGS)

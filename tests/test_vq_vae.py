@@ -509,7 +509,7 @@ def test_torchrun_training_keeps_weights_and_codebooks_identical_on_all_ranks(dd
     assert a["variance"] == b["variance"] == vq.data_variance(train.images, torch.device("cpu"))
     # rank 0's checkpoint holds the plain module's state, the same as every rank's
     saved = checkpoints.load(ddp_worker / ("run" if name == "fit" else "run-loss")
-                                  / "checkpoint.pt")
+                             / "checkpoint.pt")
     assert saved["step"] == 6 and saved["args"]["codebook"] == ("ema" if name == "fit" else "loss")
     for k in a["model"]:
         assert torch.equal(a["model"][k], saved["model"][k]), k

@@ -102,6 +102,16 @@ class Trained:
     images_per_s: float
 
 
+def summary(trained, run, bf16, why):
+    """What a run's metrics.json says about its training: steps, data, device, time,
+    throughput and the precision with the line that chose it."""
+    return {"steps": trained.step, "epochs": trained.epochs, "train_images": len(run.train),
+            "device": str(run.device), "world_size": distributed.DIST.world,
+            "train_time_s": trained.train_time, "images_per_s": trained.images_per_s,
+            "precision": {"bf16": bf16, "why": why.split(": ", 1)[1]},
+            "torch": torch.__version__}
+
+
 def train(model, opt, step_fn, batches, settings, state=None, evaluate=None, describe=None):
     """Train `model` with `opt` up to step `settings.steps`. Each script writes its step; this
     is the plumbing around it:
@@ -221,7 +231,8 @@ class RunningMean:
         if self.count == 0:
             return None
         sums = distributed.all_reduce_sum(self.sums.clone())          # the mean over ranks too
-        values, i, result = (sums / (self.count * distributed.DIST.world)).tolist(), 0, {"step": step}
+        means = sums / (self.count * distributed.DIST.world)
+        values, i, result = means.tolist(), 0, {"step": step}
         for k, n in self.shapes.items():
             result[k] = values[i] if n == 0 else values[i:i + n]
             i += max(n, 1)
@@ -240,13 +251,3 @@ def check_finite(terms, step, out):
             else "no checkpoint had been written yet"
         raise UserError(f"non-finite loss at step {step} ({named}); stopping. {last}; "
                         "try a lower --lr")
-
-
-def summary(trained, run, bf16, why):
-    """What a run's metrics.json says about its training: steps, data, device, time,
-    throughput and the precision with the line that chose it."""
-    return {"steps": trained.step, "epochs": trained.epochs, "train_images": len(run.train),
-            "device": str(run.device), "world_size": distributed.DIST.world,
-            "train_time_s": trained.train_time, "images_per_s": trained.images_per_s,
-            "precision": {"bf16": bf16, "why": why.split(": ", 1)[1]},
-            "torch": torch.__version__}
