@@ -712,8 +712,8 @@ def main(args):
     batches = utils.DeviceBatches(run.train.images, args.batch_size, run.device, args.seed,
                                   rank=dist.rank, world=dist.world)
     variance = training_variance(run, batches.images, f"{args.dataset} in {args.data_root}")
-    prior_epochs, prior_steps = sizes.prior_length(args.prior_epochs, args.prior_max_steps,
-                                                   args.epochs, args.max_steps)
+    prior_epochs = sizes.prior_length(args.prior_epochs, args.prior_max_steps, args.epochs,
+                                      args.max_steps)[0]
     if prior_epochs > 0 and len(run.train) // dist.world < args.prior_batch_size:
         raise UserError(f"{len(run.train)} code grids are fewer than one prior batch of "
                         f"{args.prior_batch_size}"
@@ -745,7 +745,7 @@ def main(args):
               f"perplexity {final['perplexity']:.1f}, codes used "
               f"{final['used_codes']}/{args.codes}; outputs in {run.out}")
     if prior_epochs > 0:
-        metrics["prior"] = train_prior(args, model, run, trained.step, prior_epochs, prior_steps)
+        metrics["prior"] = train_prior(args, model, run, trained.step)
         if dist.main:
             files.write_json(run.out / "metrics.json", {**metrics, "wall_time_s": timer()})
     distributed.cleanup()
@@ -790,12 +790,13 @@ def held_out_bits(prior, codes, labels, batch_size, device, bf16=False):
     return float(nll.read()[0]) / len(codes) / math.log(2)
 
 
-def train_prior(args, model, run, vq_step, epochs, max_steps):
-    """Fit the gated PixelCNN for `epochs` epochs (at most `max_steps` steps) to the training
-    set's code grids, score held-out bits per code, write samples.png. Resumes from prior.pt
-    with --resume. Under torchrun every rank encodes the grids and trains on its shard of each
-    epoch's order with DistributedDataParallel; rank 0 alone writes and samples. Returns the
-    prior's metrics; a stop by a signal raises console.Stopped once prior.pt is saved."""
+def train_prior(args, model, run, vq_step):
+    """Fit the gated PixelCNN to the training set's code grids, score held-out bits per code,
+    write samples.png. Resumes from prior.pt with --resume (its length then follows the flags
+    saved in prior.pt, or those typed). Under torchrun every rank encodes the grids and trains
+    on its shard of each epoch's order with DistributedDataParallel; rank 0 alone writes and
+    samples. Returns the prior's metrics; a stop by a signal raises console.Stopped once
+    prior.pt is saved."""
     dist, device, grid = distributed.DIST, run.device, (grid_size(run.train.image_size),) * 2
     state, args = resume_prior(args, model, run.out / "prior.pt", vq_step)
     labels, num_classes = class_labels(run.train) if args.prior_conditional else (None, 0)
@@ -803,6 +804,8 @@ def train_prior(args, model, run, vq_step, epochs, max_steps):
                                                        num_classes)
     prior = build_prior(config).to(device)
     opt = devices.adam(prior.parameters(), args.prior_lr, device)
+    epochs, max_steps = sizes.prior_length(args.prior_epochs, args.prior_max_steps, args.epochs,
+                                           args.max_steps)
     codes, labels, test_codes, test_labels = code_grids(
         model, run, labels, max_steps, args.prior_batch_size, args.batch_size)
     batches = utils.DeviceBatches(codes, args.prior_batch_size, device, args.seed,
