@@ -316,7 +316,8 @@ def build_model(args, channels, image_size):
                   args.sigma, getattr(args, "arch", "conv"))     # checkpoints before --arch
 
 
-LOGGED = ("loss", "recon", "kl", "kl_dims", "mi", "tc", "dim_kl")   # those the objective returns
+# the terms logged, of those the objective returns (mi, tc and dim_kl: TC only)
+LOGGED = ("loss", "recon", "kl", "kl_dims", "mi", "tc", "dim_kl")
 
 
 def mig_scores(model, data_root, seed, points, bf16):
@@ -343,14 +344,15 @@ def main(args):
         print("\n".join([why, *lines]))
     score = partial(sv.evaluate, model, run.test.images, run.device, args.seed, False,
                     run.test.binary, bf16=bf16)
-    mig = args.mig_points if args.dataset == "dsprites" else 0
+    mig_points = args.mig_points if args.dataset == "dsprites" else 0     # a MIG curve: dSprites
 
     trained = loop.train(
         model, opt, lambda fwd, x, step: sv.train_step(
             fwd, opt, x, partial(loss, log_sigma=model.log_sigma, step=step), bf16),
         batches.epoch, settings, run.state, evaluate=lambda last: {
             **sv.epoch_scores(score(), last),
-            **(mig_scores(model, args.data_root, args.seed, mig, bf16) if mig else {})})
+            **(mig_scores(model, args.data_root, args.seed, mig_points, bf16) if mig_points
+               else {})})
 
     final = sv.final_evaluation(score, len(run.test), trained.step * settings.batch,
                                 args.iw_samples, args.iw_images)

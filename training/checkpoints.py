@@ -140,7 +140,6 @@ def load_state(module, state_dict, what, path):
                               f"incompatible args): {first}") from None
 
 
-
 def restore_rng(state):
     """This rank's RNG state from a checkpoint (`rng_ranks` under torchrun, else `rng`)."""
     rngs = state.get("rng_ranks") or [state["rng"]]

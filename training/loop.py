@@ -29,8 +29,8 @@ def start_run(args, kind, flags, keys=checkpoints.RESUME_KEYS):
     it), prepare the run folder (rank 0), load and check the checkpoint that --resume names
     and take its settings into `args` in place (typed `flags` replace them), seed (the same
     initial weights on every rank), then load the training split and the held-out split sized
-    to the run (rank 0 first: it builds any data cache alone). A held-out size sized to the run
-    is written into `args.eval_limit`, so that the checkpoint keeps it."""
+    to the run (rank 0 first: it builds any data cache alone). The held-out size, when not
+    given, is written into `args.eval_limit`, so that the checkpoint keeps it."""
     device = distributed.setup(devices.get_device(args.device))
     main = distributed.DIST.main
     out = files.prepare_out(args.out, not args.resume, args.overwrite) if main else Path(args.out)
