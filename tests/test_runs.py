@@ -65,8 +65,8 @@ def test_held_out_and_iw_nll_sizes_follow_the_run():
     assert sizes.held_out_size(None, 3_000 * 64, 663_552) == 10_000        # a real run
     assert sizes.held_out_size(None, 72_000, 2_400) == 2_400               # one small epoch
     assert sizes.held_out_size(500, 640, 663_552) == 500                   # as typed
-    assert sizes.iw_size(None, 10_000, 600_000, 100) == 10_000                # 10 MNIST epochs
-    assert sizes.iw_size(None, 1_000, 1_280, 100) == 100                      # a 10-step run
+    assert sizes.iw_size(None, 10_000, 600_000, 100) == 10_000             # 10 MNIST epochs
+    assert sizes.iw_size(None, 1_000, 1_280, 100) == 100                   # a 10-step run
     assert sizes.iw_size(None, 1_000, 10_000, 100) == 300
     assert sizes.iw_size(50, 1_000, 1_280, 100) == 50 and sizes.iw_size(5_000, 64, 0, 4) == 64
 
