@@ -29,6 +29,7 @@ import standard_vae as sv
 import utils
 import vq_vae as vq
 from tests.faces import write_faces
+from training import arguments, console, devices, files, loop
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,7 +90,7 @@ class JpegFolder(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------------------------
 def vae_step(model, loss_fn, lr, device, amp, channels_last):
     """standard_vae.train_step (also beta_vae's) with `loss_fn(x, logits, mu, logvar, step)`."""
-    opt = utils.adam(model.parameters(), lr, device)
+    opt = devices.adam(model.parameters(), lr, device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
 
@@ -127,7 +128,7 @@ def setup_vq(device, amp=True, channels_last=False, size=64):
     model = vq.build_model(args, 3).to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    opt = utils.adam(model.parameters(), args.lr, device)
+    opt = devices.adam(model.parameters(), args.lr, device)
     variance = 0.06                  # a typical pixel variance; it only scales the loss
 
     def step(x, i):
@@ -174,7 +175,7 @@ def bench_ours(name, device, images, batch, steps, warmup, log_every=100):
     cuda = device.type == "cuda"
     step = MODELS[name](device, amp=device.type == "cuda", channels_last=cuda)    # as the scripts do on CUDA
     batches = utils.DeviceBatches(images, batch, device, seed=0, channels_last=cuda)
-    running = utils.RunningMean()
+    running = loop.RunningMean()
     state = {"i": 0, "it": iter(())}
 
     def run(n):
@@ -247,7 +248,7 @@ def main(args):
     if args.images < args.batch_size:
         raise utils.UserError(f"--images {args.images} is fewer than one batch of "
                               f"--batch-size {args.batch_size}")
-    device = utils.get_device(args.device)
+    device = devices.get_device(args.device)
     root = fixture_root(args.data_root)
     try:
         return run_benchmarks(args, device, root)
@@ -258,7 +259,7 @@ def main(args):
 
 def run_benchmarks(args, device, root):
     t = time.perf_counter()
-    with utils.building(root, f"the bench fixture in {root}"):
+    with files.building(root, f"the bench fixture in {root}"):
         folder = write_jpeg_fixture(root, args.images)
     fixture_s = time.perf_counter() - t
     fresh = not (folder / "celeba_cache_crop148_64px.npy").exists()
@@ -306,7 +307,7 @@ def run_benchmarks(args, device, root):
         result["extras_" + name] = extras
         print(json.dumps(extras, indent=1))
     if args.out:
-        utils.write_json(args.out, result)
+        files.write_json(args.out, result)
         print(f"wrote {args.out}")
     return result
 
@@ -322,17 +323,17 @@ def model_list(text):
 
 
 def parse_args(argv=None):
-    p = utils.ArgumentParser(__doc__.split("\n\n")[0])
+    p = arguments.ArgumentParser(__doc__.split("\n\n")[0])
     p.add_argument("--models", type=model_list, default=list(MODELS),
                    help=f"comma list of {', '.join(MODELS)}")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    p.add_argument("--batch-size", type=utils.positive_int, default=64)
-    p.add_argument("--images", type=utils.positive_int, default=2048,
+    p.add_argument("--batch-size", type=arguments.positive_int, default=64)
+    p.add_argument("--images", type=arguments.positive_int, default=2048,
                    help="JPEGs in the fixture")
-    p.add_argument("--steps", type=utils.positive_int, default=40,
+    p.add_argument("--steps", type=arguments.positive_int, default=40,
                    help="timed steps per measurement")
-    p.add_argument("--warmup", type=utils.nonneg_int, default=5, help="untimed steps first")
-    p.add_argument("--workers", type=utils.nonneg_int, default=2,
+    p.add_argument("--warmup", type=arguments.nonneg_int, default=5, help="untimed steps first")
+    p.add_argument("--workers", type=arguments.nonneg_int, default=2,
                    help="DataLoader workers of the baseline")
     p.add_argument("--data-root", default=None,
                    help="a new folder that bench.py creates to keep the JPEG fixture and cache "
@@ -345,4 +346,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    utils.run_command(main, parse_args)
+    console.run_command(main, parse_args)

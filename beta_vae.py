@@ -21,11 +21,14 @@ al.: four 4x4 stride-2 convolutions of 32 channels, FC 256, FC 256, 2 x latent o
     python beta_vae.py --dataset dsprites --latent 10 --epochs 30
 """
 import math
+from functools import partial
 
 import torch
 
 import standard_vae as sv
 import utils
+from training import arguments, console, distributed, files, loop, sizes
+from training.errors import UserError
 
 # Published settings (Burgess et al. 2018, REFERENCE.md): C_max per dataset, in nats, raised
 # over 100,000 steps; beta = 4 for objective H (Higgins et al. 2017) and 6 for TC (Chen et al.).
@@ -43,10 +46,6 @@ DEFAULT_OBJECTIVE = {"celeba": ("H", 1.0)}
 # command) and 95% after 4,440 (README, "Attribute arithmetic on synthetic faces"), with
 # objective H, CelebA's default. Shorter runs of it say so at their start.
 ATTRIBUTE_STEPS = 4_000
-# Shorter runs, where --c-steps / --beta-warmup are not given: C reaches C_max after this share
-# of the run (at most the published 100,000 steps), and beta warms up over this share.
-C_SHARE = 0.5
-WARMUP_SHARE = 0.1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,8 +74,8 @@ def resolve_schedule(args, total_steps):
     if args.objective == "B":
         how = "--c-steps"
         if args.c_steps is None:
-            args.c_steps = max(1, min(PUBLISHED_C_STEPS, round(C_SHARE * total_steps)))
-            how = (f"{C_SHARE:.0%} of the run's {total_steps:,} steps, at most "
+            args.c_steps = sizes.capacity_steps(total_steps, PUBLISHED_C_STEPS)
+            how = (f"{sizes.C_SHARE:.0%} of the run's {total_steps:,} steps, at most "
                    f"{PUBLISHED_C_STEPS:,}; --c-steps sets it")
         lines.append(f"schedule: C rises linearly from 0 to {args.c_max:g} nats over "
                      f"{args.c_steps:,} steps ({how}), gamma {args.gamma:g}")
@@ -88,8 +87,9 @@ def resolve_schedule(args, total_steps):
     else:
         how = "--beta-warmup"
         if args.beta_warmup is None:
-            args.beta_warmup = round(WARMUP_SHARE * total_steps)
-            how = f"{WARMUP_SHARE:.0%} of the run's {total_steps:,} steps; --beta-warmup sets it"
+            args.beta_warmup = sizes.warmup_steps(total_steps)
+            how = (f"{sizes.WARMUP_SHARE:.0%} of the run's {total_steps:,} steps; "
+                   "--beta-warmup sets it")
         weighted = "KL" if args.objective == "H" else "total correlation"
         lines.append(f"schedule: beta on the {weighted} rises linearly from 0 to {args.beta:g} "
                      f"over {args.beta_warmup:,} steps ({how})")
@@ -257,30 +257,31 @@ def plot_kl_per_dim(log, path, args, informative=0.5, ax=None):
 # Training
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = utils.ArgumentParser(__doc__.split("\n\n")[0])
-    utils.add_common_args(p, latent=10, lr=5e-4, batch_size=64, epochs=30, dataset="celeba")
+    p = arguments.ArgumentParser(__doc__.split("\n\n")[0])
+    arguments.add_common_args(p, latent=10, lr=5e-4, batch_size=64, epochs=30, dataset="celeba")
     p.add_argument("--objective", default=None, choices=("H", "B", "TC"),
                    help="H: recon + beta*KL (Higgins); B: recon + gamma*|KL - C| (Burgess); "
                         "TC: recon + MI + beta*TC + dimension-wise KL (Chen, beta-TCVAE) "
                         "(default: H with beta 1 on celeba, for attribute vectors; else B)")
-    p.add_argument("--beta", type=utils.nonneg_float, default=None,
+    p.add_argument("--beta", type=arguments.nonneg_float, default=None,
                    help="beta of objective H (default 4; 1 when celeba defaults to H) or TC "
                         "(default 6)")
-    p.add_argument("--beta-warmup", type=utils.nonneg_int, default=None,
+    p.add_argument("--beta-warmup", type=arguments.nonneg_int, default=None,
                    help="steps of linear beta warm-up from 0, objectives H and TC (default: "
-                        f"{WARMUP_SHARE:.0%}% of the run; 0 = none)")
+                        f"{sizes.WARMUP_SHARE:.0%}% of the run; 0 = none)")
     p.add_argument("--tc-estimator", default="mss", choices=("mss", "mws"),
                    help="objective TC: estimate q(z) on the minibatch by stratified (mss) or "
                         "minibatch-weighted (mws) sampling")
-    p.add_argument("--gamma", type=utils.nonneg_float, default=1000.0, help="gamma of objective B")
-    p.add_argument("--c-max", type=utils.nonneg_float, default=None,
+    p.add_argument("--gamma", type=arguments.nonneg_float, default=1000.0,
+                   help="gamma of objective B")
+    p.add_argument("--c-max", type=arguments.nonneg_float, default=None,
                    help="final capacity in nats (default: 25 on dsprites, 50 on celeba, "
                         "else 25)")
-    p.add_argument("--c-steps", type=utils.nonneg_int, default=None,
+    p.add_argument("--c-steps", type=arguments.nonneg_int, default=None,
                    help="steps over which C rises linearly from 0 to --c-max (default: "
-                        f"{C_SHARE:.0%}% of the run, at most the published "
+                        f"{sizes.C_SHARE:.0%}% of the run, at most the published "
                         f"{PUBLISHED_C_STEPS:,})")
-    p.add_argument("--mig-points", type=utils.nonneg_int, default=None,
+    p.add_argument("--mig-points", type=arguments.nonneg_int, default=None,
                    help="dsprites: MIG on this many images at every held-out evaluation, "
                         "a curve of disentanglement in history.json (default: 10,000, or the "
                         "images the run trains on if fewer, at least 1,000; 0 = off)")
@@ -289,7 +290,7 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    utils.check_common_args(args, "beta_vae")
+    arguments.check_common_args(args, "beta_vae")
     sv.check_vae_args(args)
     if args.c_max is None:
         args.c_max = C_MAX.get(args.dataset, 25.0)
@@ -301,10 +302,10 @@ def check_args(args):
         args.beta = BETA.get(args.objective, BETA["H"])
     if args.mig_points is None:           # sized to the run, as the held-out set is
         train = min(args.limit or math.inf, len(utils.dsprites_split("train")))
-        args.mig_points = 0 if args.dataset != "dsprites" else \
-            utils.held_out_size(None, *utils.run_images(args, train))
+        args.mig_points = 0 if args.dataset != "dsprites" else sizes.mig_points(
+            *sizes.run_images(args.batch_size, args.epochs, args.max_steps, train))
     if args.objective == "TC" and args.batch_size < 2:
-        raise utils.UserError("--objective TC estimates q(z) on the batch: --batch-size >= 2")
+        raise UserError("--objective TC estimates q(z) on the batch: --batch-size >= 2")
     return args
 
 
@@ -315,42 +316,62 @@ def build_model(args, channels, image_size):
                   args.sigma, getattr(args, "arch", "conv"))     # checkpoints before --arch
 
 
+# the terms logged, of those the objective returns (mi, tc and dim_kl: TC only)
+LOGGED = ("loss", "recon", "kl", "kl_dims", "mi", "tc", "dim_kl")
+
+
+def mig_scores(model, data_root, seed, points, bf16):
+    """MIG on `points` dSprites images: a curve of disentanglement in the history."""
+    import beta_vae_analyze               # here: the analysis script imports this one
+    device = next(model.parameters()).device
+    return beta_vae_analyze.mig_only(model, data_root, device, seed, points, bf16)
+
+
 def main(args):
-    timer = utils.Timer()
+    timer = console.Timer()
     args = check_args(args)
+    run = loop.start_run(args, "beta_vae", sv.RESUME_FLAGS)
+    model, opt, batches = sv.setup(build_model(args, run.train.channels, run.train.image_size),
+                                   run.device, run.train, args.lr, args.batch_size, args.seed)
+    settings = loop.Settings.from_args(args, "beta_vae", run, len(batches), logged=LOGGED,
+                                       shown=sv.SHOWN)
+    lines = resolve_schedule(args, settings.steps)          # fills in --c-steps / --beta-warmup
+    loss = partial(beta_vae_loss, **{k: getattr(args, k) for k in LOSS_FLAGS},
+                   data_size=len(run.train))
+    bf16, why = sv.probe_precision(args.precision, model, batches, args.lr, loss)
+    args.precision = "bf16" if bf16 else "fp32"    # kept in the checkpoint: --resume goes on in it
+    if distributed.DIST.main:
+        print("\n".join([why, *lines]))
+    score = partial(sv.evaluate, model, run.test.images, run.device, args.seed, False,
+                    run.test.binary, bf16=bf16)
+    mig_points = args.mig_points if args.dataset == "dsprites" else 0     # a MIG curve: dSprites
 
-    def loss_fn(x, logits, mu, logvar, step, model, data_size):
-        return beta_vae_loss(x, logits, mu, logvar, step, **{k: getattr(args, k) for k in
-                                                             LOSS_FLAGS},
-                             log_sigma=model.log_sigma, data_size=data_size)
+    trained = loop.train(
+        model, opt, lambda fwd, x, step: sv.train_step(
+            fwd, opt, x, partial(loss, log_sigma=model.log_sigma, step=step), bf16),
+        batches.epoch, settings, run.state, evaluate=lambda last: {
+            **sv.epoch_scores(score(), last),
+            **(mig_scores(model, args.data_root, args.seed, mig_points, bf16) if mig_points
+               else {})})
 
-    # the objective may come from the checkpoint on --resume: log whichever terms it returns
-    keys = ("loss", "recon", "kl", "kl_dims", "mi", "tc", "dim_kl")
-    def mig_curve(model, bf16):          # disentanglement at every held-out evaluation
-        import beta_vae_analyze           # here: the analysis script imports this one
-        device = next(model.parameters()).device
-        return beta_vae_analyze.mig_only(model, args.data_root, device, args.seed,
-                                         args.mig_points, bf16)
-
-    run = sv.fit(args, "beta_vae", build_model, loss_fn, keys,
-                 lambda total_steps: resolve_schedule(args, total_steps),
-                 mig_curve if args.mig_points and args.dataset == "dsprites" else None)
-    args, model, out, test = run.args, run.model, run.out, run.test
-    final = sv.final_evaluation(run, args)
-    c = capacity(run.step, args.c_max, args.c_steps) if args.objective == "B" else None
+    final = sv.final_evaluation(score, len(run.test), trained.step * settings.batch,
+                                args.iw_samples, args.iw_images)
+    c = capacity(trained.step, args.c_max, args.c_steps) if args.objective == "B" else None
     metrics = None
-    if run.dist.main:
-        sv.save_images(model, test.images, out, run.device, args.seed)
-        sv.plot_history(run.log, run.history, out)
-        plot_kl_per_dim(run.log, out / "kl_per_dim.png", args)
-        order = save_traversal(model, test.images, final["kl_per_dim"], out / "traversal.png")
-        metrics = sv.run_metrics(run, final, timer, capacity=c, latents_by_kl=order)
-        utils.write_json(out / "metrics.json", metrics)
+    if distributed.DIST.main:
+        sv.save_images(model, run.test.images, run.out, run.device, args.seed)
+        sv.plot_history(trained.log, trained.history, run.out)
+        plot_kl_per_dim(trained.log, run.out / "kl_per_dim.png", args)
+        order = save_traversal(model, run.test.images, final["kl_per_dim"],
+                               run.out / "traversal.png")
+        metrics = {"test": final, **loop.summary(trained, run, bf16, why), "capacity": c,
+                   "latents_by_kl": order, "wall_time_s": timer(), "args": vars(args)}
+        files.write_json(run.out / "metrics.json", metrics)
         print(f"held-out -ELBO {final['neg_elbo']:.2f} nats, KL {final['kl']:.2f}; active "
-              f"units {final['active_units']}/{args.latent}; outputs in {out}")
-    utils.cleanup_distributed()
+              f"units {final['active_units']}/{args.latent}; outputs in {run.out}")
+    distributed.cleanup()
     return metrics
 
 
 if __name__ == "__main__":
-    utils.run_command(main, parse_args)
+    console.run_command(main, parse_args)

@@ -30,6 +30,8 @@ import torch
 
 import beta_vae
 import utils
+from training import arguments, checkpoints, console, devices, files, progress
+from training.errors import CheckpointError, UserError
 
 # dSprites factors scored by the protocol (colour has a single value and is left out)
 DSPRITES_SCORED = (1, 2, 3, 4, 5)
@@ -150,7 +152,7 @@ def parse_label_value(data, name, value):
     except ValueError:
         hint = f"one of {', '.join(names)} or a class number 0 to {count - 1}" if names else \
             f"a class number 0 to {count - 1}"
-        raise utils.UserError(f"bad value {value!r} for {name}: {name} takes {hint}") from None
+        raise UserError(f"bad value {value!r} for {name}: {name} takes {hint}") from None
 
 
 def select(data, spec):
@@ -160,8 +162,8 @@ def select(data, spec):
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, sep, value = part.partition("=")
         if name not in names or not sep:
-            raise utils.UserError(f"bad condition {part!r}: use Name=value with Name one of "
-                                  f"{', '.join(names)}")
+            raise UserError(f"bad condition {part!r}: use Name=value with Name one of "
+                            f"{', '.join(names)}")
         mask &= labels[:, names.index(name)] == parse_label_value(data, name, value)
     return mask
 
@@ -175,8 +177,8 @@ def attribute_groups(data, attribute, condition=""):
     labels, names = label_table(data)
     name, sep, value = attribute.partition("=")
     if name not in names:
-        raise utils.UserError(f"unknown attribute {name!r} for {data.name}; valid: "
-                              f"{', '.join(names)}")
+        raise UserError(f"unknown attribute {name!r} for {data.name}; valid: "
+                        f"{', '.join(names)}")
     column = labels[:, names.index(name)].long()
     if sep:
         positive = column == parse_label_value(data, name, value)
@@ -187,25 +189,25 @@ def attribute_groups(data, attribute, condition=""):
         middle = (utils.DSPRITES_SIZES[names.index(name)] - 1) / 2
         positive, negative = column > middle, column < middle
     else:
-        raise utils.UserError(f"{name} needs a value, e.g. {name}="
-                              f"{(data.value_names.get(name) or [1])[-1]}")
+        raise UserError(f"{name} needs a value, e.g. {name}="
+                        f"{(data.value_names.get(name) or [1])[-1]}")
     keep = select(data, condition)
     return positive & keep, negative & keep
 
 
 @torch.no_grad()
 def posterior_means(model, images, device, batch=500, desc="encoding"):
-    batches = utils.Progress(utils.iterate(images, batch, device), desc=desc, unit="batch",
-                             total=math.ceil(len(images) / batch))
+    batches = progress.bar(utils.iterate(images, batch, device), desc=desc, unit="batch",
+                           total=math.ceil(len(images) / batch))
     return torch.cat([model.encoder(x)[0].cpu() for x in batches])
 
 
 def attribute_vector(mu, positive, negative):
     """mean mu(x | attribute) - mean mu(x | no attribute), over the given images."""
     if positive.sum() == 0 or negative.sum() == 0:
-        raise utils.UserError(f"need images with and without the attribute; found "
-                              f"{int(positive.sum())} with and {int(negative.sum())} without "
-                              "(raise --n-images or loosen --condition)")
+        raise UserError(f"need images with and without the attribute; found "
+                        f"{int(positive.sum())} with and {int(negative.sum())} without "
+                        "(raise --n-images or loosen --condition)")
     return mu[positive].mean(0) - mu[negative].mean(0)
 
 
@@ -214,15 +216,15 @@ def parse_strengths(text):
     try:
         if ":" in text:
             start, stop, count = text.split(":")
-            strengths = torch.linspace(float(start), float(stop), utils.positive_int(count))
+            strengths = torch.linspace(float(start), float(stop), arguments.positive_int(count))
         else:
             strengths = torch.tensor([float(v) for v in text.split(",")])
         if not strengths.isfinite().all():
             raise ValueError
         return strengths
     except (ValueError, argparse.ArgumentTypeError):
-        raise utils.UserError(f"bad --strengths {text!r}: use start:stop:count or a comma "
-                              "list") from None
+        raise UserError(f"bad --strengths {text!r}: use start:stop:count or a comma "
+                        "list") from None
 
 
 @torch.no_grad()
@@ -249,8 +251,8 @@ def pick_images(args, train_args, root, data_test, negative_test):
         except (ValueError, IndexError):
             within = "the whole test split" if len(data_test) < args.n_images else \
                 f"the first --n-images {args.n_images} test images (raise it to reach further)"
-            raise utils.UserError(f"--images takes indices 0 to {len(data_test) - 1} into "
-                                  f"{within} for {train_args.dataset}") from None
+            raise UserError(f"--images takes indices 0 to {len(data_test) - 1} into "
+                            f"{within} for {train_args.dataset}") from None
     found = {}
     for split in ("test", "valid", "train"):
         data = data_test if split == "test" else utils.load_dataset(
@@ -261,7 +263,7 @@ def pick_images(args, train_args, root, data_test, negative_test):
             break
     missing = [w for w in wanted if w not in found]
     if missing:
-        raise utils.UserError(f"--images not found in CelebA: {', '.join(missing)}")
+        raise UserError(f"--images not found in CelebA: {', '.join(missing)}")
     return torch.stack([found[w] for w in wanted]), wanted
 
 
@@ -328,7 +330,7 @@ def attribute_analysis(model, train_args, root, args, device, out):
     size, crop = getattr(train_args, "image_size", 64), getattr(train_args, "crop", 148)
     train = utils.load_dataset(train_args.dataset, root, "train", args.n_images, size, crop)
     if train.labels is None:
-        raise utils.UserError(f"{train_args.dataset} has no labels to take attributes from")
+        raise UserError(f"{train_args.dataset} has no labels to take attributes from")
     positive, negative = attribute_groups(train, args.attribute, args.condition)
     mu = posterior_means(model, train.images, device, desc="encoding the labelled images")
     vector = attribute_vector(mu, positive, negative)
@@ -347,10 +349,10 @@ def attribute_analysis(model, train_args, root, args, device, out):
     record = {"vector": vector, "attribute": args.attribute, "condition": args.condition,
               "strengths": strengths, "n_positive": int(positive.sum()),
               "n_negative": int(negative.sum()), "images": names}
-    utils.atomic_write(out / f"attribute_{tag}.pt", lambda f: torch.save(record, f))
+    files.atomic_write(out / f"attribute_{tag}.pt", lambda f: torch.save(record, f))
     verdict = (effect_verdict(args.attribute, effect) if effect else
                "no held-out images with and without it: effect not measured")
-    utils.write_json(out / f"attribute_{tag}.json", {
+    files.write_json(out / f"attribute_{tag}.json", {
         "attribute": args.attribute, "condition": args.condition,
         "train_with": record["n_positive"], "train_without": record["n_negative"],
         "vector_norm": float(vector.norm()), "effect": effect, "verdict": verdict,
@@ -368,9 +370,9 @@ def attribute_analysis(model, train_args, root, args, device, out):
 # ----------------------------------------------------------------------------------------------
 def load_model(path, device):
     """Rebuild a beta-VAE (or Standard VAE) from its checkpoint's stored args."""
-    state = utils.load_checkpoint(path, map_location=device)
+    state = checkpoints.load(path, map_location=device)
     if state.get("kind") not in ("beta_vae", "standard_vae"):
-        utils.check_checkpoint_kind(state, path, "beta_vae")
+        checkpoints.check_kind(state, path, "beta_vae")
     args = argparse.Namespace(**state["args"])
     data = state.get("data")
     try:
@@ -379,17 +381,17 @@ def load_model(path, device):
         else:
             import standard_vae
             model = standard_vae.build_model(args, data["channels"], data["image_size"])
-    except utils.UserError:               # a ValueError too, but already one clear line
+    except UserError:               # a ValueError too, but already one clear line
         raise
     except (TypeError, KeyError, ValueError, AttributeError) as e:
-        raise utils.CheckpointError(f"{path} lacks or garbles what rebuilds its model (args or "
-                                    f"data: {type(e).__name__} {str(e)[:100]}); use a checkpoint "
-                                    "written by beta_vae.py or standard_vae.py") from None
+        raise CheckpointError(f"{path} lacks or garbles what rebuilds its model (args or "
+                              f"data: {type(e).__name__} {str(e)[:100]}); use a checkpoint "
+                              "written by beta_vae.py or standard_vae.py") from None
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
-        raise utils.CheckpointError(f"{path} does not fit the model its args describe: "
-                                    f"{str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"{path} does not fit the model its args describe: "
+                              f"{str(e).splitlines()[0]}") from None
     return model.to(device).eval(), args, state
 
 
@@ -410,12 +412,12 @@ def dsprites_encoder(model, root, device, chunk=4096, bf16=False):
         classes[:, list(DSPRITES_SCORED)] = factors
         index = classes @ np.array(utils.DSPRITES_STRIDES)
         todo = np.unique(index[~done[index]])
-        bar = utils.Progress(total=len(todo), desc=f"encoding dSprites for {represent.phase}",
-                             unit="image", announce=True) if len(todo) > chunk else None
+        bar = progress.bar(total=len(todo), desc=f"encoding dSprites for {represent.phase}",
+                           unit="image", announce=True) if len(todo) > chunk else None
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]
             x = utils.dsprites_images(root, torch.from_numpy(part))
-            with utils.autocast(device, bf16):
+            with devices.autocast(device, bf16):
                 mu = model.encoder(x.to(device).float() / 255)[0].float().cpu().numpy()
             if table is None:
                 table = np.zeros((DSPRITES_GRID, mu.shape[1]), np.float32)
@@ -455,8 +457,8 @@ def mig_only(model, data_root, device, seed, n_points=10_000, bf16=False):
 def compute_metrics(model, args, data_root, device, seed, n_points=10_000, n_train=10_000,
                     n_eval=5_000):
     if args.dataset != "dsprites":
-        raise utils.UserError(f"--metrics needs a model trained on dsprites (the ground-truth "
-                              f"factors); this one was trained on {args.dataset}")
+        raise UserError(f"--metrics needs a model trained on dsprites (the ground-truth "
+                        f"factors); this one was trained on {args.dataset}")
     rng = np.random.default_rng(seed)
     represent = dsprites_encoder(model, data_root, device)
     print(f"disentanglement metrics: MIG on {n_points:,} images, FactorVAE on {n_points:,} "
@@ -509,8 +511,8 @@ def latent_kl(paths, args, device, out, informative=0.5):
     for path in paths:
         model, train_args, state = load_model(path, device)
         if state["kind"] != "beta_vae":
-            raise utils.UserError(f"--latent-kl needs beta_vae.py checkpoints; {path} is "
-                                  f"{state['kind']}")
+            raise UserError(f"--latent-kl needs beta_vae.py checkpoints; {path} is "
+                            f"{state['kind']}")
         root = args.data_root or train_args.data_root
         _, held_out = evaluate_held_out(model, train_args, root, device)
         runs.append((path, train_args, state, held_out))
@@ -537,7 +539,7 @@ def latent_kl(paths, args, device, out, informative=0.5):
     for ax in axes[1]:                               # one KL scale for every run
         ax.set_ylim(0, max(top * 1.05, 1e-3))
     utils.save_figure(fig, out / "latent_kl.png")
-    utils.write_json(out / "latent_kl.json",
+    files.write_json(out / "latent_kl.json",
                      {"threshold_nats": informative, "runs": summary})
     for r in summary:
         print(f"latent {r['latent']}: {r['latents_above_threshold']} latents > {informative} "
@@ -563,15 +565,15 @@ def run_record(folder):
     try:
         history = json.loads((folder / "history.json").read_text())
     except (OSError, ValueError) as e:
-        raise utils.UserError(f"{folder} has no readable history.json ({e}); --curves takes "
+        raise UserError(f"{folder} has no readable history.json ({e}); --curves takes "
                               "beta_vae.py run folders") from None
     metrics = {}
     if (folder / "metrics.json").is_file():
         metrics = json.loads((folder / "metrics.json").read_text())
         args = metrics["args"]
     else:                                   # a run still training, or stopped: its checkpoint
-        state = utils.load_checkpoint(folder / "checkpoint.pt")
-        utils.check_checkpoint_kind(state, folder / "checkpoint.pt", "beta_vae")
+        state = checkpoints.load(folder / "checkpoint.pt")
+        checkpoints.check_kind(state, folder / "checkpoint.pt", "beta_vae")
         args = state["args"]
     return argparse.Namespace(**args), history, metrics
 
@@ -585,8 +587,8 @@ def mig_curves(folders, out):
         args, history, metrics = run_record(folder)
         points = [h for h in history if "mig" in h]
         if not points:
-            raise utils.UserError(f"{folder}'s history.json holds no MIG: train on dsprites "
-                                  "with --mig-points > 0")
+            raise UserError(f"{folder}'s history.json holds no MIG: train on dsprites "
+                            "with --mig-points > 0")
         per_step = args.batch_size * metrics.get("world_size", 1)
         speed = metrics.get("images_per_s")
         label = recipe(args) + (f", {speed:,.0f} img/s" if speed else "")
@@ -600,7 +602,7 @@ def mig_curves(folders, out):
     utils.plot_curves(curves, out / "mig_curves.png", xlabel="training images seen (millions)",
                       title="MIG during training (dSprites, posterior means)",
                       legend="upper left")
-    utils.write_json(out / "mig_curves.json", {"runs": summary})
+    files.write_json(out / "mig_curves.json", {"runs": summary})
     for r in summary:
         print(f"{r['recipe']}: MIG {r['mig'][-1]:.3f} after {r['images_seen'][-1]:,} images "
               f"(best {max(r['mig']):.3f})")
@@ -612,7 +614,7 @@ def mig_curves(folders, out):
 # Command line
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = utils.ArgumentParser(__doc__.split("\n\n")[0])
+    p = arguments.ArgumentParser(__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=None,
                    help="a beta_vae.py checkpoint.pt (needed by every analysis but --curves)")
     p.add_argument("--curves", nargs="+", default=None, metavar="RUN",
@@ -626,12 +628,12 @@ def parse_args(argv=None):
                         "(scale, shape=heart) or digit=3 on MNIST -> attribute_<name>.png")
     p.add_argument("--condition", default="",
                    help="restrict both groups, e.g. 'Male=0' for smiling women minus women")
-    p.add_argument("--n-images", type=utils.positive_int, default=5000,
+    p.add_argument("--n-images", type=arguments.positive_int, default=5000,
                    help="labelled training images the vector is averaged over")
     p.add_argument("--images", default=None,
                    help="images to edit: CelebA file names (000008.jpg,...) or test indices "
                         "(default: the first --n-show test images without the attribute)")
-    p.add_argument("--n-show", type=utils.positive_int, default=6,
+    p.add_argument("--n-show", type=arguments.positive_int, default=6,
                    help="images to edit when not named")
     p.add_argument("--strengths", default="0:1.5:10",
                    help="alphas: start:stop:count or a comma list; for negatives write --strengths=-1:1.5:11")
@@ -640,7 +642,7 @@ def parse_args(argv=None):
                         "--metrics, or from an earlier --metrics run of this checkpoint)")
     p.add_argument("--gif", action="store_true",
                    help="with --traverse: also traversal.gif, one frame per traversal step")
-    p.add_argument("--steps", type=utils.number(int, lambda v: v >= 2, "an integer >= 2"),
+    p.add_argument("--steps", type=arguments.number(int, lambda v: v >= 2, "an integer >= 2"),
                    default=7, help="traversal steps over [-span, span] (PNG columns, GIF frames)")
     p.add_argument("--latent-kl", nargs="*", default=None, metavar="OTHER",
                    help="how many latents carry information: KL per latent during training and "
@@ -648,22 +650,22 @@ def parse_args(argv=None):
                         "each OTHER beta_vae.py checkpoint (e.g. a --latent 32 run)")
     p.add_argument("--metrics", action="store_true",
                    help="MIG and FactorVAE score on dsprites -> disentanglement.json")
-    p.add_argument("--points", type=utils.number(int, lambda v: v >= 2, "an integer >= 2"),
+    p.add_argument("--points", type=arguments.number(int, lambda v: v >= 2, "an integer >= 2"),
                    default=10_000,
                    help="points for MIG and the global variances")
-    p.add_argument("--train-votes", type=utils.positive_int, default=10_000,
+    p.add_argument("--train-votes", type=arguments.positive_int, default=10_000,
                    help="FactorVAE training votes")
-    p.add_argument("--eval-votes", type=utils.positive_int, default=5_000,
+    p.add_argument("--eval-votes", type=arguments.positive_int, default=5_000,
                    help="FactorVAE evaluation votes")
-    p.add_argument("--seeds", type=utils.positive_int, default=3,
+    p.add_argument("--seeds", type=arguments.positive_int, default=3,
                    help="seed images of the traversal")
-    p.add_argument("--span", type=utils.positive_float, default=3.0,
+    p.add_argument("--span", type=arguments.positive_float, default=3.0,
                    help="traverse each latent over +-span")
-    p.add_argument("--rows", type=utils.nonneg_int, default=0,
+    p.add_argument("--rows", type=arguments.nonneg_int, default=0,
                    help="traversal rows: the latents with the most KL (0 = every latent)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    p.add_argument("--seed", type=utils.nonneg_int, default=0, help="random seed of the metrics")
-    p.add_argument("--precision", default="auto", choices=utils.PRECISIONS,
+    p.add_argument("--seed", type=arguments.nonneg_int, default=0, help="random seed of the metrics")
+    p.add_argument("--precision", default="auto", choices=devices.PRECISIONS,
                    help="the networks in bf16 autocast or fp32 (sums and metrics are fp32); "
                         "auto: bf16 where the device runs it natively and a probe finds it "
                         "faster")
@@ -684,28 +686,28 @@ def earlier_metrics(path, checkpoint, step):
 
 def main(args):
     if args.gif and not args.traverse:
-        raise utils.UserError("--gif animates the traversal: pass it with --traverse")
+        raise UserError("--gif animates the traversal: pass it with --traverse")
     analyses = args.traverse or args.metrics or args.attribute or args.latent_kl is not None
     if not (analyses or args.curves):
-        raise utils.UserError("nothing to do: pass --attribute NAME, --traverse, --latent-kl, "
-                              "--metrics and/or --curves")
+        raise UserError("nothing to do: pass --attribute NAME, --traverse, --latent-kl, "
+                        "--metrics and/or --curves")
     if args.curves:
-        summary = mig_curves(args.curves, utils.prepare_out(args.out or "."))
+        summary = mig_curves(args.curves, files.prepare_out(args.out or "."))
         if not analyses:
             return summary
     if args.checkpoint is None:
-        raise utils.UserError("--checkpoint is needed by --attribute, --traverse, --latent-kl "
-                              "and --metrics")
+        raise UserError("--checkpoint is needed by --attribute, --traverse, --latent-kl and "
+                        "--metrics")
     if args.attribute:
         parse_strengths(args.strengths)           # a bad --strengths is refused before any work
-    device = utils.get_device(args.device)
+    device = devices.get_device(args.device)
     path = Path(args.checkpoint)
     model, train_args, state = load_model(path, device)
     root = args.data_root or train_args.data_root
-    out = utils.prepare_out(args.out or path.parent)
+    out = files.prepare_out(args.out or path.parent)
     bf16, why = inference_precision(args.precision, model, state["data"], device)
     print(why)
-    with utils.autocast(device, bf16):      # every encoder and decoder pass of the analysis
+    with devices.autocast(device, bf16):      # every encoder and decoder pass of the analysis
         return analyse(args, model, train_args, state, path, root, out, device,
                        why.split(": ", 1)[1])
 
@@ -717,9 +719,9 @@ def inference_precision(requested, model, data, device, batch=500):
 
     @torch.no_grad()
     def infer(m, opt, bf16):
-        with utils.autocast(device, bf16):
+        with devices.autocast(device, bf16):
             m.decoder(m.encoder(x)[0])
-    return utils.choose_precision(requested, device, model, 0.0, infer)
+    return devices.choose_precision(requested, device, model, 0.0, infer)
 
 
 def analyse(args, model, train_args, state, path, root, out, device, precision):
@@ -731,7 +733,7 @@ def analyse(args, model, train_args, state, path, root, out, device, precision):
         results = compute_metrics(model, train_args, root, device, args.seed, args.points,
                                   args.train_votes, args.eval_votes)
         results.update(checkpoint=str(path), step=state["step"], precision=precision)
-        utils.write_json(out / "disentanglement.json", results)
+        files.write_json(out / "disentanglement.json", results)
         print(f"MIG {results['mig']:.3f}, FactorVAE score {results['factor_vae']:.3f} "
               f"-> {out / 'disentanglement.json'}")
     if args.traverse:       # rows named by the factors they encode when the metrics are known
@@ -751,4 +753,4 @@ def analyse(args, model, train_args, state, path, root, out, device, precision):
 
 
 if __name__ == "__main__":
-    utils.run_command(main, parse_args)
+    console.run_command(main, parse_args)

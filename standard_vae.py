@@ -12,6 +12,7 @@ with the importance-weighted bound of Burda et al. 2016, which tightens towards 
 """
 import argparse
 import math
+from functools import partial
 
 import numpy as np
 import torch
@@ -19,6 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import utils
+from training import arguments, console, devices, distributed, files, loop, progress, sizes
+from training.errors import UserError
 
 LOG_2PI = math.log(2 * math.pi)
 ARCHS = ("conv", "mlp")
@@ -34,8 +37,8 @@ def feature_size(image_size):
     while size % 2 == 0 and size > 7:
         size //= 2
     if size > 7 or image_size // size < 4:
-        raise utils.UserError(f"unsupported image size {image_size}: use 28, 32 or 64 "
-                              "(any size that halves at least twice down to 7 or less)")
+        raise UserError(f"unsupported image size {image_size}: use 28, 32 or 64 "
+                        "(any size that halves at least twice down to 7 or less)")
     return size
 
 
@@ -251,22 +254,22 @@ def evaluate(model, images, device, seed=0, binarize=False, binary=False, iw_sam
     the data are `binary` (exactly 0 or 255). The networks run in bf16 autocast with `bf16`;
     the bounds are computed in fp32.
 
-    Sums stay on the device in compensated float32 (utils.Sums: no float64, which MPS lacks)
-    and are read once at the end; under torchrun each rank scores its shard and the sums are
-    added over ranks.
+    Sums stay on the device in compensated float32 (distributed.Sums: no float64, which MPS
+    lacks) and are read once at the end; under torchrun each rank scores its shard and the sums
+    are added over ranks.
     """
     model.eval()
-    gen = torch.Generator(device).manual_seed(seed + 1 + utils.DIST.rank)   # not training RNG
+    rank, world = distributed.DIST.rank, distributed.DIST.world
+    gen = torch.Generator(device).manual_seed(seed + 1 + rank)         # not the training RNG
     latent = model.latent
-    rank, world = utils.DIST.rank, utils.DIST.world
     # neg_elbo, recon, kl, count | kl per dim | sum mu | sum mu^2
-    sums = utils.Sums(4 + 3 * latent, device)
+    sums = distributed.Sums(4 + 3 * latent, device)
     shard = images[rank::world]
-    for x in utils.Progress(utils.iterate(shard, 500, device), total=math.ceil(len(shard) / 500),
-                            desc="evaluation", unit="batch", what=f"{len(shard):,} images"):
+    for x in progress.bar(utils.iterate(shard, 500, device), total=math.ceil(len(shard) / 500),
+                          desc="evaluation", unit="batch", what=f"{len(shard):,} images"):
         if binarize:
             x = torch.bernoulli(x, generator=gen)
-        with utils.autocast(device, bf16):
+        with devices.autocast(device, bf16):
             mu, logvar = model.encoder(x)
             z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, device=device,
                                                             generator=gen)
@@ -276,17 +279,17 @@ def evaluate(model, images, device, seed=0, binarize=False, binary=False, iw_sam
         sums.add(torch.cat([torch.stack([terms["neg_elbo"] * n, terms["recon"] * n,
                                          terms["kl"] * n, torch.tensor(n, device=device)]),
                             terms["kl_dims"] * n, mu.sum(0), mu.pow(2).sum(0)]))
-    iw = utils.Sums(2, device)                                    # log-likelihood, count
+    iw = distributed.Sums(2, device)                                    # log-likelihood, count
     if iw_samples > 0:
         scored = images[:iw_images][rank::world]
         batch = max(1, 2000 // min(iw_samples, 50))               # ~2,000 images per decoder pass
-        for x in utils.Progress(utils.iterate(scored, batch, device),
-                                total=math.ceil(len(scored) / batch),
-                                desc=f"IW-NLL (K={iw_samples})", unit="batch",
-                                what=f"{len(scored):,} images", announce=True):
+        for x in progress.bar(utils.iterate(scored, batch, device),
+                              total=math.ceil(len(scored) / batch),
+                              desc=f"IW-NLL (K={iw_samples})", unit="batch",
+                              what=f"{len(scored):,} images", announce=True):
             if binarize:
                 x = torch.bernoulli(x, generator=gen)
-            with utils.autocast(device, bf16):
+            with devices.autocast(device, bf16):
                 ll = iw_log_likelihood(model, x, iw_samples, generator=gen)
             iw.add(torch.stack([ll.sum(), torch.tensor(len(x), device=device)]))
     model.train()
@@ -303,16 +306,6 @@ def evaluate(model, images, device, seed=0, binarize=False, binary=False, iw_sam
     result["bits_per_dim"] = bits_per_dim(result.get("iw_nll", result["neg_elbo"]),
                                           images[0].numel(), model.recon, binary or binarize)
     return {k: float(v) if isinstance(v, np.floating) else v for k, v in result.items()}
-
-
-def iw_size(limit, held_out, train_images, k, floor=100):
-    """How many held-out images the final IW-NLL scores: --iw-images if given; else all of
-    them when the run trained on at least K/3 times as many images (an IW-NLL costs K decoder
-    passes per image, a training image about three), else proportionally fewer, at least
-    `floor`."""
-    if limit is not None:
-        return min(limit, held_out)
-    return min(held_out, max(floor, 3 * train_images // max(k, 1)))
 
 
 @torch.no_grad()
@@ -343,17 +336,17 @@ def plot_history(log, history, out):
 # Training
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = utils.ArgumentParser(__doc__.split("\n\n")[0])
-    utils.add_common_args(p, latent=10, lr=1e-3, batch_size=128, epochs=10)
+    p = arguments.ArgumentParser(__doc__.split("\n\n")[0])
+    arguments.add_common_args(p, latent=10, lr=1e-3, batch_size=128, epochs=10)
     add_vae_args(p, iw_samples=100)
     p.add_argument("--binarize", action=argparse.BooleanOptionalAction, default=None,
                    help="dynamic binarisation, x ~ Bernoulli(intensity) redrawn every time "
                         "(default: on for mnist with --recon bce)")
-    p.add_argument("--kl-warmup", type=utils.nonneg_int, default=0,
+    p.add_argument("--kl-warmup", type=arguments.nonneg_int, default=0,
                    help="steps of linear KL warm-up from 0 to 1 (0 = none)")
-    p.add_argument("--free-bits", type=utils.nonneg_float, default=0.0,
+    p.add_argument("--free-bits", type=arguments.nonneg_float, default=0.0,
                    help="minimum KL per latent dimension in nats (0 = off)")
-    p.add_argument("--width", type=utils.positive_int, default=32,
+    p.add_argument("--width", type=arguments.positive_int, default=32,
                    help="channels of the first conv layer")
     return p.parse_args(argv)
 
@@ -362,35 +355,38 @@ def add_vae_args(p, iw_samples):
     """The decoder and evaluation flags of standard_vae.py and beta_vae.py."""
     p.add_argument("--recon", default="bce", choices=("bce", "mse"),
                    help="decoder likelihood: bce = Bernoulli, mse = Gaussian")
-    p.add_argument("--sigma", default="learned", type=utils.decoder_sigma,
+    p.add_argument("--sigma", default="learned", type=arguments.decoder_sigma,
                    help="Gaussian decoder std: 'learned' or a number such as 0.1 (--recon mse)")
     p.add_argument("--arch", default="conv", choices=ARCHS,
                    help="conv: strided convolutions, then FC layers; mlp: fully connected "
                         "(the beta-VAE paper's dSprites network, 1200 units)")
-    p.add_argument("--hidden", type=utils.positive_int, default=None,
+    p.add_argument("--hidden", type=arguments.positive_int, default=None,
                    help="units of the FC layers (default: 256 with --arch conv, 1200 with mlp)")
-    p.add_argument("--iw-samples", type=utils.nonneg_int, default=iw_samples,
+    p.add_argument("--iw-samples", type=arguments.nonneg_int, default=iw_samples,
                    help="importance samples K of the final IW-NLL (0 = skip)")
-    p.add_argument("--iw-images", type=utils.positive_int, default=None,
+    p.add_argument("--iw-images", type=arguments.positive_int, default=None,
                    help="held-out images scored by the IW-NLL (default: all when the run "
                         "trained on at least K/3 times as many, else proportionally fewer, at "
                         "least 100)")
 
 
 def check_vae_args(args):
-    """The defaults of add_vae_args that depend on another flag."""
+    """The defaults of add_vae_args that depend on another flag; a CelebA --image-size that
+    the networks cannot take is refused before anything is decoded."""
     if args.hidden is None:
         args.hidden = HIDDEN[args.arch]
+    if args.dataset == "celeba":
+        feature_size(args.image_size)
     return args
 
 
 def check_args(args):
-    utils.check_common_args(args, "standard_vae")
+    arguments.check_common_args(args, "standard_vae")
     check_vae_args(args)
     if args.binarize is None:
         args.binarize = args.dataset == "mnist" and args.recon == "bce"
     if args.binarize and args.recon != "bce":
-        raise utils.UserError("--binarize goes with --recon bce")
+        raise UserError("--binarize goes with --recon bce")
     return args
 
 
@@ -404,11 +400,28 @@ def build_model(args, channels, image_size):
                args.hidden, args.recon, args.sigma, getattr(args, "arch", "conv"))
 
 
+def setup(model, device, train, lr, batch_size, seed, binarize=False):
+    """A VAE run's model on `device`, its Adam and the batches of the `train` split (here and
+    in beta_vae.py). On the GPU paths (devices.FAST_PATHS) the model and the batches are
+    channels-last: NHWC convolutions are faster there. Then each rank draws its own noise."""
+    fast = devices.fast_paths(device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    model = model.to(device)
+    if fast:
+        model.to(memory_format=torch.channels_last)
+    opt = devices.adam(model.parameters(), lr, device)
+    rank, world = distributed.DIST.rank, distributed.DIST.world
+    batches = utils.DeviceBatches(train.images, batch_size, device, seed, binarize=binarize,
+                                  rank=rank, world=world, channels_last=fast)
+    torch.manual_seed(seed + 1_000_003 * rank)     # the same initial weights, then own noise
+    return model, opt, batches
+
+
 def train_step(model, opt, x, loss_fn, bf16=False):
     """One optimiser step on a batch x (B, C, S, S) in [0, 1]: the forward pass (in bf16
     autocast with `bf16`), `loss_fn(x, logits, mu, logvar)`'s terms in fp32, backward, Adam.
     `model` is the VAE or its DDP/compiled wrapper. Returns the (device) terms."""
-    with utils.autocast(x.device, bf16):
+    with devices.autocast(x.device, bf16):
         logits, mu, logvar = model(x)
     terms = loss_fn(x, logits, mu, logvar)
     opt.zero_grad(set_to_none=True)
@@ -417,124 +430,87 @@ def train_step(model, opt, x, loss_fn, bf16=False):
     return terms
 
 
-def fit(args, kind, build_model, loss_fn, log_keys=("loss", "recon", "kl"), schedule=None,
-        extra_scores=None):
-    """Train a VAE; also the loop of beta_vae.py, which differs only in `loss_fn`.
-
-    `loss_fn(x, logits, mu, logvar, step, model, data_size)` returns the named terms; those
-    of `log_keys` that it returns are logged, and `terms["loss"]` is minimised (`data_size`,
-    the number of training images, serves estimators of the aggregate posterior). The loop is
-    utils.train: data on the device, the held-out -ELBO scored and a checkpoint written at
-    every epoch end, SIGINT/SIGTERM save the current step, and `--resume` continues exactly.
-    The saved settings are written into `args` itself, so closures that read it see the
-    run's settings. `schedule(total_steps)`, if given, is called once the run's length is
-    known and returns lines to print (rank 0 prints them); `extra_scores(model, bf16)`, if
-    given, adds its scores to each evaluation. Under torchrun each rank trains on
-    its shard of every batch order with DistributedDataParallel; rank 0 alone writes. Returns
-    the run state; a stop by a signal raises utils.Stopped once the checkpoint is saved.
-    """
-    dist, device, out, state, train, test = utils.start_run(
-        args, kind, RESUME_FLAGS, check_image_size=feature_size)
-    torch.backends.cudnn.benchmark = device.type == "cuda"
-    fast = utils.fast_paths(device)
-    model = build_model(args, train.channels, train.image_size).to(device)
-    if fast:                                      # NHWC convolutions are faster on GPUs
-        model.to(memory_format=torch.channels_last)
-    opt = utils.adam(model.parameters(), args.lr, device)
-    binarize = getattr(args, "binarize", False)          # a flag of standard_vae.py alone
-    batches = utils.DeviceBatches(train.images, args.batch_size, device, args.seed,
-                                  binarize=binarize, rank=dist.rank, world=dist.world,
-                                  channels_last=fast)
-    torch.manual_seed(args.seed + 1_000_003 * dist.rank)         # each rank its own noise
-    total = len(batches) * args.epochs
-    if args.max_steps is not None:
-        total = min(total, args.max_steps)
-    lines = schedule(total) if schedule is not None else []     # before the probe's steps
-    x0 = batches.to_float(batches.images[:args.batch_size])        # the probe's batch
-    bf16, why = utils.choose_precision(args.precision, device, model, args.lr, lambda m, o, bf16:
-                                       train_step(m, o, x0, lambda *out: loss_fn(
-                                           *out, 0, m, len(train)), bf16))
-    args.precision = "bf16" if bf16 else "fp32"     # kept in the checkpoint: --resume goes on in it
-    for line in [why, *lines]:
-        if dist.main:
-            print(line)
-
-    def step_fn(fwd, x, step):
-        terms = train_step(fwd, opt, x, lambda *out: loss_fn(*out, step, model, len(train)),
-                           bf16)
-        return {k: terms[k] for k in log_keys if k in terms}
-
-    def score(last):
-        res = evaluate(model, test.images, device, args.seed, binarize, test.binary, bf16=bf16)
-        return {"train_loss": last["loss"], "test_neg_elbo": res["neg_elbo"],
-                "test_recon": res["recon"], "test_kl": res["kl"],
-                "kl_per_dim": res["kl_per_dim"],
-                **(extra_scores(model, bf16) if extra_scores is not None else {})}
-
-    loop = utils.train(
-        model, opt, step_fn, batches.epoch, len(batches), total, out, kind=kind, args=args,
-        lr=args.lr, state=state, evaluate=score, set_aside=args.resume or None,
-        compile=args.compile, log_every=args.log_every, eval_every=args.eval_every,
-        saved={"data": {"channels": train.channels, "image_size": train.image_size}},
-        postfix=lambda r: {"loss": f"{r['loss']:.2f}", "kl": f"{r['kl']:.2f}"},
-        what=f"{args.batch_size * dist.world} images each")
-    return argparse.Namespace(
-        args=args, model=model, train=train, test=test, device=device, out=out, log=loop.log,
-        history=loop.history, step=loop.step, epochs=loop.epochs, train_time=loop.train_time,
-        dist=dist, binarize=binarize, bf16=bf16, precision=why.split(": ", 1)[1],
-        images_per_s=loop.steps_timed * args.batch_size * dist.world
-        / max(loop.train_time, 1e-9))
+def probe_precision(requested, model, batches, lr, loss):
+    """--precision resolved (devices.choose_precision), probing `train_step` with `loss(x,
+    logits, mu, logvar, log_sigma, step)` at step 0 on the first images of the training set
+    (drawn here, before any epoch, so a resumed run draws the same). Returns (bf16, why)."""
+    x = batches.to_float(batches.images[:batches.batch_size])
+    return devices.choose_precision(requested, batches.device, model, lr, lambda m, o, bf16:
+                                    train_step(m, o, x, partial(loss, log_sigma=m.log_sigma,
+                                                                step=0), bf16))
 
 
-def final_evaluation(run, args):
-    """The held-out scores after training, with the IW-NLL (if --iw-samples) on as many
-    images as the run's length warrants (`iw_size`), said before it starts."""
-    n, trained = len(run.test), run.step * args.batch_size * run.dist.world
-    iw_images = iw_size(args.iw_images, n, trained, args.iw_samples) if args.iw_samples > 0 \
-        else 0
-    if iw_images and run.dist.main:
-        sized = "" if args.iw_images is not None else \
-            f", sized to the run's {trained:,} training images; --iw-images sets it"
-        print(f"IW-NLL: K={args.iw_samples} importance samples on {iw_images:,} of the {n:,} "
-              f"held-out images ({iw_images * args.iw_samples:,} decoder passes{sized})")
-    return evaluate(run.model, run.test.images, run.device, args.seed, run.binarize,
-                    run.test.binary, args.iw_samples, iw_images, run.bf16)
+LOGGED = ("loss", "recon", "kl")                    # vae_loss's terms in the training log
+SHOWN = {"loss": ".2f", "kl": ".2f"}                # and those on the progress bar
 
 
-def run_metrics(run, final, timer, **extra):
-    """What metrics.json holds for a VAE run."""
-    return {"test": final, "steps": run.step, "epochs": run.epochs, **extra,
-            "train_images": len(run.train), "device": str(run.device),
-            "train_time_s": run.train_time, "wall_time_s": timer(),
-            "images_per_s": run.images_per_s, "world_size": run.dist.world,
-            "precision": {"bf16": run.bf16, "why": run.precision},
-            "torch": torch.__version__, "args": vars(run.args)}
+def epoch_scores(scores, last):
+    """What the history keeps of an evaluation: the last running training loss and the
+    held-out bound, its terms and the KL per dimension."""
+    return {"train_loss": last["loss"], "test_neg_elbo": scores["neg_elbo"],
+            "test_recon": scores["recon"], "test_kl": scores["kl"],
+            "kl_per_dim": scores["kl_per_dim"]}
+
+
+def final_evaluation(score, held_out, trained_images, iw_samples, iw_images):
+    """The held-out scores after training (`score`, evaluate with its data and noise bound),
+    with the IW-NLL (if `iw_samples`) on as many images as the run's length warrants
+    (sizes.iw_size), said before it starts."""
+    n = sizes.iw_size(iw_images, held_out, trained_images, iw_samples) if iw_samples > 0 else 0
+    if n and distributed.DIST.main:
+        sized = "" if iw_images is not None else \
+            f", sized to the run's {trained_images:,} training images; --iw-images sets it"
+        print(f"IW-NLL: K={iw_samples} importance samples on {n:,} of the {held_out:,} "
+              f"held-out images ({n * iw_samples:,} decoder passes{sized})")
+    return score(iw_samples=iw_samples, iw_images=n)
+
+
+def save_outputs(model, run, log, history, final, metrics, seed):
+    """reconstructions.png, samples.png, losses.png, kl_per_dim.png and metrics.json."""
+    save_images(model, run.test.images, run.out, run.device, seed)
+    plot_history(log, history, run.out)
+    utils.plot_bars(final["kl_per_dim"], run.out / "kl_per_dim.png",
+                    title="held-out KL per latent dimension")
+    files.write_json(run.out / "metrics.json", metrics)
 
 
 def main(args):
-    timer = utils.Timer()
+    timer = console.Timer()
     args = check_args(args)
+    run = loop.start_run(args, "standard_vae", RESUME_FLAGS)
+    model, opt, batches = setup(build_model(args, run.train.channels, run.train.image_size),
+                                run.device, run.train, args.lr, args.batch_size, args.seed,
+                                args.binarize)
 
-    def loss_fn(x, logits, mu, logvar, step, model, data_size):
-        return vae_loss(x, logits, mu, logvar, args.recon, model.log_sigma,
+    def loss(x, logits, mu, logvar, log_sigma, step):       # -ELBO with KL warm-up, free bits
+        return vae_loss(x, logits, mu, logvar, args.recon, log_sigma,
                         kl_weight(step, args.kl_warmup), args.free_bits)
 
-    run = fit(args, "standard_vae", build_model, loss_fn)
-    args, model, out = run.args, run.model, run.out
-    final = final_evaluation(run, args)
-    metrics = run_metrics(run, final, timer)
-    if run.dist.main:
-        save_images(model, run.test.images, out, run.device, args.seed)
-        plot_history(run.log, run.history, out)
-        utils.plot_bars(final["kl_per_dim"], out / "kl_per_dim.png",
-                        title="held-out KL per latent dimension")
-        utils.write_json(out / "metrics.json", metrics)
+    bf16, why = probe_precision(args.precision, model, batches, args.lr, loss)
+    args.precision = "bf16" if bf16 else "fp32"    # kept in the checkpoint: --resume goes on in it
+    if distributed.DIST.main:
+        print(why)
+    score = partial(evaluate, model, run.test.images, run.device, args.seed, args.binarize,
+                    run.test.binary, bf16=bf16)
+    settings = loop.Settings.from_args(args, "standard_vae", run, len(batches), logged=LOGGED,
+                                       shown=SHOWN)
+    trained = loop.train(
+        model, opt, lambda fwd, x, step: train_step(
+            fwd, opt, x, partial(loss, log_sigma=model.log_sigma, step=step), bf16),
+        batches.epoch, settings, run.state, evaluate=lambda last: epoch_scores(score(), last))
+
+    final = final_evaluation(score, len(run.test), trained.step * settings.batch,
+                             args.iw_samples, args.iw_images)
+    metrics = {"test": final, **loop.summary(trained, run, bf16, why), "wall_time_s": timer(),
+               "args": vars(args)}
+    if distributed.DIST.main:
+        save_outputs(model, run, trained.log, trained.history, final, metrics, args.seed)
         iw = f", IW-NLL (K={args.iw_samples}) {final['iw_nll']:.2f}" if "iw_nll" in final else ""
         print(f"held-out -ELBO {final['neg_elbo']:.2f} nats{iw}; active units "
-              f"{final['active_units']}/{args.latent}; outputs in {out}")
-    utils.cleanup_distributed()
+              f"{final['active_units']}/{args.latent}; outputs in {run.out}")
+    distributed.cleanup()
     return metrics
 
 
 if __name__ == "__main__":
-    utils.run_command(main, parse_args)
+    console.run_command(main, parse_args)

@@ -30,17 +30,19 @@ defaults are the reference CIFAR-10 configuration (REFERENCE.md): 128 hidden cha
 residual layers of 32, 512 codes of dimension 64, batch 256, Adam lr 1e-3; the reported run is
 15,000 steps: `--dataset cifar10 --epochs 77 --max-steps 15000`.
 """
-import argparse
 import math
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import utils
+from training import (arguments, checkpoints, console, devices, distributed, files, loop,
+                      progress, sizes)
+from training.errors import CheckpointError, UserError
 
 LAPLACE_EPS = 1e-5          # REFERENCE.md: N_i smoothed with eps = 1e-5
-PRIOR_EPOCHS = 10           # the prior's default length, for runs of at least as many epochs
 NUM_CLASSES = {"mnist": 10, "cifar10": 10, "dsprites": utils.DSPRITES_SIZES[1]}  # dSprites: shape
 
 
@@ -51,8 +53,8 @@ NUM_CLASSES = {"mnist": 10, "cifar10": 10, "dsprites": utils.DSPRITES_SIZES[1]} 
 def grid_size(image_size):
     """Side of the code grid: the image halved twice (28 -> 7, 32 -> 8, 64 -> 16)."""
     if image_size % 4 != 0:
-        raise utils.UserError(f"unsupported image size {image_size}: the VQ-VAE halves it twice, "
-                              "so it must be a multiple of 4 (28, 32 and 64 work)")
+        raise UserError(f"unsupported image size {image_size}: the VQ-VAE halves it twice, "
+                        "so it must be a multiple of 4 (28, 32 and 64 work)")
     return image_size // 4
 
 
@@ -136,7 +138,7 @@ class VectorQuantizer(nn.Module):
                  restart=True, restart_threshold=1.0):
         super().__init__()
         if codebook not in ("ema", "loss"):
-            raise utils.UserError(f"unknown codebook update {codebook!r}; use ema or loss")
+            raise UserError(f"unknown codebook update {codebook!r}; use ema or loss")
         self.num_codes, self.code_dim, self.kind = num_codes, code_dim, codebook
         self.decay, self.eps = decay, eps
         self.restart, self.restart_threshold = restart, restart_threshold
@@ -186,7 +188,7 @@ class VectorQuantizer(nn.Module):
                 counts = self.ema_update(flat, indices)
             else:
                 with torch.no_grad():
-                    counts = utils.all_reduce_sum(counts)
+                    counts = distributed.all_reduce_sum(counts)
                     self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
             if self.restart:
                 self.restart_dead_codes(flat, dist)
@@ -207,7 +209,7 @@ class VectorQuantizer(nn.Module):
         with torch.autocast(device_type=flat.device.type, enabled=False):   # fp32 sums
             onehot = F.one_hot(indices, self.num_codes).type_as(flat)      # (N, K)
             stats = torch.cat([onehot.sum(0)[:, None], onehot.t() @ flat], 1)  # n_i | sums
-        counts, sums = utils.all_reduce_sum(stats).split([1, self.code_dim], 1)
+        counts, sums = distributed.all_reduce_sum(stats).split([1, self.code_dim], 1)
         counts = counts[:, 0]                                               # n_i (K,)
         self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
@@ -233,7 +235,7 @@ class VectorQuantizer(nn.Module):
         dead = self.ema_count < self.restart_threshold                      # (K,)
         weights = dist.float() + 1e-12                 # all rows equally likely if all are exact
         new = flat[torch.multinomial(weights, self.num_codes, replacement=True)]   # (K, D)
-        new = utils.broadcast(new.contiguous())
+        new = distributed.broadcast(new.contiguous())
         self.codebook.copy_(torch.where(dead[:, None], new.to(self.codebook.dtype),
                                         self.codebook))
         self.ema_count.copy_(torch.where(dead, self.restart_threshold, self.ema_count))
@@ -288,7 +290,7 @@ def train_step(model, opt, x, data_variance, beta, bf16=False):
     `model` is the VQ-VAE or its DDP/compiled wrapper (DDP averages the gradients over ranks;
     under torch.compile the quantiser still runs eagerly)."""
     x = x - 0.5                                    # the reference scales images to [-0.5, 0.5]
-    with utils.autocast(x.device, bf16):                        # the quantiser stays fp32
+    with devices.autocast(x.device, bf16):                        # the quantiser stays fp32
         recon, _, vq_terms = model(x)                                      # (B, C, S, S)
     terms = vq_vae_loss(x, recon, vq_terms, data_variance, beta)
     opt.zero_grad(set_to_none=True)
@@ -419,7 +421,7 @@ def prior_train_step(prior, opt, codes, labels=None, bf16=False):
     """One optimiser step of the prior on code grids (B, H, W): the NLL of each code given the
     codes above and to its left, backward, Adam. `prior` is the PixelCNN or its DDP/compiled
     wrapper. Returns the (device) bits per code."""
-    with utils.autocast(codes.device, bf16):
+    with devices.autocast(codes.device, bf16):
         nll = prior_nll(prior, codes.long(), labels)
     opt.zero_grad(set_to_none=True)
     nll.backward()
@@ -435,7 +437,7 @@ def sample_codes(prior, n, grid, labels=None, generator=None):
     device = next(prior.parameters()).device
     h, w = grid
     codes = torch.zeros(n, h, w, dtype=torch.long, device=device)
-    with utils.Progress(total=h * w, desc=f"sampling {n} code grids", unit="position") as bar:
+    with progress.bar(total=h * w, desc=f"sampling {n} code grids", unit="position") as bar:
         for i in range(h):
             logits_at = prior.row_sampler(codes, i, labels)
             for j in range(w):
@@ -464,18 +466,18 @@ def data_variance(images, device):
 def evaluate(model, images, variance, batch_size, device, bf16=False):
     """Held-out recon error (MSE / Var), PSNR, and code usage over the whole split.
 
-    Sums stay on the device in compensated float32 (utils.Sums: no float64, which MPS lacks)
-    and are read once at the end; under torchrun each rank scores its shard and the sums and
-    code counts are added over ranks. The network runs in bf16 autocast with `bf16`.
+    Sums stay on the device in compensated float32 (distributed.Sums: no float64, which MPS
+    lacks) and are read once at the end; under torchrun each rank scores its shard and the sums
+    and code counts are added over ranks. The network runs in bf16 autocast with `bf16`.
     """
     model.eval()
     k = model.quantizer.num_codes
     # squared error, squared error in [0, 1], sum of batch perplexities, batches | counts (K,)
-    sums = utils.Sums(4 + k, device)
-    shard = images[utils.DIST.rank::utils.DIST.world]
-    bar = utils.Progress(total=len(shard), desc="evaluation", unit="image")
+    sums = distributed.Sums(4 + k, device)
+    shard = images[distributed.DIST.rank::distributed.DIST.world]
+    bar = progress.bar(total=len(shard), desc="evaluation", unit="image")
     for x in utils.iterate(shard, batch_size, device):
-        with utils.autocast(device, bf16):
+        with devices.autocast(device, bf16):
             recon, indices, _ = model(x - 0.5)
         recon = recon.float()
         counts = torch.bincount(indices.flatten(), minlength=k).float()
@@ -535,8 +537,8 @@ def plot_code_usage(counts, path, title):
 def class_labels(data):
     """(labels (N,), number of classes) for class conditioning: dSprites conditions on shape."""
     if data.name not in NUM_CLASSES or data.labels is None:
-        raise utils.UserError(f"--prior-conditional needs class labels, which {data.name} does not "
-                              f"have; it works with {', '.join(NUM_CLASSES)}")
+        raise UserError(f"--prior-conditional needs class labels, which {data.name} does not "
+                        f"have; it works with {', '.join(NUM_CLASSES)}")
     labels = data.labels[:, 1] if data.labels.dim() == 2 else data.labels
     return labels.long(), NUM_CLASSES[data.name]
 
@@ -547,7 +549,7 @@ def encode_all(model, images, batch_size, device, desc="encoding"):
     dtype = torch.int16 if model.quantizer.num_codes <= 2 ** 15 else torch.int32
     model.eval()
     batches = utils.iterate(images, batch_size, device)
-    codes = torch.cat([model.codes(x - 0.5).to(dtype) for x in utils.Progress(
+    codes = torch.cat([model.codes(x - 0.5).to(dtype) for x in progress.bar(
         batches, total=math.ceil(len(images) / batch_size), desc=desc, unit="batch")])
     model.train()
     return codes
@@ -557,74 +559,69 @@ def encode_all(model, images, batch_size, device, desc="encoding"):
 # Arguments
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = utils.ArgumentParser(__doc__.split("\n\n")[0])
+    p = arguments.ArgumentParser(__doc__.split("\n\n")[0])
     # reference CIFAR-10 configuration (REFERENCE.md): batch 256, Adam lr 1e-3, codes of dim 64
-    utils.add_common_args(p, latent=64, lr=1e-3, batch_size=256, epochs=10,
-                          latent_help="dimension D of each code vector")
+    arguments.add_common_args(p, latent=64, lr=1e-3, batch_size=256, epochs=10,
+                              latent_help="dimension D of each code vector")
     p.add_argument("--codes", default=512,
-                   type=utils.number(int, lambda v: v >= 2, "an integer >= 2"),
+                   type=arguments.number(int, lambda v: v >= 2, "an integer >= 2"),
                    help="codebook size K")
-    p.add_argument("--hidden", type=utils.positive_int, default=128,
+    p.add_argument("--hidden", type=arguments.positive_int, default=128,
                    help="channels of the encoder/decoder trunk")
-    p.add_argument("--res-hidden", type=utils.positive_int, default=32,
+    p.add_argument("--res-hidden", type=arguments.positive_int, default=32,
                    help="hidden channels of each residual block")
-    p.add_argument("--res-layers", type=utils.nonneg_int, default=2,
+    p.add_argument("--res-layers", type=arguments.nonneg_int, default=2,
                    help="residual blocks in the encoder and in the decoder")
     p.add_argument("--codebook", default="ema", choices=("ema", "loss"),
                    help="codebook update: ema = moving averages (paper, appendix), loss = the "
                         "codebook loss term ||sg[z_e] - e||^2")
     p.add_argument("--decay", default=0.99,
-                   type=utils.number(float, lambda v: 0 < v < 1, "a number in (0, 1)"),
+                   type=arguments.number(float, lambda v: 0 < v < 1, "a number in (0, 1)"),
                    help="EMA decay of the codebook counts and sums")
-    p.add_argument("--beta", type=utils.nonneg_float, default=0.25,
+    p.add_argument("--beta", type=arguments.nonneg_float, default=0.25,
                    help="commitment loss weight")
     p.add_argument("--no-restart", action="store_true",
                    help="turn dead-code restart off (restart is on by default)")
-    p.add_argument("--restart-threshold", type=utils.positive_float, default=1.0,
+    p.add_argument("--restart-threshold", type=arguments.positive_float, default=1.0,
                    help="a code whose EMA count of assignments per step falls below this is "
                         "re-seeded from an encoder output of the current batch, drawn in "
                         "proportion to its squared distance to its nearest code")
-    p.add_argument("--prior-epochs", type=utils.nonneg_int, default=None,
+    p.add_argument("--prior-epochs", type=arguments.nonneg_int, default=None,
                    help="epochs of the gated PixelCNN prior trained on the code grids once the "
                         f"VQ-VAE is trained; 0 = no prior and no samples (default: "
-                        f"{PRIOR_EPOCHS}, or --epochs if fewer)")
-    p.add_argument("--prior-max-steps", type=utils.positive_int, default=None,
+                        f"{sizes.PRIOR_EPOCHS}, or --epochs if fewer)")
+    p.add_argument("--prior-max-steps", type=arguments.positive_int, default=None,
                    help="stop the prior after this many steps (default: --max-steps, so a "
                         "short run stays short in both phases)")
-    p.add_argument("--prior-batch-size", type=utils.positive_int, default=128,
+    p.add_argument("--prior-batch-size", type=arguments.positive_int, default=128,
                    help="code grids per prior step")
-    p.add_argument("--prior-lr", type=utils.positive_float, default=3e-4,
+    p.add_argument("--prior-lr", type=arguments.positive_float, default=3e-4,
                    help="Adam learning rate of the prior")
-    p.add_argument("--prior-channels", type=utils.positive_int, default=128,
+    p.add_argument("--prior-channels", type=arguments.positive_int, default=128,
                    help="channels of the prior's stacks")
-    p.add_argument("--prior-layers", type=utils.positive_int, default=12,
+    p.add_argument("--prior-layers", type=arguments.positive_int, default=12,
                    help="gated layers of the prior")
-    p.add_argument("--prior-kernel", type=utils.positive_int, default=5,
+    p.add_argument("--prior-kernel", type=arguments.positive_int, default=5,
                    help="odd kernel width of the prior's convolutions")
     p.add_argument("--prior-conditional", action="store_true",
                    help="condition the prior on the class label (dSprites: the shape)")
     return p.parse_args(argv)
 
 
-def prior_length(args):
-    """(epochs, step limit) of the prior: --prior-epochs and --prior-max-steps where typed,
-    else bounded like the VQ-VAE itself by --epochs and --max-steps. Read when needed, not
-    stored, so a resumed run's typed --max-steps bounds its prior too."""
-    epochs = args.prior_epochs if args.prior_epochs is not None else \
-        min(PRIOR_EPOCHS, args.epochs)
-    return epochs, args.prior_max_steps if args.prior_max_steps is not None else args.max_steps
-
-
 def check_args(args):
     """What the flags' types cannot check alone (each number is checked as it is parsed)."""
-    utils.check_common_args(args, "vq_vae")
+    arguments.check_common_args(args, "vq_vae")
     if args.hidden % 2:
-        raise utils.UserError(f"--hidden must be even (the first layer has hidden/2 channels), "
-                              f"got {args.hidden}")
+        raise UserError(f"--hidden must be even (the first layer has hidden/2 channels), "
+                        f"got {args.hidden}")
     if args.prior_kernel % 2 == 0:
-        raise utils.UserError(f"--prior-kernel must be odd, got {args.prior_kernel}")
-    if args.prior_conditional and prior_length(args)[0] > 0 and args.dataset not in NUM_CLASSES:
-        raise utils.UserError(f"--prior-conditional needs class labels, which {args.dataset} "
+        raise UserError(f"--prior-kernel must be odd, got {args.prior_kernel}")
+    if args.dataset == "celeba":
+        grid_size(args.image_size)          # refused before anything is decoded
+    epochs = sizes.prior_length(args.prior_epochs, args.prior_max_steps, args.epochs,
+                                args.max_steps)[0]
+    if args.prior_conditional and epochs > 0 and args.dataset not in NUM_CLASSES:
+        raise UserError(f"--prior-conditional needs class labels, which {args.dataset} "
                               f"does not have; it works with {', '.join(NUM_CLASSES)}")
     return args
 
@@ -648,235 +645,243 @@ def build_model(args, channels):
 # ----------------------------------------------------------------------------------------------
 # Training: the VQ-VAE, then the prior
 # ----------------------------------------------------------------------------------------------
-def fit(args):
-    """Train the VQ-VAE: data on the device, losses summed there and read every --log-every
-    steps, the held-out recon error scored and checkpoint.pt written at every epoch end,
-    SIGINT/SIGTERM save the current step, `--resume` continues exactly. Under torchrun (the
-    process group is joined here) each rank trains on its shard of every epoch's order with
-    DistributedDataParallel and rank 0 alone writes. Returns the run; a stop by a signal
-    raises utils.Stopped once the checkpoint is saved."""
-    # The same seed on every rank: the same initial weights. The only other use of the torch
-    # RNG in training is the restart draw, which rank 0 makes for all ranks.
-    dist, device, out, state, train, test = utils.start_run(
-        args, "vq_vae", RESUME_FLAGS + PRIOR_FLAGS, {**utils.RESUME_KEYS, "data": dict},
-        check_image_size=grid_size)
-    grid = (grid_size(train.image_size),) * 2
-    model = build_model(args, train.channels).to(device)
-    opt = utils.adam(model.parameters(), args.lr, device)
-    batches = utils.DeviceBatches(train.images, args.batch_size, device, args.seed,
-                                  rank=dist.rank, world=dist.world)
-    if state is not None:
-        variance = state["data"].get("variance")
+def training_variance(run, images, source):
+    """The pixel variance the loss divides by: on --resume the checkpoint's, so that the run
+    goes on dividing by the same number; else that of the training `images` (on the device),
+    computed once. Zero variance is refused rather than divided by."""
+    if run.state is not None:
+        variance = run.state["data"].get("variance")
         if not isinstance(variance, float) or not 0 < variance < math.inf:
-            raise utils.CheckpointError(f"{out / 'checkpoint.pt'} cannot be resumed: its data "
-                                        f"variance is {variance!r}, not a positive number")
-    else:
-        variance = data_variance(batches.images, device)     # of the training set, once
-        if not variance > 1e-10:       # the loss divides by it: refuse rather than NaN
-            raise utils.UserError(f"the {len(train)} training images of {args.dataset} in "
-                                  f"{args.data_root} have zero pixel variance (every pixel "
-                                  "the same), and the VQ-VAE loss divides by it; check the "
-                                  "data files or --limit")
-    if prior_length(args)[0] > 0 and len(train) // dist.world < args.prior_batch_size:
-        raise utils.UserError(f"{len(train)} code grids are fewer than one prior batch of "
-                              f"{args.prior_batch_size}"
-                              f"{f' on each of {dist.world} ranks' if dist.active else ''}; "
-                              "lower --prior-batch-size")
-    total = len(batches) * args.epochs
-    if args.max_steps is not None:
-        total = min(total, args.max_steps)
-    x0 = batches.to_float(batches.images[:args.batch_size])        # the probe's batch
-    bf16, why = utils.choose_precision(args.precision, device, model, args.lr, lambda m, o, bf16:
-                                       train_step(m, o, x0, variance, args.beta, bf16))
-    args.precision = "bf16" if bf16 else "fp32"     # kept in the checkpoint: --resume goes on in it
-    if dist.main:
-        print(why)
+            raise CheckpointError(f"{run.out / 'checkpoint.pt'} cannot be resumed: its data "
+                                  f"variance is {variance!r}, not a positive number")
+        return variance
+    variance = data_variance(images, images.device)
+    if not variance > 1e-10:
+        raise UserError(f"the {len(images)} training images of {source} have zero pixel "
+                        "variance (every pixel the same), and the VQ-VAE loss divides by it; "
+                        "check the data files or --limit")
+    return variance
 
-    def step_fn(fwd, x, step):
-        terms = train_step(fwd, opt, x, variance, args.beta, bf16)
-        return {k: terms[k] for k in TRAIN_TERMS}
 
-    def score(last):
-        res = evaluate(model, test.images, variance, args.batch_size, device, bf16)
-        return {"train_loss": last["loss"], "train_recon_error": last["recon_error"],
-                "train_perplexity": last["perplexity"], "train_used": last["used"],
-                **{f"test_{k}": v for k, v in res.items() if k != "code_counts"}}
+SHOWN = {"recon_error": ".4f", "perplexity": ".0f"}     # the terms on the progress bar
 
-    def describe(h):
-        return (f"epoch {h['epoch']} step {h['step']}: held-out recon error "
-                f"{h['test_recon_error']:.4f}, PSNR {h['test_psnr']:.1f} dB, perplexity "
-                f"{h['test_perplexity']:.1f}, codes used {h['test_used_codes']}/{args.codes}")
 
-    loop = utils.train(
-        model, opt, step_fn, batches.epoch, len(batches), total, out, kind="vq_vae", args=args,
-        lr=args.lr, state=state, evaluate=score, describe=describe,
-        set_aside=args.resume or None, compile=args.compile, log_every=args.log_every,
-        eval_every=args.eval_every,
-        saved={"data": {"channels": train.channels, "image_size": train.image_size,
-                        "variance": variance}},
-        postfix=lambda r: {"recon": f"{r['recon_error']:.4f}", "ppl": f"{r['perplexity']:.0f}"},
-        what=f"{args.batch_size * dist.world} images each")
-    return argparse.Namespace(
-        args=args, model=model, dist=dist, device=device, out=out, train=train, test=test,
-        grid=grid, variance=variance, log=loop.log, history=loop.history, step=loop.step,
-        epochs=loop.epochs, train_time=loop.train_time, bf16=bf16, precision=why.split(": ", 1)[1],
-        images_per_s=loop.steps_timed * args.batch_size * dist.world
-        / max(loop.train_time, 1e-9))
+def epoch_scores(scores, last):
+    """What the history keeps of an evaluation: the last running training terms and the
+    held-out scores (`evaluate`'s, but the code counts)."""
+    return {"train_loss": last["loss"], "train_recon_error": last["recon_error"],
+            "train_perplexity": last["perplexity"], "train_used": last["used"],
+            **{f"test_{k}": v for k, v in scores.items() if k != "code_counts"}}
+
+
+def describe(codes, h):
+    """The line printed after each evaluation (`h`, its history entry)."""
+    return (f"epoch {h['epoch']} step {h['step']}: held-out recon error "
+            f"{h['test_recon_error']:.4f}, PSNR {h['test_psnr']:.1f} dB, perplexity "
+            f"{h['test_perplexity']:.1f}, codes used {h['test_used_codes']}/{codes}")
+
+
+def save_outputs(model, run, log, history, final, metrics, codes):
+    """reconstructions.png, code_usage.png, losses.png and metrics.json."""
+    save_reconstructions(model, run.test.images, run.out / "reconstructions.png", run.device)
+    plot_code_usage(final["code_counts"], run.out / "code_usage.png",
+                    f"held-out code usage: {final['used_codes']}/{codes} codes, "
+                    f"perplexity {final['perplexity']:.0f}")
+    steps = [r["step"] for r in log]
+    curves = {"train loss": (steps, [r["loss"] for r in log]),
+              "train recon error": (steps, [r["recon_error"] for r in log]),
+              "train commitment": (steps, [r["commitment"] for r in log])}
+    if history:
+        curves["held-out recon error"] = ([h["step"] for h in history],
+                                          [h["test_recon_error"] for h in history])
+    utils.plot_curves(curves, run.out / "losses.png", logy=True,
+                      title="VQ-VAE (recon error = MSE / Var[x], log scale)")
+    files.write_json(run.out / "metrics.json", metrics)
 
 
 def main(args):
-    timer = utils.Timer()
+    timer = console.Timer()
     args = check_args(args)
-    run = fit(args)
-    args, model, device, out, dist = run.args, run.model, run.device, run.out, run.dist
-    final = evaluate(model, run.test.images, run.variance, args.batch_size, device, run.bf16)
-    metrics = {"test": final, "steps": run.step, "epochs": run.epochs,
-               "precision": {"bf16": run.bf16, "why": run.precision},
-               "train_images": len(run.train), "data_variance": run.variance,
-               "device": str(device), "world_size": dist.world, "train_time_s": run.train_time,
-               "images_per_s": run.images_per_s, "torch": torch.__version__, "args": vars(args)}
+    # The same seed on every rank: the same initial weights. The only other use of the torch
+    # RNG in training is the restart draw, which rank 0 makes for all ranks.
+    run = loop.start_run(args, "vq_vae", RESUME_FLAGS + PRIOR_FLAGS,
+                         {**checkpoints.RESUME_KEYS, "data": dict})
+    dist = distributed.DIST
+    model = build_model(args, run.train.channels).to(run.device)
+    opt = devices.adam(model.parameters(), args.lr, run.device)
+    batches = utils.DeviceBatches(run.train.images, args.batch_size, run.device, args.seed,
+                                  rank=dist.rank, world=dist.world)
+    variance = training_variance(run, batches.images, f"{args.dataset} in {args.data_root}")
+    prior_epochs = sizes.prior_length(args.prior_epochs, args.prior_max_steps, args.epochs,
+                                      args.max_steps)[0]
+    if prior_epochs > 0 and len(run.train) // dist.world < args.prior_batch_size:
+        raise UserError(f"{len(run.train)} code grids are fewer than one prior batch of "
+                        f"{args.prior_batch_size}"
+                        f"{f' on each of {dist.world} ranks' if dist.active else ''}; "
+                        "lower --prior-batch-size")
+    x0 = batches.to_float(batches.images[:args.batch_size])        # the probe's batch
+    bf16, why = devices.choose_precision(args.precision, run.device, model, args.lr,
+                                         lambda m, o, bf16: train_step(m, o, x0, variance,
+                                                                       args.beta, bf16))
+    args.precision = "bf16" if bf16 else "fp32"    # kept in the checkpoint: --resume goes on in it
     if dist.main:
-        save_reconstructions(model, run.test.images, out / "reconstructions.png", device)
-        plot_code_usage(final["code_counts"], out / "code_usage.png",
-                        f"held-out code usage: {final['used_codes']}/{args.codes} codes, "
-                        f"perplexity {final['perplexity']:.0f}")
-        log, history = run.log, run.history
-        curves = {"train loss": ([r["step"] for r in log], [r["loss"] for r in log]),
-                  "train recon error": ([r["step"] for r in log],
-                                        [r["recon_error"] for r in log]),
-                  "train commitment": ([r["step"] for r in log],
-                                       [r["commitment"] for r in log])}
-        if history:
-            curves["held-out recon error"] = ([h["step"] for h in history],
-                                              [h["test_recon_error"] for h in history])
-        utils.plot_curves(curves, out / "losses.png", logy=True,
-                          title="VQ-VAE (recon error = MSE / Var[x], log scale)")
-        utils.write_json(out / "metrics.json", {**metrics, "wall_time_s": timer()})
+        print(why)
+    score = partial(evaluate, model, run.test.images, variance, args.batch_size, run.device, bf16)
+    settings = loop.Settings.from_args(args, "vq_vae", run, len(batches), shown=SHOWN, saved={
+        "data": {"channels": run.train.channels, "image_size": run.train.image_size,
+                 "variance": variance}})
+    trained = loop.train(
+        model, opt, lambda fwd, x, step: train_step(fwd, opt, x, variance, args.beta, bf16),
+        batches.epoch, settings, run.state, evaluate=lambda last: epoch_scores(score(), last),
+        describe=partial(describe, args.codes))
+
+    final = score()
+    metrics = {"test": final, **loop.summary(trained, run, bf16, why), "data_variance": variance,
+               "args": vars(args)}
+    if dist.main:
+        save_outputs(model, run, trained.log, trained.history, final,
+                     {**metrics, "wall_time_s": timer()}, args.codes)
         print(f"held-out recon error {final['recon_error']:.4f}, PSNR {final['psnr']:.1f} dB, "
               f"perplexity {final['perplexity']:.1f}, codes used "
-              f"{final['used_codes']}/{args.codes}; outputs in {out}")
-
-    if prior_length(args)[0] > 0:
-        prior = train_prior(args, model, run.train, run.test, run.grid, run.step, out, device)
-        metrics["prior"] = prior
+              f"{final['used_codes']}/{args.codes}; outputs in {run.out}")
+    if prior_epochs > 0:
+        metrics["prior"] = train_prior(args, model, run, trained.step)
         if dist.main:
-            utils.write_json(out / "metrics.json", {**metrics, "wall_time_s": timer()})
-    utils.cleanup_distributed()
+            files.write_json(run.out / "metrics.json", {**metrics, "wall_time_s": timer()})
+    distributed.cleanup()
     return metrics
 
 
-def train_prior(args, model, train, test, grid, vq_step, out, device):
+def resume_prior(args, model, path, vq_step):
+    """On --resume, prior.pt (checked like any checkpoint) and the run's flags with its prior
+    settings (PRIOR_FLAGS come from prior.pt); else None and `args`. A prior trained on the
+    codes of another VQ-VAE state is refused."""
+    if not (args.resume and path.exists()):
+        return None, args
+    state = checkpoints.load(path)
+    checkpoints.check_kind(state, path, "vq_vae_prior")
+    checkpoints.check_resumable(state, path, {**checkpoints.RESUME_KEYS, "config": dict,
+                                              "vq_step": int, "vqvae": dict})
+    if state["vq_step"] != vq_step or any(
+            not torch.equal(v.cpu(), state["vqvae"][k]) for k, v in model.state_dict().items()):
+        raise UserError(
+            f"{path} was trained on the codes of another VQ-VAE state (step "
+            f"{state['vq_step']}; this run's is step {vq_step}); move {path} away to train "
+            "a new prior")
+    return state, checkpoints.resume_args(args, state, RESUME_FLAGS)
+
+
+@torch.no_grad()
+def held_out_bits(prior, codes, labels, batch_size, device, bf16=False):
+    """Bits per code of the prior on held-out code grids (N, H, W) with their class `labels`
+    (or None). Each rank scores its shard; the sums are added over ranks."""
+    prior.eval()
+    rank, world = distributed.DIST.rank, distributed.DIST.world
+    grids = codes[rank::world]
+    grid_labels = None if labels is None else labels[rank::world]
+    nll = distributed.Sums(1, device)               # summed over grids
+    for i in progress.bar(range(0, len(grids), batch_size), desc="prior evaluation",
+                          unit="batch"):
+        c = grids[i:i + batch_size].long()
+        y = None if grid_labels is None else grid_labels[i:i + batch_size]
+        with devices.autocast(device, bf16):
+            nll.add(prior_nll(prior, c, y).float()[None] * len(c))
+    prior.train()
+    return float(nll.read()[0]) / len(codes) / math.log(2)
+
+
+def train_prior(args, model, run, vq_step):
     """Fit the gated PixelCNN to the training set's code grids, score held-out bits per code,
-    write samples.png. Resumes from prior.pt with --resume. Under torchrun every rank encodes
-    the whole training set and trains on its shard of each epoch's order with
-    DistributedDataParallel; rank 0 alone writes and samples. Returns the prior's metrics; a
-    stop by a signal raises utils.Stopped once prior.pt is saved."""
-    dist = utils.DIST
-    path = out / "prior.pt"
-    state = None
-    if args.resume and path.exists():
-        state = utils.load_checkpoint(path)
-        utils.check_checkpoint_kind(state, path, "vq_vae_prior")
-        utils.check_resumable(state, path, {**utils.RESUME_KEYS, "config": dict, "vq_step": int,
-                                            "vqvae": dict})
-        if state["vq_step"] != vq_step or any(
-                not torch.equal(v.cpu(), state["vqvae"][k]) for k, v in model.state_dict().items()):
-            raise utils.UserError(
-                f"{path} was trained on the codes of another VQ-VAE state (step "
-                f"{state['vq_step']}; this run's is step {vq_step}); move {path} away to train "
-                "a new prior")
-        args = utils.resume_args(args, state, RESUME_FLAGS)      # PRIOR_FLAGS from prior.pt
-    labels, num_classes = (None, 0)
-    if args.prior_conditional:
-        labels, num_classes = class_labels(train)
-        labels = labels.to(device)
+    write samples.png. Resumes from prior.pt with --resume (its length then follows the flags
+    saved in prior.pt, or those typed). Under torchrun every rank encodes the grids and trains
+    on its shard of each epoch's order with DistributedDataParallel; rank 0 alone writes and
+    samples. Returns the prior's metrics; a stop by a signal raises console.Stopped once
+    prior.pt is saved."""
+    dist, device, grid = distributed.DIST, run.device, (grid_size(run.train.image_size),) * 2
+    state, args = resume_prior(args, model, run.out / "prior.pt", vq_step)
+    labels, num_classes = class_labels(run.train) if args.prior_conditional else (None, 0)
     config = state["config"] if state else prior_config(args, model.quantizer.num_codes, grid,
                                                        num_classes)
     prior = build_prior(config).to(device)
-    opt = utils.adam(prior.parameters(), args.prior_lr, device)
-    epochs, max_steps = prior_length(args)
-    # a prior limited to S steps draws at most S batches: it needs no more code grids than that
-    n = len(train) if max_steps is None else \
-        min(len(train), max_steps * args.prior_batch_size * dist.world)
-    codes = encode_all(model, train.images[:n], args.batch_size, device,
-                       "encoding the training set for the prior")                # (n, H, W)
-    labels = None if labels is None else labels[:n]
-    test_codes = encode_all(model, test.images, args.batch_size, device,
-                            "encoding the held-out set for the prior")
-    test_labels = class_labels(test)[0].to(device) if args.prior_conditional else None
+    opt = devices.adam(prior.parameters(), args.prior_lr, device)
+    epochs, max_steps = sizes.prior_length(args.prior_epochs, args.prior_max_steps, args.epochs,
+                                           args.max_steps)
+    codes, labels, test_codes, test_labels = code_grids(
+        model, run, labels, max_steps, args.prior_batch_size, args.batch_size)
     batches = utils.DeviceBatches(codes, args.prior_batch_size, device, args.seed,
                                   rank=dist.rank, world=dist.world)     # refuses < 1 batch
-    total = len(batches) * epochs
-    if max_steps is not None:
-        total = min(total, max_steps)
     idx0 = torch.arange(args.prior_batch_size, device=device)       # the probe's batch
-    amp, why = utils.choose_precision(args.precision, device, prior, args.prior_lr,
-                                      lambda m, o, bf16: prior_train_step(
-                                          m, o, codes[idx0], None if labels is None else
-                                          labels[idx0], bf16))
+    bf16, why = devices.choose_precision(args.precision, device, prior, args.prior_lr,
+                                         lambda m, o, bf16: prior_train_step(
+                                             m, o, codes[idx0], None if labels is None else
+                                             labels[idx0], bf16))
     if dist.main:
         print(f"prior {why}")
-
-    @torch.no_grad()
-    def held_out_bits():
-        """Each rank scores its shard of the held-out grids; the sums are added over ranks."""
-        prior.eval()
-        shard = slice(dist.rank, None, dist.world)
-        grids = test_codes[shard]
-        grid_labels = None if test_labels is None else test_labels[shard]
-        nll = utils.Sums(1, device)               # summed over grids
-        for i in utils.Progress(range(0, len(grids), args.prior_batch_size),
-                                desc="prior evaluation", unit="batch"):
-            c = grids[i:i + args.prior_batch_size].long()
-            y = None if grid_labels is None else grid_labels[i:i + args.prior_batch_size]
-            with utils.autocast(device, amp):
-                nll.add(prior_nll(prior, c, y).float()[None] * len(c))
-        prior.train()
-        return float(nll.read()[0]) / len(test_codes) / math.log(2)
-
-    def step_fn(fwd, idx, step):
-        return prior_train_step(fwd, opt, codes[idx], None if labels is None else labels[idx],
-                                amp)
-
-    loop = utils.train(
-        prior, opt, step_fn, batches.indices, len(batches), total, out, kind="vq_vae_prior",
-        args=args, lr=args.prior_lr, state=state,
-        evaluate=lambda last: {"train_bits_per_code": last["bits_per_code"],
-                               "test_bits_per_code": held_out_bits()},
-        describe=lambda h: (f"prior epoch {h['epoch']} step {h['step']}: held-out "
-                            f"{h['test_bits_per_code']:.4f} bits/code"),
+    bits = partial(held_out_bits, prior, test_codes, test_labels, args.prior_batch_size, device,
+                   bf16)
+    settings = loop.Settings(
+        "vq_vae_prior", run.out, sizes.run_steps(len(batches), epochs, max_steps), len(batches),
+        args.prior_batch_size * dist.world, args.prior_lr, vars(args), args.log_every,
+        compile=args.compile, checkpoint="prior.pt", history="prior_history.json",
         saved={"config": config, "vq_step": vq_step, "vqvae": model.state_dict(),
-               "data": {"channels": train.channels, "image_size": train.image_size}},
-        name="prior.pt", history_name="prior_history.json", compile=args.compile,
-        log_every=args.log_every, reserve=(model,),
-        postfix=lambda r: {"bits": f"{r['bits_per_code']:.3f}"}, desc="prior",
-        what=f"{args.prior_batch_size * dist.world} code grids each")
-    step, log, history = loop.step, loop.log, loop.history
+               "data": {"channels": run.train.channels, "image_size": run.train.image_size}},
+        reserve=(model,), shown={"bits_per_code": ".3f"}, desc="prior", items="code grids")
+    trained = loop.train(
+        prior, opt, lambda fwd, idx, step: prior_train_step(
+            fwd, opt, codes[idx], None if labels is None else labels[idx], bf16),
+        batches.indices, settings, state,
+        evaluate=lambda last: {"train_bits_per_code": last["bits_per_code"],
+                               "test_bits_per_code": bits()},
+        describe=lambda h: (f"prior epoch {h['epoch']} step {h['step']}: held-out "
+                            f"{h['test_bits_per_code']:.4f} bits/code"))
 
     # the last epoch's score is the final one when it was taken at this step (the common case)
-    bits = history[-1]["test_bits_per_code"] if history and history[-1]["step"] == step \
-        else held_out_bits()
+    history = trained.history
+    final = history[-1]["test_bits_per_code"] if history and history[-1]["step"] == trained.step \
+        else bits()
     if dist.main:
-        utils.plot_curves({"train": ([r["step"] for r in log], [r["bits_per_code"] for r in log]),
-                           "held-out": ([h["step"] for h in history],
-                                        [h["test_bits_per_code"] for h in history])},
-                          out / "prior_losses.png", title="PixelCNN prior (bits per code)")
-        # 64 samples, 8 per row; with a conditional prior each row is one class
-        gen = torch.Generator(device).manual_seed(args.seed)
-        sample_labels = (torch.arange(64, device=device) // 8 % num_classes
-                         if args.prior_conditional else None)
-        prior.eval()
-        with utils.autocast(device, amp):
-            samples = model.decode_codes(sample_codes(prior, 64, grid, sample_labels, gen))
-        utils.save_grid(samples, out / "samples.png", nrow=8)
-        print(f"prior: held-out {bits:.4f} bits per code "
-              f"({math.log2(model.quantizer.num_codes):.1f} for a uniform prior); samples in "
-              f"{out / 'samples.png'}")
-    return {"test_bits_per_code": bits, "uniform_bits_per_code": math.log2(config["num_codes"]),
-            "steps": step, "epochs": loop.epochs, "train_time_s": loop.train_time,
+        save_prior_outputs(model, prior, grid, num_classes, trained.log, history, final, run.out,
+                           args.seed, bf16)
+    return {"test_bits_per_code": final, "uniform_bits_per_code": math.log2(config["num_codes"]),
+            "steps": trained.step, "epochs": trained.epochs, "train_time_s": trained.train_time,
             "config": config, "conditional": bool(args.prior_conditional),
-            "precision": {"bf16": amp, "why": why.split(": ", 1)[1]}}
+            "precision": {"bf16": bf16, "why": why.split(": ", 1)[1]}}
+
+
+def code_grids(model, run, labels, max_steps, prior_batch, batch_size):
+    """The prior's data on the device: (training grids, their labels, held-out grids, their
+    labels), the labels None for an unconditional prior. A prior limited to S steps draws at
+    most S batches, so it encodes no more training grids than that."""
+    world = distributed.DIST.world
+    n = len(run.train) if max_steps is None else \
+        min(len(run.train), max_steps * prior_batch * world)
+    codes = encode_all(model, run.train.images[:n], batch_size, run.device,
+                       "encoding the training set for the prior")                # (n, H, W)
+    test_codes = encode_all(model, run.test.images, batch_size, run.device,
+                            "encoding the held-out set for the prior")
+    if labels is None:
+        return codes, None, test_codes, None
+    return codes, labels[:n].to(run.device), test_codes, class_labels(run.test)[0].to(run.device)
+
+
+def save_prior_outputs(model, prior, grid, num_classes, log, history, bits, out, seed, bf16):
+    """prior_losses.png, and samples.png: 64 samples, 8 per row; with a conditional prior (of
+    `num_classes` classes) each row is one class."""
+    utils.plot_curves({"train": ([r["step"] for r in log], [r["bits_per_code"] for r in log]),
+                       "held-out": ([h["step"] for h in history],
+                                    [h["test_bits_per_code"] for h in history])},
+                      out / "prior_losses.png", title="PixelCNN prior (bits per code)")
+    device = next(prior.parameters()).device
+    gen = torch.Generator(device).manual_seed(seed)
+    labels = torch.arange(64, device=device) // 8 % num_classes if num_classes else None
+    prior.eval()
+    with devices.autocast(device, bf16):
+        samples = model.decode_codes(sample_codes(prior, 64, grid, labels, gen))
+    utils.save_grid(samples, out / "samples.png", nrow=8)
+    print(f"prior: held-out {bits:.4f} bits per code "
+          f"({math.log2(model.quantizer.num_codes):.1f} for a uniform prior); samples in "
+          f"{out / 'samples.png'}")
 
 
 if __name__ == "__main__":
-    utils.run_command(main, parse_args)
+    console.run_command(main, parse_args)

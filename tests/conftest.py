@@ -42,11 +42,11 @@ def script():
 
 
 def run_cli(script, *args, check=True):
-    """What `python script args...` does, in this process: utils.run_command(main, parse_args)
+    """What `python script args...` does, in this process: console.run_command(main, parse_args)
     with stdout and stderr captured and the exit status kept. For tests of what a command
     does and says; where the process itself matters (signals, exit by the interpreter,
     torchrun, --compile) use run_script."""
-    import utils
+    from training import console
     module = importlib.import_module(Path(script).stem)
     out, err = io.StringIO(), io.StringIO()
     sigterm = signal.getsignal(signal.SIGTERM)      # run_command installs its own
@@ -54,7 +54,7 @@ def run_cli(script, *args, check=True):
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                utils.run_command(module.main, lambda: module.parse_args(list(map(str, args))))
+                console.run_command(module.main, lambda: module.parse_args(list(map(str, args))))
                 status = 0
             except SystemExit as e:                 # as the interpreter ends a command
                 status = e.code if isinstance(e.code, int) else 1
@@ -73,6 +73,26 @@ def run_cli(script, *args, check=True):
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def first_phase(main, args):
+    """Run a script's `main(args)` and return what its first phase trained: (model, settings,
+    loop.Trained) of its first loop.train call. For torchrun workers, which then read their
+    rank's own weights: the process group is left up (the worker tears it down)."""
+    from training import distributed, loop
+    train, cleanup, phases = loop.train, distributed.cleanup, []
+
+    def keeping(model, opt, step_fn, batches, settings, *rest, **named):
+        phases.append((model, settings, train(model, opt, step_fn, batches, settings, *rest,
+                                              **named)))
+        return phases[-1][2]
+
+    loop.train, distributed.cleanup = keeping, lambda: None
+    try:
+        main(args)
+    finally:
+        loop.train, distributed.cleanup = train, cleanup
+    return phases[0]
 
 
 # ---- the two tiers ----------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Launched by tests/test_distributed.py under torchrun (2 CPU processes, gloo).
 
-`fit OUT ARGS...`: run standard_vae.fit and save this rank's parameters to OUT/rank<r>.pt.
+`fit OUT ARGS...`: run standard_vae.py and save this rank's parameters to OUT/rank<r>.pt.
 `grad OUT`: compare the DDP gradient on per-rank batches of B with the single-process gradient
 on the concatenated 2B batch, with the reparameterisation noise fixed; save the max difference.
 """
@@ -11,24 +11,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import standard_vae as sv  # noqa: E402
-import utils  # noqa: E402
+from conftest import first_phase  # noqa: E402
+from training import distributed  # noqa: E402
 
 
 def fit(out, argv):
-    args = sv.check_args(sv.parse_args(argv))
-
-    def loss_fn(x, logits, mu, logvar, step, model, data_size):
-        return sv.vae_loss(x, logits, mu, logvar, args.recon, model.log_sigma)
-
-    run = sv.fit(args, "standard_vae", sv.build_model, loss_fn)
-    torch.save({k: v.clone() for k, v in run.model.state_dict().items()},
-               Path(out) / f"rank{run.dist.rank}.pt")
-    utils.cleanup_distributed()
+    model, _, _ = first_phase(sv.main, sv.parse_args(argv))
+    torch.save({k: v.clone() for k, v in model.state_dict().items()},
+               Path(out) / f"rank{distributed.DIST.rank}.pt")
+    distributed.cleanup()
 
 
 def grad(out):
     from torch.nn.parallel import DistributedDataParallel
-    dist, device = utils.setup_distributed("cpu")
+    distributed.setup(torch.device("cpu"))
+    dist = distributed.DIST
     torch.manual_seed(0)
     model = sv.VAE(1, 28, 4, [8, 8], hidden=16)
     g = torch.Generator().manual_seed(1)
@@ -49,7 +46,7 @@ def grad(out):
     diff = max((p.grad - s).abs().max().item() for p, s in zip(model.parameters(), single))
     scale = max(s.abs().max().item() for s in single)
     torch.save({"diff": diff, "scale": scale}, Path(out) / f"grad{dist.rank}.pt")
-    utils.cleanup_distributed()
+    distributed.cleanup()
 
 
 if __name__ == "__main__":

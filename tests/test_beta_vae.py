@@ -11,6 +11,8 @@ import beta_vae as bv
 import beta_vae_analyze as ba
 import standard_vae as sv
 import utils
+from training import checkpoints
+from training.sizes import C_SHARE, WARMUP_SHARE
 
 
 # ---- schedules and objectives ------------------------------------------------------------------
@@ -163,7 +165,7 @@ def test_schedules_follow_the_run_length_unless_given():
     # not given: C reaches C_max at C_SHARE of the run, capped at the published 100,000 steps
     args = bv.check_args(bv.parse_args(["--dataset", "celeba", "--objective", "B"]))
     lines = bv.resolve_schedule(args, 1110)
-    assert args.c_steps == round(bv.C_SHARE * 1110) and args.c_max == 50.0
+    assert args.c_steps == round(C_SHARE * 1110) and args.c_max == 50.0
     assert bv.capacity(1110, args.c_max, args.c_steps) == 50.0
     assert lines[0].startswith(f"schedule: C rises linearly from 0 to 50 nats over "
                                f"{args.c_steps:,} steps") and len(lines) == 1
@@ -180,7 +182,7 @@ def test_schedules_follow_the_run_length_unless_given():
     # H and TC warm beta up over WARMUP_SHARE of the run; TC's beta defaults to 6
     args = bv.check_args(bv.parse_args(["--objective", "TC"]))
     assert "total correlation" in bv.resolve_schedule(args, 2000)[0]
-    assert (args.beta, args.beta_warmup) == (6.0, round(bv.WARMUP_SHARE * 2000))
+    assert (args.beta, args.beta_warmup) == (6.0, round(WARMUP_SHARE * 2000))
     args = bv.check_args(bv.parse_args(["--objective", "H", "--beta-warmup", "5000"]))
     assert args.beta == 4.0 and bv.resolve_schedule(args, 1000)[1].startswith(
         "warning: beta will reach 0.20 of 4")
@@ -309,8 +311,8 @@ def test_beta_vae_trains_resumes_exactly_and_is_analysed(tmp_path, cli):
         assert (straight / name).stat().st_size > 0, name
     m = json.loads((split / "metrics.json").read_text())
     assert m["steps"] == 12 and m["capacity"] == pytest.approx(bv.capacity(12, 25.0, 100))
-    a = utils.load_checkpoint(straight / "checkpoint.pt")
-    b = utils.load_checkpoint(split / "checkpoint.pt")
+    a = checkpoints.load(straight / "checkpoint.pt")
+    b = checkpoints.load(split / "checkpoint.pt")
     assert [r["loss"] for r in a["log"]] == [r["loss"] for r in b["log"]]
     assert len(a["log"][0]["kl_dims"]) == 4
     for k in a["model"]:
@@ -448,7 +450,7 @@ def test_mlp_trains_resumes_exactly_and_is_rebuilt_by_the_analysis(tmp_path):
     bv.main(bv.parse_args([*common, "--max-steps", "6", "--out", str(split)]))
     bv.main(bv.parse_args([*common, "--max-steps", "12", "--out", str(split), "--resume"]))
     assert metrics["args"]["arch"] == "mlp" and metrics["precision"]["bf16"] is False
-    a, b = (utils.load_checkpoint(p / "checkpoint.pt") for p in (straight, split))
+    a, b = (checkpoints.load(p / "checkpoint.pt") for p in (straight, split))
     assert [r["loss"] for r in a["log"]] == [r["loss"] for r in b["log"]]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k

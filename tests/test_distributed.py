@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import utils
+from training import checkpoints
 from conftest import ROOT, torchrun
 
 pytestmark = pytest.mark.slow          # torchrun: two processes per test
@@ -20,7 +20,7 @@ def test_torchrun_writes_one_checkpoint_that_loads_in_one_process(tmp_path, scri
     extra = ["--dataset", "dsprites"] if script == "beta_vae.py" else []
     torchrun(ROOT / script, *tiny(tmp_path, out, "--max-steps", 6, *extra))
     assert [p.name for p in out.glob("*.pt")] == ["checkpoint.pt"]
-    state = utils.load_checkpoint(out / "checkpoint.pt")
+    state = checkpoints.load(out / "checkpoint.pt")
     assert state["step"] == 6 and len(state["rng_ranks"]) == 2
     kind = state["kind"]
     module = __import__(kind)
@@ -31,7 +31,7 @@ def test_torchrun_writes_one_checkpoint_that_loads_in_one_process(tmp_path, scri
     assert m["world_size"] == 2 and m["steps"] == 6
     # resume under torchrun continues the step count
     torchrun(ROOT / script, *tiny(tmp_path, out, "--max-steps", 10, "--resume", *extra))
-    assert utils.load_checkpoint(out / "checkpoint.pt")["step"] == 10
+    assert checkpoints.load(out / "checkpoint.pt")["step"] == 10
 
 
 def test_ranks_hold_identical_parameters_after_training(tmp_path):
@@ -41,7 +41,7 @@ def test_ranks_hold_identical_parameters_after_training(tmp_path):
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    saved = utils.load_checkpoint(out / "checkpoint.pt")
+    saved = checkpoints.load(out / "checkpoint.pt")
     assert saved["step"] == 5 and saved["log"][-1]["loss"] < saved["log"][0]["loss"]
     for k in a:
         assert torch.equal(a[k], saved["model"][k]), k

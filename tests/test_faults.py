@@ -17,6 +17,8 @@ import pytest
 import torch
 
 import utils
+from training import checkpoints, console, files
+from training.errors import UserError
 from conftest import ROOT, run_cli, run_script, write_celeba, write_idx
 
 RUN = ["--data-root", None, "--limit", 512, "--batch-size", 32, "--eval-limit", 64,
@@ -34,7 +36,7 @@ def straight(tmp_path_factory):
     """An uninterrupted 3-epoch run (48 steps) that the interrupted runs must reproduce."""
     tmp = tmp_path_factory.mktemp("straight")
     run_cli("standard_vae.py", *args_for(tmp, tmp / "run"))
-    return tmp, utils.load_checkpoint(tmp / "run" / "checkpoint.pt")
+    return tmp, checkpoints.load(tmp / "run" / "checkpoint.pt")
 
 
 def same_run(a, b, logs=True):
@@ -73,7 +75,7 @@ def wait_for_line(proc, text, timeout=120):
 @pytest.mark.slow
 def test_same_seed_gives_bit_identical_loss_histories(straight, tmp_path):
     run_script("standard_vae.py", *args_for(tmp_path, tmp_path / "again"))
-    same_run(straight[1], utils.load_checkpoint(tmp_path / "again" / "checkpoint.pt"))
+    same_run(straight[1], checkpoints.load(tmp_path / "again" / "checkpoint.pt"))
 
 
 @pytest.mark.slow
@@ -85,7 +87,7 @@ def test_sigkill_mid_run_then_resume_equals_the_uninterrupted_run(straight, tmp_
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
     run_script("standard_vae.py", *args_for(tmp_path, out, "--resume"))
-    same_run(straight[1], utils.load_checkpoint(out / "checkpoint.pt"))
+    same_run(straight[1], checkpoints.load(out / "checkpoint.pt"))
 
 
 @pytest.mark.slow
@@ -96,14 +98,14 @@ def test_ctrl_c_saves_the_current_step_and_resume_continues_exactly(straight, tm
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr                # a stop, told apart from a finished run
-    saved = utils.load_checkpoint(out / "checkpoint.pt")
+    saved = checkpoints.load(out / "checkpoint.pt")
     assert f"stopped at step {saved['step']}" in stdout and "SIGINT received" in stderr
     assert 16 <= saved["step"] < 48
     assert not (out / "metrics.json").exists()
     run_script("standard_vae.py", *args_for(tmp_path, out, "--resume"))
     # the stop flushed a partial logging window, so the logs are cut differently from there;
     # the weights, step and the logs up to the stop must match
-    resumed = utils.load_checkpoint(out / "checkpoint.pt")
+    resumed = checkpoints.load(out / "checkpoint.pt")
     same_run(straight[1], resumed, logs=False)
     before = [r for r in straight[1]["log"] if r["step"] < saved["step"]]
     assert before == resumed["log"][:len(before)]
@@ -111,7 +113,7 @@ def test_ctrl_c_saves_the_current_step_and_resume_continues_exactly(straight, tm
 
 def test_first_ctrl_c_requests_a_stop_and_the_second_exits_at_once():
     before = signal.getsignal(signal.SIGINT)
-    with utils.StopSignal() as stop:
+    with console.StopSignal() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.01)
         assert stop.requested == "SIGINT"                    # the loop saves and leaves
@@ -133,11 +135,11 @@ def test_damaged_checkpoint_names_the_previous_one_which_resume_can_use(straight
     assert "damaged" in proc.stderr and f"--resume {out / 'checkpoint.prev.pt'}" in proc.stderr
     analysis = run_script("beta_vae_analyze.py", "--checkpoint", ckpt, "--traverse", check=False)
     assert analysis.returncode == 1 and "checkpoint.prev.pt" in analysis.stderr
-    prev = utils.load_checkpoint(out / "checkpoint.prev.pt")
+    prev = checkpoints.load(out / "checkpoint.prev.pt")
     assert prev["step"] == 32                                    # the epoch-2 checkpoint
     run_script("standard_vae.py", *args_for(tmp_path, out, "--resume", out / "checkpoint.prev.pt",
                                             "--max-steps", 48))
-    same_run(straight[1], utils.load_checkpoint(ckpt))
+    same_run(straight[1], checkpoints.load(ckpt))
     assert (out / "checkpoint.replaced.pt").exists()             # the damaged file is kept aside
 
 
@@ -234,7 +236,7 @@ def run_in_process(script, args, capsys):
     try:
         module.main(module.parse_args([str(a) for a in args]))
         status = 0
-    except utils.UserError as e:             # what utils.run_command does with it
+    except UserError as e:                   # what console.run_command does with it
         status = 1
         print(f"error: {e}", file=sys.stderr)
     except SystemExit as e:                  # what Python does with it at the top level
@@ -648,7 +650,7 @@ def test_overwrite_replaces_the_old_run_and_leaves_no_trace_of_it(finished, tmp_
     old = (run / "checkpoint.pt").read_bytes()
     assert run_in_process("standard_vae.py", [*data(tmp_path), "--epochs", 1, "--seed", 1,
                                               "--out", run, "--overwrite"], capsys)[0] == 0
-    state = utils.load_checkpoint(run / "checkpoint.pt")
+    state = checkpoints.load(run / "checkpoint.pt")
     assert state["step"] == 8 and state["args"]["seed"] == 1
     assert (run / "checkpoint.pt").read_bytes() != old
     assert not (run / "checkpoint.prev.pt").exists()        # the old run's, deleted first
@@ -668,23 +670,23 @@ def test_a_second_run_into_a_busy_folder_is_refused_and_the_first_is_untouched(t
     first.send_signal(signal.SIGINT)
     stdout, stderr = first.communicate(timeout=120)
     assert first.returncode == 130, stderr
-    state = utils.load_checkpoint(out / "checkpoint.pt")
+    state = checkpoints.load(out / "checkpoint.pt")
     assert state["step"] > 8 and state["args"]["seed"] == 0        # the first run's, whole
     assert leftovers(out) == []
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     path = tmp_path / "checkpoint.pt"
-    utils.save_checkpoint(path, {"model": {}, "args": {}, "step": 1})
+    checkpoints.save(path, {"model": {}, "args": {}, "step": 1})
     before = path.read_bytes()
 
     def disk_full(f):
         f.write(b"half a checkpoint")
         raise OSError(28, "No space left on device")
-    with pytest.raises(utils.UserError, match="No space left on device.*left as it was"):
-        utils.atomic_write(path, disk_full, keep_previous=True)
+    with pytest.raises(UserError, match="No space left on device.*left as it was"):
+        files.atomic_write(path, disk_full, keep_previous=True)
     with pytest.raises(KeyboardInterrupt):                    # Ctrl-C mid-write
-        utils.atomic_write(path, lambda f: (f.write(b"x"), (_ for _ in ()).throw(
+        files.atomic_write(path, lambda f: (f.write(b"x"), (_ for _ in ()).throw(
             KeyboardInterrupt())))
     assert path.read_bytes() == before and leftovers(tmp_path) == []
     assert not (tmp_path / "checkpoint.prev.pt").exists()
@@ -694,7 +696,7 @@ def test_two_writers_of_one_file_never_share_a_temporary(tmp_path):
     """Each write goes through its own O_EXCL temporary: interleaved writers each leave a
     whole file, never a mix (the old fixed `.name.tmp` was shared)."""
     path = tmp_path / "history.json"
-    with utils.replacing(path) as a, utils.replacing(path) as b:
+    with files.replacing(path) as a, files.replacing(path) as b:
         assert a != b and a.exists() and b.exists()
         a.write_text("[1]")
         b.write_text("[2]")

@@ -1,7 +1,6 @@
 """How runs behave around training: progress reports, sizes that follow the run's length,
 evaluation sums without float64 (Apple MPS), and the GPU-only paths (bf16 autocast,
 channels-last, fused Adam, torch.compile) exercised on the CPU."""
-import argparse
 import json
 
 import numpy as np
@@ -11,31 +10,32 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import beta_vae as bv
 import standard_vae as sv
-import utils
 import vq_vae as vq
+from training import checkpoints, devices, distributed, progress, sizes
+from training.errors import UserError
 
 
 # ---- progress --------------------------------------------------------------------------------
 def test_progress_off_a_terminal_is_a_few_plain_lines(capsys, monkeypatch):
-    with utils.Progress(total=4, desc="phase", unit="batch", what="8 images", announce=True,
-                        tty=False) as bar:
+    with progress.bar(total=4, desc="phase", unit="batch", what="8 images", announce=True,
+                      tty=False) as bar:
         for _ in range(4):
             bar.update(1)
     assert capsys.readouterr().out.splitlines() == [
         "phase: 4 batches, 8 images", "phase: done: 4 batches in 0 s"]
 
-    for _ in utils.Progress(range(3), desc="quick", tty=False):    # short phases stay silent
+    for _ in progress.bar(range(3), desc="quick", tty=False):    # short phases stay silent
         pass
     assert capsys.readouterr().out == ""
 
     with pytest.raises(KeyboardInterrupt):                        # a phase cut short says so
-        with utils.Progress(total=4, desc="cut", announce=True, tty=False) as bar:
+        with progress.bar(total=4, desc="cut", announce=True, tty=False) as bar:
             bar.update(1)
             raise KeyboardInterrupt
     assert capsys.readouterr().out.splitlines() == ["cut: 4 its", "cut: stopped after 1 it in 0 s"]
 
-    monkeypatch.setattr(utils.Progress, "QUIET_S", 0.0)             # a phase that is slow
-    for _ in utils.Progress(range(20), desc="slow", unit="image", tty=False):
+    monkeypatch.setattr(progress.Lines, "QUIET_S", 0.0)            # a phase that is slow
+    for _ in progress.bar(range(20), desc="slow", unit="image", tty=False):
         pass
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("slow: 20 images, about ") and lines[0].endswith(" left")
@@ -43,41 +43,39 @@ def test_progress_off_a_terminal_is_a_few_plain_lines(capsys, monkeypatch):
 
 
 def test_progress_is_a_bar_on_a_terminal_and_silent_off_rank_0(capsys, monkeypatch):
-    for _ in utils.Progress(range(3), desc="bar", tty=True, announce=True):
+    for _ in progress.bar(range(3), desc="bar", tty=True, announce=True):
         pass
     out = capsys.readouterr()
     assert out.out == "" and "bar: 100%" in out.err                # tqdm draws on stderr
-    monkeypatch.setattr(utils, "DIST", utils.Distributed(rank=1, world=2))
-    for _ in utils.Progress(range(3), desc="rank 1", tty=False, announce=True):
+    monkeypatch.setattr(distributed.DIST, "rank", 1)               # this process as rank 1
+    monkeypatch.setattr(distributed.DIST, "world", 2)
+    for _ in progress.bar(range(3), desc="rank 1", tty=False, announce=True):
         pass
-    for _ in utils.Progress(range(3), desc="rank 1", tty=True, announce=True):
+    for _ in progress.bar(range(3), desc="rank 1", tty=True, announce=True):
         pass
     assert capsys.readouterr() == ("", "")
 
 
 # ---- sizes that follow the run ---------------------------------------------------------------
 def test_held_out_and_iw_nll_sizes_follow_the_run():
-    run = argparse.Namespace(batch_size=64, epochs=30, max_steps=None)
-    assert utils.run_images(run, 663_552) == (30 * 10_368 * 64, 10_368 * 64)
-    assert utils.run_images(argparse.Namespace(**{**vars(run), "max_steps": 10}), 663_552) \
-        == (640, 663_552)
-    assert utils.held_out_size(None, 640, 663_552) == 1_000                # a 10-step run
-    assert utils.held_out_size(None, 3_000 * 64, 663_552) == 10_000        # a real run
-    assert utils.held_out_size(None, 72_000, 2_400) == 2_400               # one small epoch
-    assert utils.held_out_size(500, 640, 663_552) == 500                   # as typed
-    assert sv.iw_size(None, 10_000, 600_000, 100) == 10_000                # 10 MNIST epochs
-    assert sv.iw_size(None, 1_000, 1_280, 100) == 100                      # a 10-step run
-    assert sv.iw_size(None, 1_000, 10_000, 100) == 300
-    assert sv.iw_size(50, 1_000, 1_280, 100) == 50 and sv.iw_size(5_000, 64, 0, 4) == 64
+    # (--batch-size, --epochs, --max-steps, training images)
+    assert sizes.run_images(64, 30, None, 663_552) == (30 * 10_368 * 64, 10_368 * 64)
+    assert sizes.run_images(64, 30, 10, 663_552) == (640, 663_552)
+    assert sizes.held_out_size(None, 640, 663_552) == 1_000                # a 10-step run
+    assert sizes.held_out_size(None, 3_000 * 64, 663_552) == 10_000        # a real run
+    assert sizes.held_out_size(None, 72_000, 2_400) == 2_400               # one small epoch
+    assert sizes.held_out_size(500, 640, 663_552) == 500                   # as typed
+    assert sizes.iw_size(None, 10_000, 600_000, 100) == 10_000             # 10 MNIST epochs
+    assert sizes.iw_size(None, 1_000, 1_280, 100) == 100                   # a 10-step run
+    assert sizes.iw_size(None, 1_000, 10_000, 100) == 300
+    assert sizes.iw_size(50, 1_000, 1_280, 100) == 50 and sizes.iw_size(5_000, 64, 0, 4) == 64
 
 
 def test_vq_prior_is_bounded_like_the_vq_vae_unless_told_otherwise():
-    args = argparse.Namespace(prior_epochs=None, prior_max_steps=None, epochs=30, max_steps=10)
-    assert vq.prior_length(args) == (vq.PRIOR_EPOCHS, 10)
-    args.epochs, args.max_steps = 2, None
-    assert vq.prior_length(args) == (2, None)
-    args.prior_epochs, args.prior_max_steps = 0, 7
-    assert vq.prior_length(args) == (0, 7)
+    # (--prior-epochs, --prior-max-steps, --epochs, --max-steps)
+    assert sizes.prior_length(None, None, 30, 10) == (sizes.PRIOR_EPOCHS, 10)
+    assert sizes.prior_length(None, None, 2, None) == (2, None)
+    assert sizes.prior_length(0, 7, 2, None) == (0, 7)
 
 
 # ---- evaluation without float64 --------------------------------------------------------------
@@ -97,7 +95,7 @@ class DtypeLog(TorchDispatchMode):
 
 
 class Float64Sums:
-    """The accumulation before utils.Sums: plain float64 sums, the reference."""
+    """The accumulation before distributed.Sums: plain float64 sums, the reference."""
 
     def __init__(self, n, device):
         self.total = torch.zeros(n, dtype=torch.float64, device=device)
@@ -112,7 +110,7 @@ class Float64Sums:
 def test_compensated_sums_keep_float64_accuracy_in_float32():
     g = torch.Generator().manual_seed(0)
     values = 1000 + torch.rand(20_000, 2, generator=g)
-    sums, naive = utils.Sums(2, "cpu"), torch.zeros(2)
+    sums, naive = distributed.Sums(2, "cpu"), torch.zeros(2)
     for v in values:
         sums.add(v)
         naive += v
@@ -136,7 +134,7 @@ def test_vae_evaluation_makes_no_float64_tensor_and_equals_float64_sums(recon, m
     with log:
         result = sv.evaluate(model, images, torch.device("cpu"), 0, binarize, False, 3, 90)
     assert torch.float64 not in log.dtypes and torch.float32 in log.dtypes
-    monkeypatch.setattr(utils, "Sums", Float64Sums)
+    monkeypatch.setattr(distributed, "Sums", Float64Sums)
     reference = sv.evaluate(model, images, torch.device("cpu"), 0, binarize, False, 3, 90)
     assert result["images"] == 1_300 and result["iw_images"] == 90
     for key in ("neg_elbo", "recon", "kl", "iw_nll"):
@@ -153,7 +151,7 @@ def test_vq_evaluation_makes_no_float64_tensor_and_equals_float64_sums(monkeypat
     with log:
         result = vq.evaluate(model, images, 0.08, 64, torch.device("cpu"))
     assert torch.float64 not in log.dtypes
-    monkeypatch.setattr(utils, "Sums", Float64Sums)
+    monkeypatch.setattr(distributed, "Sums", Float64Sums)
     reference = vq.evaluate(model, images, 0.08, 64, torch.device("cpu"))
     for key in ("recon_error", "psnr", "perplexity", "batch_perplexity"):
         assert result[key] == pytest.approx(reference[key], rel=1e-6), key
@@ -173,26 +171,26 @@ def test_auto_precision_takes_bf16_only_where_native_and_faster(monkeypatch):
         m(torch.randn(8, 4)).pow(2).mean().backward()
         opt.step()
 
-    monkeypatch.setattr(utils, "native_bf16", lambda device: (False, "CPU has no native bf16"))
-    assert utils.choose_precision("auto", "cpu", model, 1e-3, step) == (
+    monkeypatch.setattr(devices, "native_bf16", lambda device: (False, "CPU has no native bf16"))
+    assert devices.choose_precision("auto", "cpu", model, 1e-3, step) == (
         False, "precision: fp32 (CPU has no native bf16)")
     assert probed == []                             # no probe where bf16 is emulated
-    assert utils.choose_precision("fp32", "cpu", model, 1e-3, step)[0] is False
+    assert devices.choose_precision("fp32", "cpu", model, 1e-3, step)[0] is False
 
     # bf16 typed where it is emulated: obeyed, with the probe's measured slowdown
-    monkeypatch.setattr(utils, "time_precisions", lambda step, device, rounds: (1.0, 8.0))
-    bf16, line = utils.choose_precision("bf16", "cpu", model, 1e-3, step)
+    monkeypatch.setattr(devices, "time_precisions", lambda step, device, rounds: (1.0, 8.0))
+    bf16, line = devices.choose_precision("bf16", "cpu", model, 1e-3, step)
     assert bf16 and line.startswith("warning: precision bf16 as asked") and "8.0x slower" in line
 
-    monkeypatch.setattr(utils, "native_bf16", lambda device: (True, "CPU has AMX BF16"))
-    assert utils.choose_precision("auto", "cpu", model, 1e-3, step) == (
+    monkeypatch.setattr(devices, "native_bf16", lambda device: (True, "CPU has AMX BF16"))
+    assert devices.choose_precision("auto", "cpu", model, 1e-3, step) == (
         False, "precision: fp32 (CPU has AMX BF16, but bf16 was not faster here: probe 0.12x "
         "fp32)")
-    monkeypatch.setattr(utils, "time_precisions", lambda step, device, rounds: (1.9, 1.0))
-    assert utils.choose_precision("auto", "cpu", model, 1e-3, step) == (
+    monkeypatch.setattr(devices, "time_precisions", lambda step, device, rounds: (1.9, 1.0))
+    assert devices.choose_precision("auto", "cpu", model, 1e-3, step) == (
         True, "precision: bf16 (CPU has AMX BF16; probe 1.90x fp32)")
-    monkeypatch.setattr(utils, "time_precisions", lambda step, device, rounds: (1.03, 1.0))
-    assert utils.choose_precision("auto", "cpu", model, 1e-3, step)[0] is False    # noise
+    monkeypatch.setattr(devices, "time_precisions", lambda step, device, rounds: (1.03, 1.0))
+    assert devices.choose_precision("auto", "cpu", model, 1e-3, step)[0] is False    # noise
 
 
 def test_precision_probe_times_both_and_leaves_the_random_stream_alone():
@@ -204,11 +202,11 @@ def test_precision_probe_times_both_and_leaves_the_random_stream_alone():
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    fp32_s, bf16_s = utils.time_precisions(step, "cpu", rounds=3)
+    fp32_s, bf16_s = devices.time_precisions(step, "cpu", rounds=3)
     assert torch.equal(torch.rand(3), expected)     # the run's stream is not advanced
     assert calls == [False, True] * 4 and fp32_s > 0 and bf16_s > 0      # one warm-up each
-    flags = utils.cpu_flags()
-    native, why = utils.native_bf16("cpu")
+    flags = devices.cpu_flags()
+    native, why = devices.native_bf16("cpu")
     assert native == bool(flags & {"amx_bf16", "avx512_bf16"}) and why.startswith("CPU has")
 
 
@@ -218,13 +216,13 @@ TINY = ["--dataset", "dsprites", "--limit", 512, "--batch-size", 32, "--log-ever
 
 
 def test_bf16_autocast_channels_last_and_fused_adam_train_on_cpu(tmp_path, monkeypatch):
-    """--precision bf16 and the paths a GPU takes (utils.FAST_PATHS), through the real
+    """--precision bf16 and the paths a GPU takes (devices.FAST_PATHS), through the real
     training loop: the model runs in bf16 on channels-last batches, the loss terms stay fp32,
     the loss falls, and the optimiser is the fused Adam. (The CPU is taken as native bf16, so
     no probe steps join the record; where it is emulated these 26 tiny steps are slow, not
     wrong.)"""
-    monkeypatch.setattr(utils, "FAST_PATHS", {"cuda", "cpu"})
-    monkeypatch.setattr(utils, "native_bf16", lambda device: (True, "taken as native"))
+    monkeypatch.setattr(devices, "FAST_PATHS", {"cuda", "cpu"})
+    monkeypatch.setattr(devices, "native_bf16", lambda device: (True, "taken as native"))
     TINY = [*globals()["TINY"], "--precision", "bf16"]
     seen = []
 
@@ -243,9 +241,9 @@ def test_bf16_autocast_channels_last_and_fused_adam_train_on_cpu(tmp_path, monke
                            "--out", str(out)]))
     assert all(dtype == torch.bfloat16 and nhwc for dtype, nhwc, _ in seen)
     assert all(d == torch.float32 for *_, terms in seen for d in terms.values())
-    log = utils.load_checkpoint(out / "checkpoint.pt")["log"]
+    log = checkpoints.load(out / "checkpoint.pt")["log"]
     assert log[-1]["recon"] < 0.6 * log[0]["recon"]
-    state = utils.load_checkpoint(out / "checkpoint.pt")["optimizer"]
+    state = checkpoints.load(out / "checkpoint.pt")["optimizer"]
     assert state["param_groups"][0]["fused"] is True
 
     # the VQ-VAE under the same paths (its prior samples too slowly in bf16 on a CPU)
@@ -255,7 +253,7 @@ def test_bf16_autocast_channels_last_and_fused_adam_train_on_cpu(tmp_path, monke
                                      "--res-layers", "1", "--codes", "32", "--latent", "8",
                                      "--prior-epochs", "0", "--out", str(tmp_path / "vq")]))
     assert metrics["steps"] == 6 and np.isfinite(metrics["test"]["recon_error"])
-    log = utils.load_checkpoint(tmp_path / "vq" / "checkpoint.pt")["log"]
+    log = checkpoints.load(tmp_path / "vq" / "checkpoint.pt")["log"]
     assert log[-1]["loss"] < log[0]["loss"]
 
 
@@ -304,11 +302,12 @@ def test_typed_flags_are_recorded_in_one_parse_and_resume_honours_them():
     assert sv.parse_args([]).given == [] and sv.parse_args([]).compile is False
 
     saved = {"args": vars(sv.parse_args(["--epochs", "30", "--lr", "1e-4"]))}
-    resumed = utils.resume_args(sv.parse_args(["--resume", "--epochs", "10"]), saved,
-                                sv.RESUME_FLAGS)
+    resumed = checkpoints.resume_args(sv.parse_args(["--resume", "--epochs", "10"]), saved,
+                                      sv.RESUME_FLAGS)
     assert (resumed.epochs, resumed.lr) == (10, 1e-4)           # typed default wins, rest saved
 
     # a flag that shapes the model, typed at its default against a checkpoint that differs
     saved = {"args": vars(sv.parse_args(["--latent", "32"]))}
-    with pytest.raises(utils.UserError, match="--latent cannot change on --resume"):
-        utils.resume_args(sv.parse_args(["--resume", "--latent", "10"]), saved, sv.RESUME_FLAGS)
+    with pytest.raises(UserError, match="--latent cannot change on --resume"):
+        checkpoints.resume_args(sv.parse_args(["--resume", "--latent", "10"]), saved,
+                                sv.RESUME_FLAGS)

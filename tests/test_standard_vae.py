@@ -7,7 +7,8 @@ import torch
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
 import standard_vae as sv
-import utils
+from training import checkpoints
+from training.errors import UserError
 
 
 def test_analytic_kl_equals_torch_distributions():
@@ -98,7 +99,7 @@ def test_encoder_decoder_sizes_are_derived_from_the_image(size, channels):
 
 
 def test_unsupported_image_size_is_a_clear_error():
-    with pytest.raises(utils.UserError, match="unsupported image size 30"):
+    with pytest.raises(UserError, match="unsupported image size 30"):
         sv.feature_size(30)
 
 
@@ -130,8 +131,8 @@ def test_training_lowers_the_loss_and_resume_continues_exactly(tmp_path, cli):
     assert test["bits_per_dim"] is not None and len(test["kl_per_dim"]) == 10
     assert test["neg_elbo"] == pytest.approx(test["recon"] + test["kl"])
 
-    a = utils.load_checkpoint(straight / "checkpoint.pt")
-    b = utils.load_checkpoint(split / "checkpoint.pt")
+    a = checkpoints.load(straight / "checkpoint.pt")
+    b = checkpoints.load(split / "checkpoint.pt")
     assert b["step"] == a["step"] == 16
     losses = [r["loss"] for r in a["log"]]
     assert losses[-1] < 0.7 * losses[0]                     # it learns

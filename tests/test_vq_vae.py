@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 import utils
 import vq_vae as vq
+from training import checkpoints, devices
+from training.errors import UserError
 from conftest import ROOT, collapsed_quantizer, torchrun
 
 # Subprocess runs use one thread: the tensors of the tiny configurations are too small to gain
@@ -227,7 +229,7 @@ def test_the_optimizer_holds_the_parameters_the_model_uses(codebook):
     torch.manual_seed(0)
     model = vq.VQVAE(1, hidden=8, res_hidden=4, res_layers=1, num_codes=16, code_dim=4,
                      codebook=codebook)
-    opt = utils.adam(model.parameters(), 1e-2, "cpu")
+    opt = devices.adam(model.parameters(), 1e-2, "cpu")
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -250,7 +252,7 @@ def test_encoder_decoder_support_28_32_and_64_pixels():
         recon, indices, _ = model(torch.rand(2, channels, size, size) - 0.5)
         assert recon.shape == (2, channels, size, size)
         assert indices.shape == (2, size // 4, size // 4)
-    with pytest.raises(utils.UserError, match="unsupported image size 30"):
+    with pytest.raises(UserError, match="unsupported image size 30"):
         vq.grid_size(30)
 
 
@@ -392,7 +394,7 @@ def test_vq_vae_and_prior_end_to_end_and_resume(tmp_path, cli):
     assert [h["step"] for h in history] == [8, 16]
     assert history[1]["test_recon_error"] < history[0]["test_recon_error"]      # it learns
     # the prior's checkpoint rebuilds the prior from its config alone and carries the VQ-VAE
-    state = utils.load_checkpoint(straight / "prior.pt")
+    state = checkpoints.load(straight / "prior.pt")
     assert state["kind"] == "vq_vae_prior" and state["vq_step"] == 16
     vq.build_prior(state["config"]).load_state_dict(state["model"])
     model = vq.build_model(argparse.Namespace(**state["args"]), channels=1)
@@ -402,19 +404,19 @@ def test_vq_vae_and_prior_end_to_end_and_resume(tmp_path, cli):
     cli("vq_vae.py", *common, "--epochs", 1, "--prior-epochs", 0, "--out", split)
     assert not (split / "prior.pt").exists()
     cli("vq_vae.py", *common, "--epochs", 2, "--prior-epochs", 1, "--out", split, "--resume")
-    a = utils.load_checkpoint(straight / "checkpoint.pt")
-    b = utils.load_checkpoint(split / "checkpoint.pt")
+    a = checkpoints.load(straight / "checkpoint.pt")
+    b = checkpoints.load(split / "checkpoint.pt")
     assert a["step"] == b["step"] == 16
     assert [r["loss"] for r in b["log"]] == [r["loss"] for r in a["log"]]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    pa, pb = state, utils.load_checkpoint(split / "prior.pt")
+    pa, pb = state, checkpoints.load(split / "prior.pt")
     for k in pa["model"]:
         assert torch.equal(pa["model"][k], pb["model"][k]), k
 
     # the prior resumes too; a VQ-VAE trained further makes the old prior stale: a clear error
     cli("vq_vae.py", *common, "--epochs", 2, "--prior-epochs", 2, "--out", split, "--resume")
-    assert utils.load_checkpoint(split / "prior.pt")["step"] == 16
+    assert checkpoints.load(split / "prior.pt")["step"] == 16
     assert [h["step"] for h in json.loads((split / "prior_history.json").read_text())] == [8, 16]
     proc = cli("vq_vae.py", *common, "--epochs", 3, "--prior-epochs", 2, "--out", split,
                   "--resume", check=False)
@@ -440,7 +442,7 @@ DDP_PRIOR = ["--prior-channels", 16, "--prior-layers", 3, "--prior-kernel", 3,
 @pytest.fixture(scope="module")
 def ddp_worker(tmp_path_factory):
     """One launch of tests/vq_ddp_worker.py on 2 ranks: the quantiser checks, then 6 steps of
-    vq_vae.fit with each codebook kind (run folders run/ and run-loss/)."""
+    vq_vae.py's VQ-VAE phase with each codebook kind (run folders run/ and run-loss/)."""
     out = tmp_path_factory.mktemp("vq_ddp")
     torchrun(ROOT / "tests" / "vq_ddp_worker.py", out, "--data-root", out / "data", *DDP_TINY,
              "--max-steps", 6, "--out", out / "run")
@@ -506,8 +508,8 @@ def test_torchrun_training_keeps_weights_and_codebooks_identical_on_all_ranks(dd
     train = utils.load_dataset("dsprites", ddp_worker / "data", "train", 256)
     assert a["variance"] == b["variance"] == vq.data_variance(train.images, torch.device("cpu"))
     # rank 0's checkpoint holds the plain module's state, the same as every rank's
-    saved = utils.load_checkpoint(ddp_worker / ("run" if name == "fit" else "run-loss")
-                                  / "checkpoint.pt")
+    saved = checkpoints.load(ddp_worker / ("run" if name == "fit" else "run-loss")
+                             / "checkpoint.pt")
     assert saved["step"] == 6 and saved["args"]["codebook"] == ("ema" if name == "fit" else "loss")
     for k in a["model"]:
         assert torch.equal(a["model"][k], saved["model"][k]), k
@@ -531,10 +533,10 @@ def test_torchrun_script_writes_once_from_rank_0_and_resumes_both_phases(tmp_pat
     assert m["test"]["images"] == 64 and sum(m["test"]["code_counts"]) == 64 * 16 * 16
     assert m["test"]["recon_error"] == pytest.approx(m["test"]["mse"] / m["data_variance"])
     # the checkpoints rebuild in one process, from their stored args alone
-    state = utils.load_checkpoint(out / "checkpoint.pt")
+    state = checkpoints.load(out / "checkpoint.pt")
     assert state["step"] == 4 and len(state["rng_ranks"]) == 2
     vq.build_model(argparse.Namespace(**state["args"]), channels=1).load_state_dict(state["model"])
-    prior = utils.load_checkpoint(out / "prior.pt")
+    prior = checkpoints.load(out / "prior.pt")
     assert prior["step"] == 2 and prior["vq_step"] == 4 and len(prior["rng_ranks"]) == 2
     vq.build_prior(prior["config"]).load_state_dict(prior["model"])
 
@@ -542,14 +544,14 @@ def test_torchrun_script_writes_once_from_rank_0_and_resumes_both_phases(tmp_pat
     torchrun(ROOT / "vq_vae.py", *common, "--max-steps", 4, "--prior-epochs", 1,
              "--prior-max-steps", 4, "--resume")
     assert not (out / "checkpoint.prev.pt").exists()
-    prior = utils.load_checkpoint(out / "prior.pt")
+    prior = checkpoints.load(out / "prior.pt")
     assert prior["step"] == 4 and [r["step"] for r in prior["log"]] == [2, 4]
     assert [h["step"] for h in json.loads((out / "prior_history.json").read_text())] == [2, 4]
 
     # the VQ-VAE resumes under torchrun: steps 4 to 6 give the worker's 6 straight steps
     torchrun(ROOT / "vq_vae.py", *common, "--max-steps", 6, "--prior-epochs", 0, "--resume")
-    resumed = utils.load_checkpoint(out / "checkpoint.pt")
-    straight = utils.load_checkpoint(ddp_worker / "run" / "checkpoint.pt")
+    resumed = checkpoints.load(out / "checkpoint.pt")
+    straight = checkpoints.load(ddp_worker / "run" / "checkpoint.pt")
     assert resumed["step"] == straight["step"] == 6
     assert [r["loss"] for r in resumed["log"]] == [r["loss"] for r in straight["log"]]
     for k in straight["model"]:

@@ -8,9 +8,10 @@
    - `restart/<kind>`: a collapsed codebook (15 of 16 codes dead), each rank with its own batch
      and its own RNG seed; saves the codebook after the restart and the rank's batch.
    Written to OUT/quantizer<rank>.pt.
-2. vq_vae.fit with ARGS (the real training path), once with ARGS as given (OUT/fit<rank>.pt)
-   and once with `--codebook loss` appended and the run folder suffixed `-loss`
-   (OUT/fit_loss<rank>.pt): this rank's state_dict, the batches it trained on, the data variance.
+2. vq_vae.py's VQ-VAE phase with ARGS (the real training path, no prior), once with ARGS as
+   given (OUT/fit<rank>.pt) and once with `--codebook loss` appended and the run folder
+   suffixed `-loss` (OUT/fit_loss<rank>.pt): this rank's state_dict, the batches it trained on,
+   the data variance.
 """
 import sys
 from pathlib import Path
@@ -20,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import utils  # noqa: E402
 import vq_vae as vq  # noqa: E402
-from conftest import collapsed_quantizer  # noqa: E402
+from conftest import collapsed_quantizer, first_phase  # noqa: E402
+from training import distributed  # noqa: E402
 
 
 def quantizer(out, rank):
@@ -54,21 +56,22 @@ def fit(out, argv, name):
 
     utils.DeviceBatches.epoch = recording
     try:
-        run = vq.fit(vq.check_args(vq.parse_args(argv)))
+        model, settings, trained = first_phase(vq.main,
+                                               vq.parse_args([*argv, "--prior-epochs", "0"]))
     finally:
         utils.DeviceBatches.epoch = epoch
-    torch.save({"model": {k: v.clone() for k, v in run.model.state_dict().items()},
-                "batches": torch.stack(seen), "variance": run.variance, "step": run.step},
-               Path(out) / f"{name}{run.dist.rank}.pt")
+    torch.save({"model": {k: v.clone() for k, v in model.state_dict().items()},
+                "batches": torch.stack(seen), "variance": settings.saved["data"]["variance"],
+                "step": trained.step}, Path(out) / f"{name}{distributed.DIST.rank}.pt")
 
 
 def main(out, argv):
-    dist, _ = utils.setup_distributed("cpu")
-    quantizer(out, dist.rank)
+    distributed.setup(torch.device("cpu"))
+    quantizer(out, distributed.DIST.rank)
     fit(out, argv, "fit")
     run_folder = argv[argv.index("--out") + 1]
     fit(out, [*argv, "--codebook", "loss", "--out", f"{run_folder}-loss"], "fit_loss")
-    utils.cleanup_distributed()
+    distributed.cleanup()
 
 
 if __name__ == "__main__":

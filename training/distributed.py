@@ -1,0 +1,158 @@
+"""Distributed data parallel under torchrun: this process's place among the ranks, the few
+collectives the runs use, and sums kept on the device and added over ranks when read.
+
+Every helper is a no-op in a single process, so the scripts call them unconditionally. `DIST`
+is one object that `setup` fills in place: modules read it as `distributed.DIST` when they need
+it, never copy it, so every reader (and a test that changes it) sees the same ranks."""
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    @property
+    def active(self):
+        return self.world > 1
+
+
+DIST = Distributed()           # this process's place; filled in by setup under torchrun
+
+
+def setup(device):
+    """Join the process group when launched by torchrun (RANK/WORLD_SIZE/LOCAL_RANK set) and
+    return the device this rank trains on: on CUDA, the GPU of its local rank.
+
+    NCCL on CUDA, gloo on CPU. Without torchrun nothing changes and `device` is returned."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return device
+    import torch.distributed as dist
+    DIST.rank, DIST.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    DIST.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda":
+        device = torch.device("cuda", DIST.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    return device
+
+
+def cleanup():
+    """Tear the process group down on every rank together: a rank that destroys it while rank 0
+    is still writing outputs can abort at exit ("terminate called without an active
+    exception", seen with gloo under torchrun)."""
+    if DIST.active:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def data_parallel(module, device):
+    """`module` wrapped in DistributedDataParallel under torchrun (gradients averaged over
+    ranks), else itself. Buffers are not re-broadcast from rank 0 every step: the models keep
+    theirs identical on every rank (the VQ-VAE's quantiser with its own collectives)."""
+    if not DIST.active:
+        return module
+    import inspect
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    # the flag's name since torch 2.13; before, broadcast_buffers (now deprecated)
+    flag = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
+            else "broadcast_buffers")
+    return DDP(module, device_ids=[device] if device.type == "cuda" else None, **{flag: False})
+
+
+def all_reduce_sum(tensor):
+    """Sum a tensor over all ranks, in place (a no-op in a single process)."""
+    if DIST.active:
+        import torch.distributed as dist
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def any_rank(flag, device):
+    """True on every rank if `flag` is true on any rank (one small all-reduce)."""
+    if not DIST.active:
+        return bool(flag)
+    return bool(all_reduce_sum(torch.tensor([float(bool(flag))], device=device)).item())
+
+
+def broadcast(tensor, src=0):
+    """Rank `src`'s `tensor` on every rank, in place (a no-op in a single process)."""
+    if DIST.active:
+        import torch.distributed as dist
+        dist.broadcast(tensor, src)
+    return tensor
+
+
+def should_stop(stop, step, log_every, device):
+    """Whether to stop after this step on a SIGINT/SIGTERM (`stop`, a console.StopSignal).
+    Under torchrun the ranks agree at log steps only (one small all-reduce), so that all of
+    them save the same step."""
+    if not DIST.active:
+        return stop.requested is not None
+    return step % log_every == 0 and any_rank(stop.requested, device)
+
+
+def barrier():
+    if DIST.active:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def gather_objects(obj):
+    """A list of `obj` from every rank (just [obj] in a single process)."""
+    if not DIST.active:
+        return [obj]
+    import torch.distributed as dist
+    out = [None] * DIST.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class main_first:
+    """Let rank 0 run a block first (building a data cache, say), then the other ranks."""
+
+    def __enter__(self):
+        if not DIST.main:
+            barrier()
+
+    def __exit__(self, *exc):
+        if DIST.main and exc[0] is None:
+            barrier()
+        return False
+
+
+class Sums:
+    """Running sums of a vector of `n` values kept on the device, read once at the end.
+
+    float32 with Kahan compensation (each addition's rounding error is carried into the next),
+    not float64, which Apple's MPS does not have: the sum of many batches keeps about float64
+    accuracy for values computed in float32. `read()` adds the sums over ranks under torchrun and
+    returns a float64 numpy array on the host.
+    """
+
+    def __init__(self, n, device):
+        self.total = torch.zeros(n, dtype=torch.float32, device=device)
+        self.error = torch.zeros_like(self.total)     # what the last additions lost, negated
+
+    def add(self, values):
+        y = values.float() - self.error
+        t = self.total + y
+        self.error = (t - self.total) - y
+        self.total = t
+
+    def read(self):
+        both = all_reduce_sum(torch.stack([self.total, self.error])).cpu().numpy()
+        return both[0].astype(np.float64) - both[1].astype(np.float64)

@@ -1,0 +1,71 @@
+"""Defaults sized to the run's length, in one place. A flag whose right value depends on how
+long the run trains defaults to a share of it: a 10-step check is not followed by minutes of
+scoring, and a schedule fits inside the run that follows it. Each function says why."""
+
+HELD_OUT = 10_000           # held-out images scored when the run is long enough
+HELD_OUT_FLOOR = 1_000      # and never fewer: a score on fewer images is noise
+IW_FLOOR = 100              # fewest held-out images of a sized IW-NLL
+C_SHARE = 0.5               # beta_vae.py objective B: C reaches C_max after this share of the run
+WARMUP_SHARE = 0.1          # beta_vae.py objectives H and TC: beta warms up over this share
+PRIOR_EPOCHS = 10           # vq_vae.py: the prior's default length, for runs of as many epochs
+
+
+def run_steps(steps_per_epoch, epochs, max_steps=None):
+    """The steps a phase trains: its epochs, cut to `max_steps` where given."""
+    steps = steps_per_epoch * epochs
+    return steps if max_steps is None else min(steps, max_steps)
+
+
+def run_images(batch_size, epochs, max_steps, train_size, world=1):
+    """(images the whole run trains on, images per epoch), from the flags and the data size."""
+    per_epoch = train_size // world // batch_size
+    steps = run_steps(per_epoch, epochs, max_steps)
+    return steps * batch_size * world, per_epoch * batch_size * world
+
+
+def held_out_size(limit, train_images, epoch_images, default=HELD_OUT, floor=HELD_OUT_FLOOR):
+    """--eval-limit: as given; else the default, cut to one epoch of training and to the images
+    the whole run trains on, but at least `floor`. Why: the scores run every epoch, so they
+    should cost no more than the epoch they score; a 10-step run is not followed by minutes of
+    evaluation."""
+    if limit is not None:
+        return limit
+    return max(floor, min(default, epoch_images, train_images))
+
+
+def mig_points(train_images, epoch_images):
+    """beta_vae.py --mig-points on dSprites: the held-out set's size (`held_out_size`). Why: MIG
+    is scored at every held-out evaluation too, at about the same cost per image."""
+    return held_out_size(None, train_images, epoch_images)
+
+
+def iw_size(limit, held_out, train_images, k, floor=IW_FLOOR):
+    """--iw-images: as given (at most the held-out set); else all held-out images when the run
+    trained on at least K/3 times as many, else proportionally fewer, at least `floor`. Why: an
+    IW-NLL costs K decoder passes per image and a training image about three, so the final
+    score costs no more than the training did."""
+    if limit is not None:
+        return min(limit, held_out)
+    return min(held_out, max(floor, 3 * train_images // max(k, 1)))
+
+
+def capacity_steps(total_steps, published):
+    """beta_vae.py --c-steps (objective B): C_SHARE of the run, at most the `published` steps.
+    Why: over the published 100,000 steps, a shorter run would end with C far below C_max, its
+    capacity never reached."""
+    return max(1, min(published, round(C_SHARE * total_steps)))
+
+
+def warmup_steps(total_steps):
+    """beta_vae.py --beta-warmup (objectives H and TC): WARMUP_SHARE of the run. Why: a fixed
+    warm-up would take all of a short run."""
+    return round(WARMUP_SHARE * total_steps)
+
+
+def prior_length(prior_epochs, prior_max_steps, epochs, max_steps):
+    """vq_vae.py's prior: (epochs, step limit), --prior-epochs and --prior-max-steps where
+    given, else bounded like the VQ-VAE itself by --epochs (at most PRIOR_EPOCHS) and
+    --max-steps. Why: a short run stays short in both phases. Computed when needed, not
+    stored, so a resumed run's typed --max-steps bounds its prior too."""
+    epochs = prior_epochs if prior_epochs is not None else min(PRIOR_EPOCHS, epochs)
+    return epochs, prior_max_steps if prior_max_steps is not None else max_steps
