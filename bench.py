@@ -22,7 +22,8 @@ by 25% on a CPU; interleaved, they share that history.
 
 `--precision auto` is resolved per model by utils.choose_precision with the scripts' own probe
 (its line is kept). FLOPs per image are counted from the layers (`count_flops`) and set against
-a measured peak: the best GFLOP/s of a large square matmul in fp32 and bf16 (`matmul_peak`).
+a measured peak: the best GFLOP/s of a large matmul or convolution in fp32 and bf16
+(`measured_peak`).
 On a CPU, ours is also timed with channels-last batches and model (the scripts use it on CUDA
 only); the beta-TCVAE MLP's step is split into the TC estimator's share and the rest; and the
 limit step of each row is profiled (torch.profiler, top ops by self CPU time).
@@ -237,28 +238,46 @@ def machine_info(device):
             "env": {k: v for k, v in os.environ.items() if k in ENV or k.startswith("MALLOC_")}}
 
 
-def matmul_peak(device, n, repeats=5):
-    """The measured peak: the best GFLOP/s of an (n, n) @ (n, n) matmul, 2 n^3 FLOPs, in fp32
-    and in bf16 (bf16 inputs and output, as autocast runs a Linear), after one warm-up, on this
-    process's threads. It is the speed of the best-tuned kernel on this machine; a theoretical
-    peak (cores x clock x FLOPs per cycle) is not derived, as a virtual machine hides the
-    clock."""
+def best_seconds(fn, device, repeats):
+    """The fastest of `repeats` timed calls of fn(), after one untimed call."""
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def measured_peak(device, n, repeats=5):
+    """The measured peak in fp32 and bf16: the best GFLOP/s of two large kernels on this
+    process's threads, each the best of `repeats` calls after a warm-up. An (n, n) @ (n, n)
+    matmul, 2 n^3 FLOPs (on x86 CPUs fp32 goes to MKL's GEMM, bf16 to oneDNN's, as autocast
+    runs a Linear), and a 3x3 convolution of n/8 channels to n/8 on a (8, n/8, 32, 32)
+    channels-last batch, 2 x outputs x in-channels x 9 FLOPs (oneDNN on CPUs). Both count:
+    on an AMD EPYC with AVX-512, MKL's fp32 GEMM ran at under half the fp32 rate of oneDNN's
+    convolutions. A theoretical peak (cores x clock x FLOPs per cycle) is not derived: a
+    virtual machine hides the clock."""
+    c = max(1, n // 8)
     result = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         g = torch.Generator(device).manual_seed(0)
         a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=g) for _ in range(2))
-        c = torch.empty(n, n, device=device, dtype=dtype)
-        torch.mm(a, b, out=c)
-        best = math.inf
-        for _ in range(repeats):
-            sync(device)
-            t = time.perf_counter()
-            torch.mm(a, b, out=c)
-            sync(device)
-            best = min(best, time.perf_counter() - t)
-        result[name] = 2 * n ** 3 / best / 1e9
-    result["how"] = (f"measured: best of {repeats} ({n}, {n}) @ ({n}, {n}) matmuls (2*{n}^3 "
-                     f"FLOPs each) per dtype, on {torch.get_num_threads()} threads")
+        x = torch.randn(8, c, 32, 32, device=device, dtype=dtype, generator=g)
+        w = torch.randn(c, c, 3, 3, device=device, dtype=dtype, generator=g)
+        x, w = (t.contiguous(memory_format=torch.channels_last) for t in (x, w))
+        out = torch.empty(n, n, device=device, dtype=dtype)
+        parts = {"matmul": 2 * n ** 3 / best_seconds(lambda: torch.mm(a, b, out=out), device,
+                                                     repeats) / 1e9,
+                 "conv": 2 * 8 * c * 32 * 32 * c * 9 / best_seconds(
+                     lambda: nn.functional.conv2d(x, w, padding=1), device, repeats) / 1e9}
+        result[name] = max(parts.values())
+        result[name + "_parts"] = parts
+    result["how"] = (f"measured: the faster of a ({n}, {n}) @ ({n}, {n}) matmul and a 3x3 "
+                     f"convolution {c} -> {c} channels on (8, {c}, 32, 32) channels-last, best "
+                     f"of {repeats} calls each, per dtype, on {torch.get_num_threads()} threads")
     return result
 
 
@@ -666,12 +685,15 @@ def run_benchmarks(args, device, root):
     if any(MODELS[n].data == "dsprites" for n in names):
         images["dsprites"] = dsprites_images(args.images)
     peak_size = args.peak_size or (8192 if device.type == "cuda" else 2048)
-    result["peak_gflops"] = peak = matmul_peak(device, peak_size)
+    result["peak_gflops"] = peak = measured_peak(device, peak_size)
     m = result["machine"]
     print(f"{m['gpu'] or m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch "
           f"{m['torch']} ({m['torch_cpu_capability']}); flags: "
           f"{' '.join(f for f, on in m['cpu_flags'].items() if on) or 'none of interest'}; "
-          f"peak fp32 {peak['fp32']:.0f}, bf16 {peak['bf16']:.0f} GFLOP/s ({peak['how']})",
+          f"peak GFLOP/s " + ", ".join(
+              f"{d} {peak[d]:.0f} (matmul {peak[d + '_parts']['matmul']:.0f}, conv "
+              f"{peak[d + '_parts']['conv']:.0f})" for d in ("fp32", "bf16"))
+          + f"; {peak['how']}",
           flush=True)
     result.update(batch=args.batch_size, mlp_batch=args.mlp_batch_size, images=args.images,
                   repeats=args.repeats, warmup=args.warmup)
@@ -793,8 +815,8 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=utils.nonneg_int, default=2,
                    help="DataLoader workers of the baseline")
     p.add_argument("--peak-size", type=utils.positive_int, default=None,
-                   help="n of the n x n matmuls that measure the peak (default: 2048 on a "
-                        "CPU, 8192 on a GPU)")
+                   help="n of the n x n matmuls (and n/8 of the convolutions' channels) "
+                        "that measure the peak (default: 2048 on a CPU, 8192 on a GPU)")
     p.add_argument("--profile-ops", type=utils.nonneg_int, default=10,
                    help="for each model and precision, keep the ops with the most self CPU "
                         "time in one round of limit steps under torch.profiler (0 = skip)")
