@@ -665,6 +665,39 @@ def describe_row(name, prec, auto, row):
             f"{pct(o['cpu_share']):>5s}  {faults}")
 
 
+def describe_machine(m, peak):
+    """One line: the device, threads, torch, the CPU flags of interest and the peak."""
+    flags = " ".join(f for f, on in m["cpu_flags"].items() if on) or "none of interest"
+    peaks = ", ".join(f"{d} {peak[d]:.0f} (matmul {peak[d + '_parts']['matmul']:.0f}, conv "
+                      f"{peak[d + '_parts']['conv']:.0f})" for d in ("fp32", "bf16"))
+    return (f"{m['gpu'] or m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch "
+            f"{m['torch']} ({m['torch_cpu_capability']}); flags: {flags}; peak GFLOP/s "
+            f"{peaks}; {peak['how']}")
+
+
+def print_details(models):
+    """Below the table: FLOPs per image and auto's line for each model, then for each row
+    channels-last against contiguous, the TC estimator's share and the top profiled ops."""
+    print("FLOPs per image (a step is forward + backward, counted from the layers; 'how' in "
+          "the JSON says how), and the precision auto picks:")
+    for name, r in models.items():
+        f = r["flops_per_image"]
+        print(f"  {name:13s} forward {f['forward'] / 1e6:8.1f} MFLOP, step "
+              f"{f['step'] / 1e6:8.1f} MFLOP; batch {r['batch']}, {r['steps_per_round']} steps "
+              f"per round; {r['auto_line']}")
+    for name, r in models.items():
+        for prec, row in r["rows"].items():
+            if "memory_formats" in row:
+                c = row["memory_formats"]["channels_last_over_contiguous"]
+                print(f"  channels-last on CPU, {name} {prec}: ours {c['ratio']:.2f}x "
+                      f"contiguous (rounds {c['rounds_min']:.2f}-{c['rounds_max']:.2f})")
+            if "tc_share_of_step" in row:
+                print(f"  TC estimator, {name} {prec}: {1e3 * row['tc_estimator_s']:.1f} ms "
+                      f"forward+backward, {pct(row['tc_share_of_step'])} of ours' step")
+            for op, ms, share in row.get("profile_limit_top_ops", [])[:5]:
+                print(f"  profile {name} {prec}: {op} {ms:.1f} ms/step ({pct(share)})")
+
+
 def run_benchmarks(args, device, root):
     torch.backends.cudnn.benchmark = device.type == "cuda"       # as the scripts set it
     result = {"machine": machine_info(device), "models": {}}
@@ -686,15 +719,7 @@ def run_benchmarks(args, device, root):
         images["dsprites"] = dsprites_images(args.images)
     peak_size = args.peak_size or (8192 if device.type == "cuda" else 2048)
     result["peak_gflops"] = peak = measured_peak(device, peak_size)
-    m = result["machine"]
-    print(f"{m['gpu'] or m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch "
-          f"{m['torch']} ({m['torch_cpu_capability']}); flags: "
-          f"{' '.join(f for f, on in m['cpu_flags'].items() if on) or 'none of interest'}; "
-          f"peak GFLOP/s " + ", ".join(
-              f"{d} {peak[d]:.0f} (matmul {peak[d + '_parts']['matmul']:.0f}, conv "
-              f"{peak[d + '_parts']['conv']:.0f})" for d in ("fp32", "bf16"))
-          + f"; {peak['how']}",
-          flush=True)
+    print(describe_machine(result["machine"], peak), flush=True)
     result.update(batch=args.batch_size, mlp_batch=args.mlp_batch_size, images=args.images,
                   repeats=args.repeats, warmup=args.warmup)
     print("images/s, the median of interleaved rounds; * = the precision auto picks; noise = "
@@ -722,24 +747,7 @@ def run_benchmarks(args, device, root):
             row["ours_fraction_of_peak"] = row["ours_gflops"] / peak[prec]
             print(describe_row(name, prec, r["auto"], row), flush=True)
         result["models"][name] = r
-    print("FLOPs per image (a step is forward + backward, counted from the layers; 'how' in "
-          "the JSON says how), and the precision auto picks:")
-    for name, r in result["models"].items():
-        f = r["flops_per_image"]
-        print(f"  {name:13s} forward {f['forward'] / 1e6:8.1f} MFLOP, step "
-              f"{f['step'] / 1e6:8.1f} MFLOP; batch {r['batch']}, {r['steps_per_round']} steps "
-              f"per round; {r['auto_line']}")
-    for name, r in result["models"].items():
-        for prec, row in r["rows"].items():
-            if "memory_formats" in row:
-                c = row["memory_formats"]["channels_last_over_contiguous"]
-                print(f"  channels-last on CPU, {name} {prec}: ours {c['ratio']:.2f}x "
-                      f"contiguous (rounds {c['rounds_min']:.2f}-{c['rounds_max']:.2f})")
-            if "tc_share_of_step" in row:
-                print(f"  TC estimator, {name} {prec}: {1e3 * row['tc_estimator_s']:.1f} ms "
-                      f"forward+backward, {pct(row['tc_share_of_step'])} of ours' step")
-            for op, ms, share in row.get("profile_limit_top_ops", [])[:5]:
-                print(f"  profile {name} {prec}: {op} {ms:.1f} ms/step ({pct(share)})")
+    print_details(result["models"])
     result["targets"] = targets(result["models"], utils.native_bf16(device)[0])
     for line in result["targets"]:
         print("  target: " + line)
