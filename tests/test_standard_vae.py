@@ -7,7 +7,7 @@ import torch
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
 import standard_vae as sv
-from training import checkpoints
+from training import checkpoints, devices
 from training.errors import UserError
 
 
@@ -150,13 +150,81 @@ def test_missing_dataset_is_a_clear_error(tmp_path, cli):
     assert "--dataset dsprites" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_flop_counter_matches_a_hand_count():
+    """2 FLOPs per multiply-add, per image: Conv2d counts output elements x in-channels x
+    kernel, ConvTranspose2d input elements x out-channels x kernel, Linear in x out features
+    per row; a step adds a weight gradient for every layer and an input gradient for all but
+    the first (its input, the image, needs none)."""
+    import bench
+    torch.manual_seed(0)
+    stack = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU(),       # (B, 8, 8, 8)
+        torch.nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1),                # (B, 4, 16, 16)
+        torch.nn.Flatten(), torch.nn.Linear(4 * 16 * 16, 5))                   # (B, 5)
+    conv = (8 * 8 * 8) * (3 * 3 * 3)            # outputs x (in-channels x 3 x 3)
+    deconv = (8 * 8 * 8) * (4 * 4 * 4)          # inputs x (out-channels x 4 x 4)
+    linear = 1024 * 5
+    flops = bench.count_flops(stack, torch.rand(2, 3, 16, 16))
+    assert flops["forward"] == 2 * (conv + deconv + linear) == 103_424
+    assert flops["step"] == 2 * (2 * conv + 3 * deconv + 3 * linear) == 282_624
+    # a Linear applied to every row of a (B, 7, 6) input counts each row
+    assert bench.count_flops(torch.nn.Linear(6, 3), torch.rand(4, 7, 6))["forward"] == 2 * 7 * 18
+
+
 def test_bench_runs_all_three_pipelines(tmp_path, cli):
+    """baseline, ours and the limit, in fp32 and (where native) bf16, with FLOPs per image
+    equal to a hand count of the standard VAE and of the beta-VAE paper's MLP."""
+    import bench
     out = tmp_path / "bench.json"
-    cli("bench.py", "--images", 48, "--batch-size", 16, "--steps", 2, "--warmup", 1,
-           "--workers", 0, "--device", "cpu", "--data-root", tmp_path / "data", "--out", out)
+    cli("bench.py", "--models", "standard_vae,beta_vae_mlp", "--images", 48, "--batch-size", 16,
+        "--mlp-batch-size", 16, "--steps", 1, "--repeats", 2, "--warmup", 0, "--workers", 0,
+        "--peak-size", 64, "--profile-ops", 3, "--device", "cpu", "--data-root",
+        tmp_path / "data", "--out", out)
     result = json.loads(out.read_text())
-    for name in ("standard_vae", "beta_vae", "vq_vae"):
+    native = devices.native_bf16("cpu")[0]
+    # the standard VAE at 3x64x64: 4x4 stride-2 convs 3-32-32-64-64 (64 -> 4 px), FC
+    # 1024-256-256-20; the decoder, FC 10-256-256-1024 and deconvs 64-64-32-32-3, mirrors the
+    # encoder, and each deconv's multiply-adds equal those of the conv it mirrors
+    first = 32 * 32 ** 2 * 3 * 16                 # outputs x in-channels x 4x4
+    convs = first + 32 * 16 ** 2 * 32 * 16 + 64 * 8 ** 2 * 32 * 16 + 64 * 4 ** 2 * 64 * 16
+    fcs = 1024 * 256 + 256 * 256 + 256 * 20 + 10 * 256 + 256 * 256 + 256 * 1024
+    # the MLP at 1x64x64: 4096-1200-1200-20 and 10-1200-1200-1200-4096
+    mlp = 4096 * 1200 + 1200 * 1200 + 1200 * 20 + 10 * 1200 + 2 * 1200 * 1200 + 1200 * 4096
+    hand = {"standard_vae": (2 * (2 * convs + fcs), first),
+            "beta_vae_mlp": (2 * mlp, 4096 * 1200)}
+    for name, (forward, first_macs) in hand.items():
         r = result["models"][name]
-        assert min(r["baseline"], r["ours"], r["limit"]) > 0
-        assert r["ours_over_limit"] == pytest.approx(r["ours"] / r["limit"])
+        assert r["flops_per_image"]["forward"] == forward
+        assert r["flops_per_image"]["step"] == 3 * forward - 2 * first_macs
+        assert r["auto_line"].startswith("precision: ") and r["auto"] in r["rows"]
+        assert set(r["rows"]) == ({"fp32", "bf16"} if native else {"fp32"})
+        for prec, row in r["rows"].items():
+            ours, limit = row["ours"], row["limit"]
+            assert len(ours["rounds"]) == len(limit["rounds"]) == 2
+            assert ours["worst"] <= ours["images_per_s"] <= ours["best"]
+            assert row["ours_over_limit"]["ratio"] == pytest.approx(
+                ours["images_per_s"] / limit["images_per_s"])
+            assert row["ours_gflops"] == pytest.approx(r["flops_per_image"]["step"]
+                                                       * ours["images_per_s"] / 1e9)
+            assert row["ours_fraction_of_peak"] == pytest.approx(
+                row["ours_gflops"] / result["peak_gflops"][prec])
+            assert 0 < len(row["profile_limit_top_ops"]) <= 3
+        assert r["auto_over_fp32"]["ratio"] == pytest.approx(
+            r["rows"][r["auto"]]["ours"]["images_per_s"]
+            / r["rows"]["fp32"]["ours"]["images_per_s"])
+    conv = result["models"]["standard_vae"]["rows"]
+    mlp_rows = result["models"]["beta_vae_mlp"]["rows"]
+    assert conv["fp32"]["baseline"]["images_per_s"] > 0 and "baseline" not in mlp_rows["fp32"]
+    for row in conv.values():              # channels-last timed beside the scripts' format
+        formats = row["memory_formats"]
+        assert formats["channels_last_over_contiguous"]["ratio"] == pytest.approx(
+            formats["ours_channels_last"]["images_per_s"]
+            / formats["ours_contiguous"]["images_per_s"])
+    for row in mlp_rows.values():          # the TC estimator's share of the step
+        assert "memory_formats" not in row and 0 < row["tc_share_of_step"] < 1
+    machine = result["machine"]
+    assert machine["cpu"] and set(machine["cpu_flags"]) == set(bench.CPU_FLAGS)
+    peak = result["peak_gflops"]
+    for prec in ("fp32", "bf16"):           # the faster of the two kernels
+        assert peak[prec] == max(peak[prec + "_parts"].values()) > 0
     assert result["decode_and_cache_s"] > 0
