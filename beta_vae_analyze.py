@@ -590,7 +590,7 @@ def mig_curves(folders, out):
             raise UserError(f"{folder}'s history.json holds no MIG: train on dsprites "
                             "with --mig-points > 0")
         per_step = args.batch_size * metrics.get("world_size", 1)
-        speed = metrics.get("images_per_s")
+        speed = metrics.get("images_per_s") or points[-1].get("images_per_s")   # or so far
         label = recipe(args) + (f", {speed:,.0f} img/s" if speed else "")
         curves[label] = ([h["step"] * per_step / 1e6 for h in points], [h["mig"] for h in points])
         summary.append({"run": str(folder), "recipe": recipe(args), "images_per_s": speed,

@@ -470,6 +470,7 @@ def test_mlp_trains_resumes_exactly_and_is_rebuilt_by_the_analysis(tmp_path):
     assert summary[1]["mig"][:1] + summary[1]["mig"][2:] == summary[0]["mig"]  # its stop, 6
     assert summary[0]["recipe"] == "TC mws, mlp, batch 32, seed 0"
     assert summary[0]["finished"] and not summary[1]["finished"]
+    assert summary[1]["images_per_s"] > 0         # the unfinished run's speed, from its history
     assert (tmp_path / "curves" / "mig_curves.png").stat().st_size > 0
     with pytest.raises(utils.UserError, match="no readable history.json"):
         ba.mig_curves([tmp_path], tmp_path)

@@ -162,8 +162,9 @@ def train(model, opt, step_fn, batches, settings, state=None, evaluate=None, des
             train_time += time.perf_counter() - t0
             due = step % s.steps_per_epoch == 0 or (s.eval_every and step % s.eval_every == 0)
             if evaluate is not None and (due or step >= s.steps):
+                speed = (step - first_step) * s.batch / max(train_time, 1e-9)   # this process's
                 history.append({"epoch": step // s.steps_per_epoch, "step": step,
-                                **evaluate(log[-1])})
+                                "images_per_s": speed, **evaluate(log[-1])})
                 if dist.main:
                     files.write_json(s.out / s.history, history)
                     if describe is not None:
