@@ -807,7 +807,8 @@ def train_prior(args, model, run, vq_step):
     epochs, max_steps = sizes.prior_length(args.prior_epochs, args.prior_max_steps, args.epochs,
                                            args.max_steps)
     codes, labels, test_codes, test_labels = code_grids(
-        model, run, labels, max_steps, args.prior_batch_size, args.batch_size)
+        model, run, labels, epochs, max_steps, args.prior_batch_size, args.batch_size,
+        "eval_limit" in args.given)
     batches = utils.DeviceBatches(codes, args.prior_batch_size, device, args.seed,
                                   rank=dist.rank, world=dist.world)     # refuses < 1 batch
     idx0 = torch.arange(args.prior_batch_size, device=device)       # the probe's batch
@@ -848,20 +849,30 @@ def train_prior(args, model, run, vq_step):
             "precision": {"bf16": bf16, "why": why.split(": ", 1)[1]}}
 
 
-def code_grids(model, run, labels, max_steps, prior_batch, batch_size):
+def code_grids(model, run, labels, epochs, max_steps, prior_batch, batch_size, given):
     """The prior's data on the device: (training grids, their labels, held-out grids, their
     labels), the labels None for an unconditional prior. A prior limited to S steps draws at
-    most S batches, so it encodes no more training grids than that."""
+    most S batches, so it encodes no more training grids than that; its held-out grids are
+    sized to its training (`sizes.prior_held_out`) unless --eval-limit was `given`, and said."""
     world = distributed.DIST.world
     n = len(run.train) if max_steps is None else \
         min(len(run.train), max_steps * prior_batch * world)
+    batch = prior_batch * world
+    per_epoch = n // batch * batch                      # grids in an epoch of the prior, and all
+    trained = sizes.run_steps(per_epoch, epochs, None if max_steps is None else max_steps * batch)
+    m = sizes.prior_held_out(len(run.test), trained, per_epoch, given)
+    if m < len(run.test) and distributed.DIST.main:
+        print(f"prior evaluation: {m:,} of the {len(run.test):,} held-out code grids at every "
+              f"prior epoch end and after it (sized to the prior's training; --eval-limit "
+              "scores all)")
     codes = encode_all(model, run.train.images[:n], batch_size, run.device,
                        "encoding the training set for the prior")                # (n, H, W)
-    test_codes = encode_all(model, run.test.images, batch_size, run.device,
+    test_codes = encode_all(model, run.test.images[:m], batch_size, run.device,
                             "encoding the held-out set for the prior")
     if labels is None:
         return codes, None, test_codes, None
-    return codes, labels[:n].to(run.device), test_codes, class_labels(run.test)[0].to(run.device)
+    return (codes, labels[:n].to(run.device), test_codes,
+            class_labels(run.test)[0][:m].to(run.device))
 
 
 def save_prior_outputs(model, prior, grid, num_classes, log, history, bits, out, seed, bf16):

@@ -48,9 +48,13 @@ def same_run(a, b, logs=True):
 
 
 def start(script, args):
+    """The script as a user starts it from a shell, whose Ctrl-C it receives: SIGINT at its
+    default even when pytest runs as a background job (which a shell starts with SIGINT
+    ignored, a setting its children would inherit)."""
     return subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for(path, proc, timeout=120):

@@ -76,6 +76,11 @@ def test_vq_prior_is_bounded_like_the_vq_vae_unless_told_otherwise():
     assert sizes.prior_length(None, None, 30, 10) == (sizes.PRIOR_EPOCHS, 10)
     assert sizes.prior_length(None, None, 2, None) == (2, None)
     assert sizes.prior_length(0, 7, 2, None) == (0, 7)
+    # its held-out grids: (held-out, grids it trains on, grids an epoch, --eval-limit given)
+    assert sizes.prior_held_out(1_792, 1_280, 1_280) == 1_280        # the 10-step command
+    assert sizes.prior_held_out(10_000, 50 * 128, 640) == 1_000       # at least the floor
+    assert sizes.prior_held_out(10_000, 10 * 663_552, 663_552) == 10_000      # a real run
+    assert sizes.prior_held_out(1_792, 1_280, 1_280, given=True) == 1_792
 
 
 # ---- evaluation without float64 --------------------------------------------------------------

@@ -39,6 +39,14 @@ def mig_points(train_images, epoch_images):
     return held_out_size(None, train_images, epoch_images)
 
 
+def prior_held_out(held_out, train_grids, epoch_grids, given=False):
+    """vq_vae.py's prior: how many of the VQ-VAE's `held_out` grids its bits per code are
+    scored on: all when --eval-limit was `given`; else cut like `held_out_size` to one epoch of
+    the prior's training and to the grids it trains on in all. Why: the prior is scored at
+    every epoch end too, and a forward pass of the PixelCNN costs a third of a training step."""
+    return held_out if given else min(held_out, held_out_size(None, train_grids, epoch_grids))
+
+
 def iw_size(limit, held_out, train_images, k, floor=IW_FLOOR):
     """--iw-images: as given (at most the held-out set); else all held-out images when the run
     trained on at least K/3 times as many, else proportionally fewer, at least `floor`. Why: an
