@@ -630,8 +630,8 @@ def check_args(args):
 # checkpoint.pt. The prior's own settings (PRIOR_FLAGS) may be typed until prior.pt exists;
 # from then on they come from prior.pt.
 RESUME_FLAGS = ("epochs", "max_steps", "lr", "device", "out", "resume", "compile", "precision",
-                "log_every", "eval_every", "eval_limit", "data_root", "prior_epochs", "prior_max_steps",
-                "prior_lr")
+                "log_every", "eval_every", "eval_limit", "data_root", "prior_epochs",
+                "prior_max_steps", "prior_lr")
 PRIOR_FLAGS = ("prior_batch_size", "prior_channels", "prior_layers", "prior_kernel",
                "prior_conditional")
 

@@ -208,7 +208,8 @@ def test_bad_flags_and_data_give_one_clear_line(tmp_path, script, flags, message
 # ----------------------------------------------------------------------------------------------
 
 TINY = ["--limit", 256, "--batch-size", 32, "--eval-limit", 32, "--iw-samples", 2,
-        "--log-every", 4, "--device", "cpu", "--precision", "fp32", "--width", 8, "--hidden", 32, "--latent", 4]
+        "--log-every", 4, "--device", "cpu", "--precision", "fp32", "--width", 8, "--hidden", 32,
+        "--latent", 4]
 
 
 @pytest.fixture(scope="module")
@@ -747,7 +748,8 @@ def test_vq_vae_with_fewer_held_out_images_than_a_grid_row_finishes(tmp_path, ca
     status, stderr = run_in_process("vq_vae.py", [
         "--dataset", "dsprites", "--data-root", tmp_path / "data", "--limit", 64,
         "--batch-size", 32, "--eval-limit", 12, "--hidden", 16, "--res-hidden", 8,
-        "--res-layers", 1, "--codes", 16, "--latent", 8, "--epochs", 1, "--device", "cpu", "--precision", "fp32",
+        "--res-layers", 1, "--codes", 16, "--latent", 8, "--epochs", 1, "--device", "cpu",
+        "--precision", "fp32",
         "--prior-epochs", 1, "--prior-batch-size", 32, "--prior-channels", 8,
         "--prior-layers", 2, "--prior-kernel", 3, "--out", out], capsys)
     assert status == 0, stderr

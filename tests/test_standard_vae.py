@@ -112,7 +112,8 @@ def test_bits_per_dim_where_defined():
 
 def test_training_lowers_the_loss_and_resume_continues_exactly(tmp_path, cli):
     common = ["--data-root", tmp_path / "data", "--limit", 256, "--batch-size", 32,
-              "--eval-limit", 64, "--iw-samples", 4, "--log-every", 2, "--device", "cpu", "--precision", "fp32",
+              "--eval-limit", 64, "--iw-samples", 4, "--log-every", 2, "--device", "cpu",
+              "--precision", "fp32",
               "--width", 16, "--hidden", 64, "--lr", 3e-3]
     straight, split = tmp_path / "straight", tmp_path / "split"
     cli("standard_vae.py", *common, "--epochs", 2, "--out", straight)
