@@ -552,11 +552,12 @@ def latent_kl(paths, args, device, out, informative=0.5):
 # Disentanglement during training: MIG against images seen, one line per run
 # ----------------------------------------------------------------------------------------------
 def recipe(args):
-    """A run's recipe in a few words: objective, network, batch, TC estimator, seed."""
+    """A run's recipe in a few words: objective, network, batch, learning rate, seed."""
     arch = getattr(args, "arch", "conv")
     tc = f" {args.tc_estimator}" if args.objective == "TC" else ""
     gamma = f" gamma {args.gamma:g}" if args.objective == "B" else ""
-    return f"{args.objective}{tc}{gamma}, {arch}, batch {args.batch_size}, seed {args.seed}"
+    return (f"{args.objective}{tc}{gamma}, {arch}, batch {args.batch_size}, lr {args.lr:g}, "
+            f"seed {args.seed}")
 
 
 def run_record(folder):
@@ -601,7 +602,7 @@ def mig_curves(folders, out):
                         "latent_factors_last": points[-1].get("latent_factors")})
     utils.plot_curves(curves, out / "mig_curves.png", xlabel="training images seen (millions)",
                       title="MIG during training (dSprites, posterior means)",
-                      legend="upper left")
+                      legend="lower right")
     files.write_json(out / "mig_curves.json", {"runs": summary})
     for r in summary:
         print(f"{r['recipe']}: MIG {r['mig'][-1]:.3f} after {r['images_seen'][-1]:,} images "

@@ -468,7 +468,7 @@ def test_mlp_trains_resumes_exactly_and_is_rebuilt_by_the_analysis(tmp_path):
     assert [r["images_seen"] for r in summary] == [[128, 256, 384], [128, 192, 256, 384]]
     assert summary[0]["mig"] == [h["mig"] for h in history]     # the split run also scored
     assert summary[1]["mig"][:1] + summary[1]["mig"][2:] == summary[0]["mig"]  # its stop, 6
-    assert summary[0]["recipe"] == "TC mws, mlp, batch 32, seed 0"
+    assert summary[0]["recipe"] == "TC mws, mlp, batch 32, lr 0.0005, seed 0"
     assert summary[0]["finished"] and not summary[1]["finished"]
     assert summary[1]["images_per_s"] > 0         # the unfinished run's speed, from its history
     assert (tmp_path / "curves" / "mig_curves.png").stat().st_size > 0
