@@ -118,7 +118,11 @@ def aggregate_log_weights(batch, data_size, estimator, device="cpu"):
     mss, stratified: the image's own density is exactly one of the N terms (w_ii = 1 / N), and
     each of the B - 1 other images stands for (N - 1) / (B - 1) of the rest, so
     w_ij = (N - 1) / (N (B - 1)). The estimate of q(z_i) is unbiased, and exact when the
-    batch is the whole data set.
+    batch is the whole data set. These are the weights of the stratified sampling in Chen et
+    al.'s appendix; the matrix in their reference code does not hold them (an indexing problem,
+    rtqichen/beta-tcvae pull request 1), so our mss deliberately differs from that code.
+    Either estimator's -log N shared by every weight (mws: -log(N B)) is a constant: it shifts
+    MI, TC and the dimension-wise KL but no gradient.
     """
     n = float(data_size)
     if estimator == "mws":

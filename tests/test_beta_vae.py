@@ -1,5 +1,6 @@
 """beta-VAE objectives and schedules, disentanglement metrics on synthetic codes, end to end."""
 import json
+import math
 import os
 
 import numpy as np
@@ -250,6 +251,62 @@ def test_stratified_estimate_of_q_z_is_unbiased():
                                  0).exp() for others in combinations(range(1, N), B - 1)]
     torch.testing.assert_close(torch.stack(estimates).mean(), exact)
     assert torch.stack(estimates).std() > 0          # single batches do differ
+
+
+def test_mws_is_chen_et_als_minibatch_weighted_formula_constants_included():
+    """Chen et al. 2018, minibatch-weighted sampling (their eq. for E_q(z)[log q(z)]): with a
+    batch of M images from N, log q(z_i) ~ log sum_j q(z_i|n_j) - log(N M), and the same for
+    each marginal q(z_id). Written here in that form, loop by loop, constants included."""
+    from torch.distributions import Normal
+    g = torch.Generator().manual_seed(2)
+    M, D, N = 4, 3, 737_280
+    mu = torch.randn(M, D, generator=g, dtype=torch.float64)
+    logvar = torch.randn(M, D, generator=g, dtype=torch.float64) * 0.5
+    z = mu + torch.exp(0.5 * logvar) * torch.randn(M, D, generator=g, dtype=torch.float64)
+    mi, tc, dim_kl = [], [], []
+    for i in range(M):
+        per_dim = torch.stack([Normal(mu[j], torch.exp(0.5 * logvar[j])).log_prob(z[i])
+                               for j in range(M)])                       # (M, D): z_i | n_j
+        log_qz = torch.logsumexp(per_dim.sum(1), 0) - math.log(N * M)
+        log_qzd = torch.logsumexp(per_dim, 0) - math.log(N * M)          # (D,)
+        log_own = per_dim[i].sum()
+        log_pz = Normal(0.0, 1.0).log_prob(z[i]).sum()
+        mi.append(log_own - log_qz)
+        tc.append(log_qz - log_qzd.sum())
+        dim_kl.append(log_qzd.sum() - log_pz)
+    terms = bv.tc_decomposition(z, mu, logvar, N, "mws")
+    for name, values in (("mi", mi), ("tc", tc), ("dim_kl", dim_kl)):
+        torch.testing.assert_close(terms[name].double(), torch.stack(values).mean(),
+                                   rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("estimator", ["mws", "mss"])
+def test_constant_terms_of_the_estimators_carry_no_gradient(estimator, monkeypatch):
+    """A constant c added to every log weight (mws's -log(N B), the -log N that mss's weights
+    share) moves MI by -c, TC by -(D - 1) c and dimension-wise KL by +D c: their sum, and every
+    gradient, stay the same. So a dimension-wise KL near -D log N under mws (each marginal's
+    batch terms equal, log B - log(N B) = -log N per latent) is this offset, not a signal."""
+    g = torch.Generator().manual_seed(3)
+    B, D, N, c = 6, 4, 1000, 7.5
+    mu = torch.randn(B, D, generator=g, dtype=torch.float64, requires_grad=True)
+    logvar = (torch.randn(B, D, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
+    eps = torch.randn(B, D, generator=g, dtype=torch.float64)
+
+    def terms_and_grads():
+        z = mu + torch.exp(0.5 * logvar) * eps
+        terms = bv.tc_decomposition(z, mu, logvar, N, estimator)
+        grads = {k: torch.autograd.grad(v, (mu, logvar), retain_graph=True)
+                 for k, v in terms.items()}
+        return {k: v.detach() for k, v in terms.items()}, grads
+
+    base, base_grads = terms_and_grads()
+    weights = bv.aggregate_log_weights
+    monkeypatch.setattr(bv, "aggregate_log_weights", lambda *a, **k: weights(*a, **k) + c)
+    shifted, shifted_grads = terms_and_grads()
+    for name, moved in (("mi", -c), ("tc", -(D - 1) * c), ("dim_kl", D * c)):  # fp32 terms
+        assert (shifted[name] - base[name]).item() == pytest.approx(moved, abs=1e-4)
+        for a, b in zip(base_grads[name], shifted_grads[name]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_tc_objective_is_the_elbo_when_beta_is_one():
