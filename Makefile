@@ -1,5 +1,5 @@
-# Reproduce every number and figure of the README: one target per result.
-# The dSprites runs are the CPU-budget versions that produced the README (see there); drop
+# Reproduce every number and figure of the README and docs/: one target per result.
+# The dSprites runs are the CPU-budget versions that produced them (see docs/experiments.md); drop
 # --max-steps/--c-steps to get the published schedule on a GPU.
 PY ?= python
 THREADS ?= OMP_NUM_THREADS=1
@@ -12,7 +12,7 @@ test:
 test-slow:
 	$(PY) -m pytest -m slow
 
-# Standard VAE on dSprites (the README quickstart)
+# Standard VAE on dSprites (the README's quickstart command)
 quickstart:
 	$(THREADS) $(PY) standard_vae.py --dataset dsprites --limit 60000 --epochs 2 --eval-limit 2000 --iw-samples 50 --out runs/standard_vae_quickstart
 
@@ -98,9 +98,9 @@ vq-dsprites:
 bench:
 	$(PY) bench.py --extras --out runs/bench.json
 
-# disentanglement per CPU hour (README): each recipe's MIG curve on dSprites (MIG on 10,000
+# disentanglement per CPU hour (docs/disentanglement.md): each recipe's MIG curve on dSprites (MIG on 10,000
 # images every 500 or 1,000 steps, in history.json), on one thread each; runs stopped by Ctrl-C
-# keep their curve (the Makefile lengths are the planned ones; see the README for where each
+# keep their curve (the Makefile lengths are the planned ones; see docs/disentanglement.md for where each
 # stopped), then the figure and the full protocol of the long runs
 CURVE = --dataset dsprites --objective TC --beta 6 --lr 1e-3 --eval-limit 5000 --precision bf16
 beta-curves:

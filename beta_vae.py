@@ -39,12 +39,12 @@ BETA = {"H": 4.0, "TC": 6.0}
 # disentanglement: Burgess et al.'s objective B, as published. CelebA serves attribute
 # arithmetic (the smile vector), where objective H with beta 1 is what worked: with the headline
 # command on 20,000 CelebA-format faces its Smiling vector added 103% of the smile, B's 2%
-# (README, "Attribute arithmetic on synthetic faces").
+# (docs/experiments.md, "Attribute arithmetic on synthetic faces").
 DEFAULT_OBJECTIVE = {"celeba": ("H", 1.0)}
 # Attribute vectors need the model to reconstruct small features, which comes late: on 3,000
 # CelebA-format faces the Smiling vector added 9% of the smile after 1,110 steps (the headline
-# command) and 95% after 4,440 (README, "Attribute arithmetic on synthetic faces"), with
-# objective H, CelebA's default. Shorter runs of it say so at their start.
+# command) and 95% after 4,440 (docs/experiments.md, "Attribute arithmetic on synthetic
+# faces"), with objective H, CelebA's default. Shorter runs of it say so at their start.
 ATTRIBUTE_STEPS = 4_000
 
 
