@@ -1,6 +1,6 @@
 """The gated PixelCNN prior of the VQ-VAE (van den Oord et al. 2016, "Conditional Image
 Generation with PixelCNN Decoders"), fitted to the code grids of a trained VQ-VAE as in
-van den Oord et al. 2017, section 3.2: p(c) = prod_i p(c_i | c_<i [, class]) over the grid in
+van den Oord et al. 2017, section 3.3: p(c) = prod_i p(c_i | c_<i [, class]) over the grid in
 raster order. Ancestral sampling of a grid, then the VQ-VAE's decoder, gives new images.
 
 vq_vae.py trains it after the VQ-VAE (`--prior-epochs`); this file holds the network, its
