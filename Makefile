@@ -60,8 +60,8 @@ FACES = data/faces3k
 FACES20K = data/faces20k
 HEADLINE = --dataset celeba --latent 10 --epochs 30
 faces-attributes:
-	$(PY) tests/faces.py --n 3000 --root $(FACES)
-	$(PY) tests/faces.py --n 20000 --root $(FACES20K)
+	$(PY) faces.py --n 3000 --root $(FACES)
+	$(PY) faces.py --n 20000 --root $(FACES20K)
 	$(THREADS) $(PY) beta_vae.py $(HEADLINE) --data-root $(FACES) --eval-limit 300 --out runs/faces3k_H1
 	$(THREADS) $(PY) beta_vae.py $(HEADLINE) --data-root $(FACES) --eval-limit 300 --objective B --c-steps 100000 --out runs/faces3k_B_c100k
 	$(THREADS) $(PY) beta_vae.py $(HEADLINE) --data-root $(FACES) --eval-limit 300 --objective B --out runs/faces3k_B

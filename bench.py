@@ -11,22 +11,15 @@
   ours) on one real batch of the same images, already in memory: ours without the data
   handling and the logging, so ours/limit should not exceed 1 beyond noise.
 
-Every pipeline of a model is timed in --repeats rounds, interleaved (each round runs every
-pipeline for the same number of steps, in a rotating order), so that a drift of the machine hits
-them all alike; a pipeline's speed is its median round, its noise the spread of its rounds.
-Each round also records the process's CPU time (below 1 per thread: the machine was busy) and
-its minor page faults per step: memory that glibc's allocator handed back to the OS and takes
-again, zeroed, page by page. How many depends on the process's history of allocations, which
-is why pipelines timed one after the other (the limit first, on torch.rand data) could differ
-by 25% on a CPU; interleaved, they share that history.
-
-`--precision auto` is resolved per model by devices.choose_precision with the scripts' own probe
-(its line is kept). FLOPs per image are counted from the layers (`count_flops`) and set against
-a measured peak: the best GFLOP/s of a large matmul or convolution in fp32 and bf16
-(`measured_peak`).
-On a CPU, ours is also timed with channels-last batches and model (the scripts use it on CUDA
-only); the beta-TCVAE MLP's step is split into the TC estimator's share and the rest; and the
-limit step of each row is profiled (torch.profiler, top ops by self CPU time).
+Every pipeline of a model is timed in --repeats interleaved rounds (each runs every pipeline
+for the same steps, in a rotating order), so that a drift of the machine hits them all alike: a
+speed is the median round, its noise the spread of the rounds. Each round also records the CPU
+time (below 1 per thread: the machine was busy) and the minor page faults per step, which
+depend on the process's history of allocations, shared by interleaved pipelines. `--precision
+auto` is resolved per model by devices.choose_precision with the script's own step. FLOPs per
+image, counted from the layers, are set against a measured peak (bench_tools.py). On a CPU,
+ours is also timed channels-last (the scripts use it on CUDA only); the beta-TCVAE MLP's step
+is split into the TC estimator's share and the rest; the limit of each row is profiled.
 
     python bench.py --extras --out runs/bench.json
 """
@@ -34,87 +27,21 @@ import argparse
 import copy
 import json
 import math
-import os
-import platform
 import shutil
 import statistics
-import tempfile
-import time
 from dataclasses import dataclass
-from pathlib import Path
+from functools import partial
 
 import torch
 import torch.nn as nn
-import torchvision
 
 import beta_vae as bv
+import bench_tools as bt
 import standard_vae as sv
 import utils
 import vq_vae as vq
-from tests.faces import write_faces
 from training import arguments, console, devices, files, loop
 from training.errors import UserError
-
-
-# ----------------------------------------------------------------------------------------------
-# Data: a CelebA-format fixture (official layout), written once into a folder bench.py owns,
-# and dSprites images rendered in memory
-# ----------------------------------------------------------------------------------------------
-OWNED = ".vae_bench_fixture"          # marks a folder that bench.py created
-
-
-def fixture_root(path):
-    """The folder for the fixture and its cache: a new temporary one, or `path` when bench.py
-    created it (it holds the OWNED mark) or it does not exist yet. A benchmark never writes into
-    a data folder it did not create, so any other folder is refused."""
-    if path is None:
-        root = Path(tempfile.mkdtemp(prefix="vae_bench_"))
-    else:
-        root = Path(path)
-        if root.exists() and not (root / OWNED).is_file():
-            raise UserError(f"--data-root {root} exists and was not created by bench.py, "
-                                  "which never writes into a data folder it did not create; "
-                                  "give a new folder (bench.py creates it and keeps the fixture "
-                                  "there), or leave --data-root out for a temporary one")
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create --data-root {root}: {e.strerror}") from None
-    (root / OWNED).touch()
-    return root
-
-
-def write_jpeg_fixture(root, n, seed=0):
-    """n 178x218 synthetic faces in CelebA's official layout (the tests' writer), all in the
-    training partition; written once per fixture folder."""
-    folder = Path(root) / "celeba"
-    if not (folder / "list_eval_partition.txt").exists():      # written last: a whole fixture
-        write_faces(root, n, seed, split=(1.0, 0.0))
-    return folder
-
-
-def dsprites_images(n):
-    """The first n images of the dSprites training split, (n, 1, 64, 64) uint8 in {0, 255},
-    rendered in memory by the project's renderer (the images the dSprites runs train on when
-    the official file is absent); nothing is written."""
-    return utils.render_dsprites(utils.dsprites_classes(utils.dsprites_split("train")[:n]))
-
-
-class JpegFolder(torch.utils.data.Dataset):
-    """The common pipeline: one PIL decode and transform per item, every epoch."""
-
-    def __init__(self, folder, size=64, crop=148):
-        T = torchvision.transforms
-        self.paths = sorted((Path(folder) / "img_align_celeba").glob("*.jpg"))
-        self.transform = T.Compose([T.CenterCrop(crop), T.Resize(size), T.ToTensor()])
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        from PIL import Image
-        with Image.open(self.paths[i]) as img:
-            return self.transform(img.convert("RGB")), 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,9 +49,9 @@ class JpegFolder(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class Setup:
-    """A model as its script trains it: `step(model, opt, x, i, bf16)` is the script's
-    train_step with its loss at step i (for `model` or a copy of it); `logged` are the terms
-    its loop sums for the log; `tc`, for objective TC, is (training images, estimator)."""
+    """A model as its script trains it: `step(model, opt, x, i, bf16)` is the script's own
+    train_step and loss at step i (for `model` or a copy of it); `logged`, the terms its loop
+    sums for the log; `tc`, for objective TC, (training images, estimator)."""
     model: nn.Module
     lr: float
     step: object
@@ -136,51 +63,45 @@ def setup_standard(images, device):
     """standard_vae.py's defaults: conv widths 32-32-64-64, FC 256, latent 10, Bernoulli."""
     args = sv.check_args(sv.parse_args(["--dataset", "celeba"]))
     model = sv.build_model(args, images.shape[1], images.shape[-1]).to(device)
+    loss = sv.training_loss(args.recon, args.kl_warmup, args.free_bits)
 
     def step(model, opt, x, i, bf16):
-        return sv.train_step(model, opt, x, lambda *out: sv.vae_loss(
-            *out, args.recon, model.log_sigma, sv.kl_weight(i, args.kl_warmup), args.free_bits),
-            bf16)
-    return Setup(model, args.lr, step, ("loss", "recon", "kl"))
+        return sv.train_step(model, opt, x, partial(loss, log_sigma=model.log_sigma, step=i),
+                             bf16)
+    return Setup(model, args.lr, step, sv.LOGGED)
 
 
-def beta_setup(argv, images, device, data_size, logged):
-    """beta_vae.py with the flags `argv`; `data_size` (training images) serves objective TC's
-    estimator."""
+def beta_setup(argv, images, device, data_size):
+    """beta_vae.py with the flags `argv`; `data_size`: training images (objective TC)."""
     args = bv.check_args(bv.parse_args(argv))
     model = bv.build_model(args, images.shape[1], images.shape[-1]).to(device)
-    flags = {k: getattr(args, k) for k in bv.LOSS_FLAGS}
+    objective = bv.objective_settings(args, data_size)
 
     def step(model, opt, x, i, bf16):
-        return sv.train_step(model, opt, x, lambda *out: bv.beta_vae_loss(
-            *out, i, **flags, log_sigma=model.log_sigma, data_size=data_size), bf16)
+        return bv.train_step(model, opt, x, i, objective, model.log_sigma, bf16)
     tc = (data_size, args.tc_estimator) if args.objective == "TC" else None
-    return Setup(model, args.lr, step, logged, tc)
+    return Setup(model, args.lr, step, bv.LOGGED, tc)
 
 
 def setup_beta(images, device):
     """beta_vae.py's conv network (Burgess et al.: four 32-channel convs, FC 256), objective B
     with the published 100,000-step capacity schedule."""
     return beta_setup(["--dataset", "celeba", "--objective", "B", "--c-steps", "100000"],
-                      images, device, len(images), ("loss", "recon", "kl", "kl_dims"))
+                      images, device, len(images))
 
 
 def setup_beta_mlp(images, device):
-    """The beta-VAE paper's dSprites MLP (4096-1200-1200-20, 10-1200-1200-1200-4096) with
-    objective TC, the mss estimator, beta 6 and lr 1e-3: the recipe of our disentanglement runs
-    (their batch is --mlp-batch-size). The estimator weighs the batch against the 663,552
-    images of the dSprites training split, as those runs do; beta is full from step 0 (a
-    warm-up changes a weight, not the work)."""
+    """The beta-VAE paper's dSprites MLP (4096-1200-1200-20, 10-1200-1200-1200-4096), objective
+    TC, mss, beta 6, lr 1e-3: the recipe of our disentanglement runs (batch --mlp-batch-size),
+    weighed against the 663,552 training images; beta full from step 0 (the same work)."""
     return beta_setup(["--dataset", "dsprites", "--arch", "mlp", "--objective", "TC",
                        "--tc-estimator", "mss", "--beta", "6", "--lr", "1e-3",
                        "--beta-warmup", "0", "--mig-points", "0"],
-                      images, device, len(utils.dsprites_split("train")),
-                      ("loss", "recon", "kl", "kl_dims", "mi", "tc", "dim_kl"))
+                      images, device, len(utils.dsprites_split("train")))
 
 
 def setup_vq(images, device):
-    """vq_vae.py's default model (the reference CIFAR-10 configuration), with the pixel
-    variance of the images it trains on, as vq_vae.fit computes it."""
+    """vq_vae.py's default model, dividing by the pixel variance of the images it trains on."""
     args = vq.check_args(vq.parse_args(["--dataset", "celeba"]))
     model = vq.build_model(args, images.shape[1]).to(device)
     variance = vq.data_variance(images, device)
@@ -205,139 +126,12 @@ MODELS = {"standard_vae": ModelSpec(setup_standard, "celeba", True, True),
 
 
 # ----------------------------------------------------------------------------------------------
-# The machine: CPU, flags and a measured peak
-# ----------------------------------------------------------------------------------------------
-CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
-# settings that change the speed of a CPU run: threads, and how freed tensor memory is kept
-# (glibc's MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_, PyTorch's huge pages, an allocator
-# preloaded in place of glibc's)
-ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")
-
-
-def cpu_model():
-    """/proc/cpuinfo's "model name" (Linux), else what the platform module says."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info(device):
-    """What the numbers were measured on: the CPU's model, its flags that matter for the
-    arithmetic, torch's kernel level, the threads, the GPU if one is used, and the
-    environment variables that change the speed (ENV, MALLOC_*)."""
-    flags = devices.cpu_flags()
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "cpu_flags": {f: f in flags for f in CPU_FLAGS},
-            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "native_bf16": devices.native_bf16(device)[1],
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "torch": torch.__version__, "python": platform.python_version(),
-            "env": {k: v for k, v in os.environ.items() if k in ENV or k.startswith("MALLOC_")}}
-
-
-def best_seconds(fn, device, repeats):
-    """The fastest of `repeats` timed calls of fn(), after one untimed call."""
-    fn()
-    best = math.inf
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def measured_peak(device, n, repeats=5):
-    """The measured peak in fp32 and bf16: the best GFLOP/s of two large kernels on this
-    process's threads, each the best of `repeats` calls after a warm-up. An (n, n) @ (n, n)
-    matmul, 2 n^3 FLOPs (on x86 CPUs fp32 goes to MKL's GEMM, bf16 to oneDNN's, as autocast
-    runs a Linear), and a 3x3 convolution of n/8 channels to n/8 on a (8, n/8, 32, 32)
-    channels-last batch, 2 x outputs x in-channels x 9 FLOPs (oneDNN on CPUs). Both count:
-    on an AMD EPYC with AVX-512, MKL's fp32 GEMM ran at under half the fp32 rate of oneDNN's
-    convolutions. A theoretical peak (cores x clock x FLOPs per cycle) is not derived: a
-    virtual machine hides the clock."""
-    c = max(1, n // 8)
-    result = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        g = torch.Generator(device).manual_seed(0)
-        a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=g) for _ in range(2))
-        x = torch.randn(8, c, 32, 32, device=device, dtype=dtype, generator=g)
-        w = torch.randn(c, c, 3, 3, device=device, dtype=dtype, generator=g)
-        x, w = (t.contiguous(memory_format=torch.channels_last) for t in (x, w))
-        out = torch.empty(n, n, device=device, dtype=dtype)
-        parts = {"matmul": 2 * n ** 3 / best_seconds(lambda: torch.mm(a, b, out=out), device,
-                                                     repeats) / 1e9,
-                 "conv": 2 * 8 * c * 32 * 32 * c * 9 / best_seconds(
-                     lambda: nn.functional.conv2d(x, w, padding=1), device, repeats) / 1e9}
-        result[name] = max(parts.values())
-        result[name + "_parts"] = parts
-    result["how"] = (f"measured: the faster of a ({n}, {n}) @ ({n}, {n}) matmul and a 3x3 "
-                     f"convolution {c} -> {c} channels on (8, {c}, 32, 32) channels-last, best "
-                     f"of {repeats} calls each, per dtype, on {torch.get_num_threads()} threads")
-    return result
-
-
-# ----------------------------------------------------------------------------------------------
-# FLOPs, counted from the layers
-# ----------------------------------------------------------------------------------------------
-COUNTED = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
-FLOPS_HOW = ("2 FLOPs per multiply-add of every Conv2d, ConvTranspose2d and Linear call in one "
-             "training-mode forward pass (Conv2d: output elements x in_channels/groups x "
-             "kernel area; ConvTranspose2d: input elements x out_channels/groups x kernel "
-             "area, border outputs cropped by padding included; Linear: input rows x in x out "
-             "features), divided by the batch; a training step adds the backward pass, per "
-             "layer one more forward's worth for the weight gradient and one for the input "
-             "gradient unless the layer's input needs none (the first layer); biases, "
-             "activations, losses, the VQ quantiser's distances, the TC estimator and Adam "
-             "are not counted")
-
-
-def layer_macs(module, x, y):
-    """Multiply-adds of one call of a counted layer on input x and output y, whole batch."""
-    if isinstance(module, nn.Linear):
-        return x.numel() * module.out_features                  # rows x in x out
-    kernel = math.prod(module.kernel_size)
-    if isinstance(module, nn.ConvTranspose2d):                   # each input scatters a kernel
-        return x.numel() * module.out_channels // module.groups * kernel
-    return y.numel() * module.in_channels // module.groups * kernel     # Conv2d
-
-
-def count_flops(model, x):
-    """{"forward", "step"}: FLOPs per image of model(x) and of a training step on x, counted
-    from the layers as FLOPS_HOW says, on a copy of `model` in training mode (a forward may
-    change state: the VQ-VAE's EMA codebook)."""
-    model = copy.deepcopy(model).train()
-    forward = step = 0
-
-    def hook(module, inputs, output):
-        nonlocal forward, step
-        macs = layer_macs(module, inputs[0], output)
-        forward += 2 * macs
-        step += 2 * macs * (1 + module.weight.requires_grad + inputs[0].requires_grad)
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, COUNTED)]
-    try:
-        with torch.enable_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return {"forward": forward / len(x), "step": step / len(x)}
-
-
-# ----------------------------------------------------------------------------------------------
 # The pipelines: each a function run(n) that takes n training steps
 # ----------------------------------------------------------------------------------------------
 def in_format(model, channels_last):
     """A copy of `model` in the memory format (all copies start from the same weights)."""
-    model = copy.deepcopy(model)
-    return model.to(memory_format=torch.channels_last if channels_last
-                    else torch.contiguous_format)
+    return copy.deepcopy(model).to(memory_format=torch.channels_last if channels_last
+                                   else torch.contiguous_format)
 
 
 def ours_pipeline(setup, model, batches, device, bf16, log_every=100):
@@ -354,7 +148,7 @@ def ours_pipeline(setup, model, batches, device, bf16, log_every=100):
                 state["it"] = batches.epoch(state["i"] // len(batches))
                 x = next(state["it"])
             terms = setup.step(model, opt, x, state["i"], bf16)
-            running.add({k: terms[k] for k in setup.logged})
+            running.add({k: terms[k] for k in setup.logged if k in terms})
             state["i"] += 1
             if state["i"] % log_every == 0:
                 running.read(state["i"], ".")
@@ -377,7 +171,7 @@ def baseline_pipeline(setup, model, folder, batch, device, workers):
     """The common pipeline: JPEGs through PIL in a shuffling DataLoader, fp32, and three
     host-device syncs per step for the log."""
     opt = devices.adam(model.parameters(), setup.lr, device)
-    loader = torch.utils.data.DataLoader(JpegFolder(folder), batch_size=batch, shuffle=True,
+    loader = torch.utils.data.DataLoader(bt.JpegFolder(folder), batch_size=batch, shuffle=True,
                                          num_workers=workers, drop_last=True,
                                          persistent_workers=workers > 0)
     state = {"i": 0, "it": iter(loader)}
@@ -411,70 +205,8 @@ def tc_pipeline(model, x, data_size, estimator):
     return run
 
 
-# ----------------------------------------------------------------------------------------------
-# Timing: interleaved rounds
-# ----------------------------------------------------------------------------------------------
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def minor_faults():
-    """This process's minor page faults so far (Unix), or None."""
-    try:
-        import resource
-    except ImportError:
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def timed(run, steps, device):
-    """Wall and CPU seconds and minor page faults of run(steps)."""
-    sync(device)
-    faults, cpu, wall = minor_faults(), time.process_time(), time.perf_counter()
-    run(steps)
-    sync(device)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return {"wall_s": wall, "cpu_s": cpu,
-            "faults": None if faults is None else minor_faults() - faults}
-
-
-def time_rounds(pipelines, steps, repeats, device):
-    """`repeats` rounds; in each every pipeline runs `steps` steps, in an order rotated by one
-    each round (no pipeline always follows the same one). Returns each one's rounds."""
-    names = list(pipelines)
-    rounds = {k: [] for k in names}
-    for r in range(repeats):
-        for k in names[r % len(names):] + names[:r % len(names)]:
-            rounds[k].append(timed(pipelines[k], steps, device))
-    return rounds
-
-
-def speed(rounds, steps, batch, threads):
-    """A pipeline's images/s: the median round, the best and worst, the spread (max - min) /
-    median, the median share of the threads' time the process got on the CPU, and the median
-    minor page faults per step."""
-    ips = [steps * batch / r["wall_s"] for r in rounds]
-    med = statistics.median(ips)
-    faults = [r["faults"] for r in rounds]
-    return {"images_per_s": med, "best": max(ips), "worst": min(ips),
-            "spread": (max(ips) - min(ips)) / med, "rounds": ips,
-            "cpu_share": statistics.median(r["cpu_s"] / (r["wall_s"] * threads)
-                                           for r in rounds),
-            "faults_per_step": None if None in faults else statistics.median(faults) / steps}
-
-
-def ratio(a, b):
-    """a / b of two speeds: of the medians, and the lowest and highest of the per-round
-    ratios (the rounds are interleaved, so round r of each ran side by side)."""
-    per_round = [x / y for x, y in zip(a["rounds"], b["rounds"])]
-    return {"ratio": a["images_per_s"] / b["images_per_s"], "rounds_min": min(per_round),
-            "rounds_max": max(per_round)}
-
-
 def key(kind, bf16, other_format=False):
-    """A pipeline's name: "ours fp32", "limit bf16", "ours bf16 other format" (the memory
-    format the script does not use on this device)."""
+    """"ours fp32", "limit bf16", "ours bf16 other format" (not the script's on this device)."""
     return f"{kind} {'bf16' if bf16 else 'fp32'}{' other format' if other_format else ''}"
 
 
@@ -507,35 +239,35 @@ def bench_model(spec, images, batch, device, steps, round_seconds, repeats, warm
     for run in pipelines.values():
         run(warmup)
     if steps is None:
-        once = timed(pipelines[key("limit", False)], 1, device)["wall_s"]
+        once = bt.timed(pipelines[key("limit", False)], 1, device)["wall_s"]
         steps = max(2, math.ceil(round_seconds / once))
     threads = torch.get_num_threads()
-    rounds = time_rounds(pipelines, steps, repeats, device)
-    speeds = {k: speed(r, steps, batch, threads) for k, r in rounds.items()}
-    flops = count_flops(model, x0)
+    rounds = bt.time_rounds(pipelines, steps, repeats, device)
+    speeds = {k: bt.speed(r, steps, batch, threads) for k, r in rounds.items()}
+    flops = bt.count_flops(model, x0)
     result = {"batch": batch, "steps_per_round": steps, "repeats": repeats,
               "memory_format": "channels-last" if fit_cl else "contiguous",
               "auto": "bf16" if auto else "fp32", "auto_line": line,
-              "flops_per_image": {**flops, "how": FLOPS_HOW}, "rows": {}}
+              "flops_per_image": {**flops, "how": bt.FLOPS_HOW}, "rows": {}}
     for bf16 in precisions:
         ours, limit = speeds[key("ours", bf16)], speeds[key("limit", bf16)]
-        row = {"ours": ours, "limit": limit, "ours_over_limit": ratio(ours, limit),
+        row = {"ours": ours, "limit": limit, "ours_over_limit": bt.ratio(ours, limit),
                "ours_gflops": flops["step"] * ours["images_per_s"] / 1e9,
                "limit_gflops": flops["step"] * limit["images_per_s"] / 1e9}
         if len(formats) > 1:
             other = speeds[key("ours", bf16, True)]
             cl, contiguous = (ours, other) if fit_cl else (other, ours)
             row["memory_formats"] = {"ours_contiguous": contiguous, "ours_channels_last": cl,
-                                     "channels_last_over_contiguous": ratio(cl, contiguous)}
+                                     "channels_last_over_contiguous": bt.ratio(cl, contiguous)}
         if setup.tc is not None:
             per_call = statistics.median(r["wall_s"] for r in rounds["tc estimator"]) / steps
             row["tc_estimator_s"] = per_call
             row["tc_share_of_step"] = per_call * ours["images_per_s"] / batch
         result["rows"]["bf16" if bf16 else "fp32"] = row
     rows = result["rows"]
-    result["auto_over_fp32"] = ratio(rows[result["auto"]]["ours"], rows["fp32"]["ours"])
+    result["auto_over_fp32"] = bt.ratio(rows[result["auto"]]["ours"], rows["fp32"]["ours"])
     if "bf16" in rows:
-        result["bf16_over_fp32"] = ratio(rows["bf16"]["ours"], rows["fp32"]["ours"])
+        result["bf16_over_fp32"] = bt.ratio(rows["bf16"]["ours"], rows["fp32"]["ours"])
     return result, argparse.Namespace(setup=setup, model=model, x0=x0)
 
 
@@ -546,23 +278,8 @@ def bench_baseline(setup, model, folder, batch, device, workers, steps, repeats,
     run = baseline_pipeline(setup, copy.deepcopy(model).to(memory_format=torch.contiguous_format),
                             folder, batch, device, workers)
     run(warmup)
-    rounds = time_rounds({"baseline": run}, steps, repeats, device)["baseline"]
-    return speed(rounds, steps, batch, torch.get_num_threads())
-
-
-def profile_step(setup, model, x, device, bf16, top, steps):
-    """The `top` ops by self CPU time over `steps` steps of the limit (after one untimed
-    step), from torch.profiler: [(op, self CPU ms per step, share of the steps' self time)].
-    Self time includes what the kernel waits for, such as page faults on fresh memory."""
-    run = limit_pipeline(setup, copy.deepcopy(model), x, device, bf16)
-    run(1)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        run(steps)
-    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
-    total = sum(e.self_cpu_time_total for e in events)
-    events.sort(key=lambda e: -e.self_cpu_time_total)
-    return [(e.key, e.self_cpu_time_total / 1e3 / steps, e.self_cpu_time_total / total)
-            for e in events[:top]]
+    rounds = bt.time_rounds({"baseline": run}, steps, repeats, device)["baseline"]
+    return bt.speed(rounds, steps, batch, torch.get_num_threads())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -576,40 +293,27 @@ def epoch_seconds(spec, images, batch, device, bf16):
     run = ours_pipeline(setup, in_format(setup.model, cl),
                         utils.DeviceBatches(images, batch, device, seed=0, channels_last=cl),
                         device, bf16)
-    return timed(run, len(images) // batch, device)["wall_s"]
+    return bt.timed(run, len(images) // batch, device)["wall_s"]
 
 
-def data_epoch_seconds(device, images, folder, batch, workers):
-    """One epoch of data alone, no model: the decoded cache on the device vs JPEGs via PIL."""
-    batches = utils.DeviceBatches(images, batch, device, seed=0)
-    sync(device)
-    t = time.perf_counter()
-    for x in batches.epoch(0):
-        pass
-    sync(device)
-    cache_s = time.perf_counter() - t
-    loader = torch.utils.data.DataLoader(JpegFolder(folder), batch_size=batch, shuffle=True,
-                                         num_workers=workers, drop_last=True)
-    t = time.perf_counter()
-    for x, _ in loader:
-        x.to(device)
-    sync(device)
-    return {"cache": cache_s, "imagefolder_pil": time.perf_counter() - t}
-
-
-def extras(name, r, parts, images, root, folder, batch, device, repeats, workers):
-    """For model `name` (a CelebA one; `r` its results, `parts` its setup, model and batch):
-    the fp32 limit on 1 thread and on all; one epoch of ours over a quarter, half and all of
-    the images at 64 px and all at 32 px, in auto's precision; one epoch of data alone."""
-    spec, setup, model, x0 = MODELS[name], parts.setup, parts.model, parts.x0
+def extras(args, models, parts, images, root, folder, device):
+    """For the first CelebA model of --models: the fp32 limit on 1 thread and on all; one epoch
+    of ours over a quarter, half and all of the images at 64 px and all at 32 px, in auto's
+    precision; one epoch of data alone. Printed and returned (None without a CelebA model)."""
+    name = next((n for n in args.models if MODELS[n].data == "celeba"), None)
+    if name is None:
+        print("extras: none (they use the CelebA fixture; --models has no CelebA model)")
+        return None
+    spec, r, batch, repeats = MODELS[name], models[name], args.batch_size, args.repeats
+    setup, model, x0 = parts[name].setup, parts[name].model, parts[name].x0
     threads = torch.get_num_threads()
     out = {"model": name}
     for n in sorted({1, threads}):
         torch.set_num_threads(n)
         run = limit_pipeline(setup, copy.deepcopy(model), x0, device, False)
         run(2)
-        rounds = time_rounds({"limit": run}, r["steps_per_round"], repeats, device)["limit"]
-        out[f"limit_fp32_threads_{n}"] = speed(rounds, r["steps_per_round"], batch, n)
+        rounds = bt.time_rounds({"limit": run}, r["steps_per_round"], repeats, device)["limit"]
+        out[f"limit_fp32_threads_{n}"] = bt.speed(rounds, r["steps_per_round"], batch, n)
     torch.set_num_threads(threads)
     bf16 = r["auto"] == "bf16"
     sizes = sorted({max(batch, len(images) // 4), max(batch, len(images) // 2), len(images)})
@@ -618,7 +322,8 @@ def extras(name, r, parts, images, root, folder, batch, device, repeats, workers
                                      for n in sizes}
     small = utils.load_celeba(root, "train", image_size=32).images
     out["epoch_s_32px"] = {len(small): epoch_seconds(spec, small, batch, device, bf16)}
-    out["data_only_epoch_s"] = data_epoch_seconds(device, images, folder, batch, workers)
+    out["data_only_epoch_s"] = bt.data_epoch_seconds(device, images, folder, batch, args.workers)
+    print(json.dumps(out, indent=1))
     return out
 
 
@@ -629,105 +334,35 @@ def main(args):
     device = devices.get_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    root = fixture_root(args.data_root)        # first: a data folder it did not create is refused
+    root = bt.fixture_root(args.data_root)    # first: refuses a data folder it did not create
     try:
         needs = {MODELS[n].data for n in args.models}
         for data, batch, flag in (("celeba", args.batch_size, "--batch-size"),
                                   ("dsprites", args.mlp_batch_size, "--mlp-batch-size")):
             if data in needs and args.images < batch:
-                raise UserError(f"--images {args.images} is fewer than one batch of "
-                                      f"{flag} {batch}")
+                raise UserError(f"--images {args.images} is fewer than one batch of {flag} {batch}")
         return run_benchmarks(args, device, root)
     finally:
         if args.data_root is None:             # the temporary fixture goes with the run
             shutil.rmtree(root, ignore_errors=True)
 
 
-def pct(x):
-    return f"{100 * x:.0f}%"
-
-
-HEADER = ("model         prec   baseline     ours noise    limit noise  ours/limit (rounds)  "
-          "GFLOP/s  peak   cpu  faults/step ours, limit")
-
-
-def describe_row(name, prec, auto, row):
-    """One line of the table: images/s (median of rounds) with noise (half the spread), the
-    ratio with its range over rounds, ours' GFLOP/s and share of the peak, the CPU share and
-    the page faults."""
-    o, lim, rl = row["ours"], row["limit"], row["ours_over_limit"]
-    base = f"{row['baseline']['images_per_s']:8.0f}" if "baseline" in row else "       -"
-    faults = "/".join("-" if s["faults_per_step"] is None else f"{s['faults_per_step']:.0f}"
-                      for s in (o, lim))
-    return (f"{name:13s} {prec}{'*' if prec == auto else ' '} {base} "
-            f"{o['images_per_s']:8.0f} {pct(o['spread'] / 2):>5s} "
-            f"{lim['images_per_s']:8.0f} {pct(lim['spread'] / 2):>5s}  "
-            f"{rl['ratio']:4.2f} ({rl['rounds_min']:.2f}-{rl['rounds_max']:.2f})  "
-            f"{row['ours_gflops']:8.1f} {pct(row['ours_fraction_of_peak']):>5s} "
-            f"{pct(o['cpu_share']):>5s}  {faults}")
-
-
-def describe_machine(m, peak):
-    """One line: the device, threads, torch, the CPU flags of interest and the peak."""
-    flags = " ".join(f for f, on in m["cpu_flags"].items() if on) or "none of interest"
-    peaks = ", ".join(f"{d} {peak[d]:.0f} (matmul {peak[d + '_parts']['matmul']:.0f}, conv "
-                      f"{peak[d + '_parts']['conv']:.0f})" for d in ("fp32", "bf16"))
-    return (f"{m['gpu'] or m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch "
-            f"{m['torch']} ({m['torch_cpu_capability']}); flags: {flags}; peak GFLOP/s "
-            f"{peaks}; {peak['how']}")
-
-
-def print_details(models):
-    """Below the table: FLOPs per image and auto's line for each model, then for each row
-    channels-last against contiguous, the TC estimator's share and the top profiled ops."""
-    print("FLOPs per image (a step is forward + backward, counted from the layers; 'how' in "
-          "the JSON says how), and the precision auto picks:")
-    for name, r in models.items():
-        f = r["flops_per_image"]
-        print(f"  {name:13s} forward {f['forward'] / 1e6:8.1f} MFLOP, step "
-              f"{f['step'] / 1e6:8.1f} MFLOP; batch {r['batch']}, {r['steps_per_round']} steps "
-              f"per round; {r['auto_line']}")
-    for name, r in models.items():
-        for prec, row in r["rows"].items():
-            if "memory_formats" in row:
-                c = row["memory_formats"]["channels_last_over_contiguous"]
-                print(f"  channels-last on CPU, {name} {prec}: ours {c['ratio']:.2f}x "
-                      f"contiguous (rounds {c['rounds_min']:.2f}-{c['rounds_max']:.2f})")
-            if "tc_share_of_step" in row:
-                print(f"  TC estimator, {name} {prec}: {1e3 * row['tc_estimator_s']:.1f} ms "
-                      f"forward+backward, {pct(row['tc_share_of_step'])} of ours' step")
-            for op, ms, share in row.get("profile_limit_top_ops", [])[:5]:
-                print(f"  profile {name} {prec}: {op} {ms:.1f} ms/step ({pct(share)})")
-
-
 def run_benchmarks(args, device, root):
     torch.backends.cudnn.benchmark = device.type == "cuda"       # as the scripts set it
-    result = {"machine": machine_info(device), "models": {}}
+    result = {"machine": bt.machine_info(device), "models": {}}
     names = args.models
-    images = {}
+    images, folder = {}, None
     if any(MODELS[n].data == "celeba" for n in names):
-        t = time.perf_counter()
-        with files.building(root, f"the bench fixture in {root}"):
-            folder = write_jpeg_fixture(root, args.images)
-        fixture_s = time.perf_counter() - t
-        fresh = not (folder / "celeba_cache_crop148_64px.npy").exists()
-        t = time.perf_counter()
-        images["celeba"] = utils.load_celeba(root, "train", image_size=64).images
-        decode_s = time.perf_counter() - t if fresh else None
-        result.update(fixture_write_s=fixture_s, decode_and_cache_s=decode_s,
-                      decode_per_10k_images_s=decode_s * 10_000 / args.images if decode_s
-                      else None)
+        images["celeba"], folder, timings = bt.celeba_fixture(root, args.images)
+        result.update(timings)
     if any(MODELS[n].data == "dsprites" for n in names):
-        images["dsprites"] = dsprites_images(args.images)
+        images["dsprites"] = bt.dsprites_images(args.images)
     peak_size = args.peak_size or (8192 if device.type == "cuda" else 2048)
-    result["peak_gflops"] = peak = measured_peak(device, peak_size)
-    print(describe_machine(result["machine"], peak), flush=True)
+    result["peak_gflops"] = peak = bt.measured_peak(device, peak_size)
+    print(bt.describe_machine(result["machine"], peak), flush=True)
     result.update(batch=args.batch_size, mlp_batch=args.mlp_batch_size, images=args.images,
                   repeats=args.repeats, warmup=args.warmup)
-    print("images/s, the median of interleaved rounds; * = the precision auto picks; noise = "
-          "half the spread of the rounds; cpu = CPU time / (wall x threads), under 100%: the "
-          "machine was busy; faults = minor page faults per step")
-    print(HEADER)
+    print(bt.LEGEND, bt.HEADER, sep="\n")
     parts = {}
     for name in names:
         spec = MODELS[name]
@@ -743,51 +378,23 @@ def run_benchmarks(args, device, root):
                                           / fp32["baseline"]["images_per_s"])
         for prec, row in r["rows"].items():
             if args.profile_ops:
-                row["profile_limit_top_ops"] = profile_step(
-                    parts[name].setup, parts[name].model, parts[name].x0, device,
-                    prec == "bf16", args.profile_ops, r["steps_per_round"])
+                row["profile_limit_top_ops"] = bt.profile_ops(limit_pipeline(
+                    parts[name].setup, copy.deepcopy(parts[name].model), parts[name].x0,
+                    device, prec == "bf16"), r["steps_per_round"], args.profile_ops)
             row["ours_fraction_of_peak"] = row["ours_gflops"] / peak[prec]
-            print(describe_row(name, prec, r["auto"], row), flush=True)
+            print(bt.describe_row(name, prec, r["auto"], row), flush=True)
         result["models"][name] = r
-    print_details(result["models"])
-    result["targets"] = targets(result["models"], devices.native_bf16(device)[0])
+    bt.print_details(result["models"])
+    result["targets"] = bt.targets(result["models"], devices.native_bf16(device)[0])
     for line in result["targets"]:
         print("  target: " + line)
     if args.extras:
-        first = next((n for n in names if MODELS[n].data == "celeba"), None)
-        if first is None:
-            result["extras"] = None
-            print("extras: none (they use the CelebA fixture; --models has no CelebA model)")
-        else:
-            result["extras"] = extras(first, result["models"][first], parts[first],
-                                      images["celeba"], root, folder, args.batch_size, device,
-                                      args.repeats, args.workers)
-            print(json.dumps(result["extras"], indent=1))
+        result["extras"] = extras(args, result["models"], parts, images.get("celeba"), root,
+                                  folder, device)
     if args.out:
         files.write_json(args.out, result)
         print(f"wrote {args.out}")
     return result
-
-
-def targets(models, native):
-    """The targets against this run, one line each: ours/limit <= 1 within noise (half the
-    range of the per-round ratios) in every row; auto not slower than fp32 by more than 5%;
-    with native bf16, the beta-VAE pipelines (auto) at >= 1.6x their fp32."""
-    lines = []
-    for name, r in models.items():
-        for prec, row in r["rows"].items():
-            rl = row["ours_over_limit"]
-            noise = (rl["rounds_max"] - rl["rounds_min"]) / 2
-            lines.append(f"{name} {prec}: ours/limit {rl['ratio']:.2f} "
-                         f"{'met' if rl['ratio'] <= 1 + noise else 'MISSED'} (<= 1 + the "
-                         f"noise of its rounds, {noise:.2f})")
-        a = r["auto_over_fp32"]
-        lines.append(f"{name}: auto ({r['auto']}) / fp32 {a['ratio']:.2f} "
-                     f"{'met' if a['ratio'] >= 0.95 else 'MISSED'} (>= 0.95)")
-        if native and name.startswith("beta_vae"):
-            lines.append(f"{name}: auto / fp32 {a['ratio']:.2f} "
-                         f"{'met' if a['ratio'] >= 1.6 else 'MISSED'} (>= 1.6 with native bf16)")
-    return lines
 
 
 def model_list(text):
@@ -831,9 +438,8 @@ def parse_args(argv=None):
                    help="for each model and precision, keep the ops with the most self CPU "
                         "time in one round of limit steps under torch.profiler (0 = skip)")
     p.add_argument("--data-root", default=None,
-                   help="a new folder that bench.py creates to keep the JPEG fixture and cache "
-                        "for later runs; never an existing data folder (default: a temporary "
-                        "folder, removed at the end)")
+                   help="a new folder that bench.py creates to keep the JPEG fixture for later "
+                        "runs; never an existing data folder (default: a temporary one)")
     p.add_argument("--extras", action="store_true",
                    help="also threads, epoch-time scaling and data alone (first CelebA model)")
     p.add_argument("--out", default=None, help="write the results as JSON here")

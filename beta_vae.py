@@ -25,26 +25,25 @@ from functools import partial
 
 import torch
 
+import disentanglement
 import standard_vae as sv
 import utils
-from training import arguments, console, distributed, files, loop, sizes
+from training import arguments, console, devices, distributed, files, loop, sizes
 from training.errors import UserError
 
-# Published settings (Burgess et al. 2018, REFERENCE.md): C_max per dataset, in nats, raised
-# over 100,000 steps; beta = 4 for objective H (Higgins et al. 2017) and 6 for TC (Chen et al.).
+# Published settings (docs/papers.md): C_max per dataset in nats, raised over 100,000 steps
+# (Burgess et al. 2018, section 4 and appendix A); beta = 4 for objective H (Higgins et al.
+# 2017, dSprites) and 6 for TC (Chen et al. 2018).
 C_MAX = {"dsprites": 25.0, "celeba": 50.0}
 PUBLISHED_C_STEPS = 100_000
 BETA = {"H": 4.0, "TC": 6.0}
 # The objective a dataset's run defaults to follows what the run is for. dSprites measures
 # disentanglement: Burgess et al.'s objective B, as published. CelebA serves attribute
-# arithmetic (the smile vector), where objective H with beta 1 is what worked: with the headline
-# command on 20,000 CelebA-format faces its Smiling vector added 103% of the smile, B's 2%
-# (docs/experiments.md, "Attribute arithmetic on synthetic faces").
+# arithmetic (the smile vector), which needs the reconstructions to keep small features such as
+# a smile; objective H with beta 1 keeps them, where B's pressure on the KL drops them.
 DEFAULT_OBJECTIVE = {"celeba": ("H", 1.0)}
-# Attribute vectors need the model to reconstruct small features, which comes late: on 3,000
-# CelebA-format faces the Smiling vector added 9% of the smile after 1,110 steps (the headline
-# command) and 95% after 4,440 (docs/experiments.md, "Attribute arithmetic on synthetic
-# faces"), with objective H, CelebA's default. Shorter runs of it say so at their start.
+# A reconstruction learns small features late, so an attribute vector needs a run of at least
+# this many steps; shorter runs of objective H on CelebA say so at their start.
 ATTRIBUTE_STEPS = 4_000
 
 
@@ -160,6 +159,12 @@ LOSS_FLAGS = ("objective", "recon", "beta", "beta_warmup", "gamma", "c_max", "c_
               "tc_estimator")
 
 
+def objective_settings(args, data_size):
+    """beta_vae_loss's settings from the flags (schedules resolved), and the training set's
+    size `data_size`, which objective TC's estimate of q(z) needs."""
+    return {**{k: getattr(args, k) for k in LOSS_FLAGS}, "data_size": data_size}
+
+
 def beta_vae_loss(x, logits, mu, logvar, step, objective, recon="bce", beta=4.0, beta_warmup=0,
                   gamma=1000.0, c_max=25.0, c_steps=PUBLISHED_C_STEPS, tc_estimator="mss",
                   log_sigma=None, data_size=None):
@@ -262,7 +267,8 @@ def plot_kl_per_dim(log, path, args, informative=0.5, ax=None):
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = arguments.ArgumentParser(__doc__.split("\n\n")[0])
-    arguments.add_common_args(p, latent=10, lr=5e-4, batch_size=64, epochs=30, dataset="celeba")
+    arguments.add_common_args(p, utils.DATASETS, latent=10, lr=5e-4, batch_size=64, epochs=30,
+                              dataset="celeba")
     p.add_argument("--objective", default=None, choices=("H", "B", "TC"),
                    help="H: recon + beta*KL (Higgins); B: recon + gamma*|KL - C| (Burgess); "
                         "TC: recon + MI + beta*TC + dimension-wise KL (Chen, beta-TCVAE) "
@@ -324,39 +330,56 @@ def build_model(args, channels, image_size):
 LOGGED = ("loss", "recon", "kl", "kl_dims", "mi", "tc", "dim_kl")
 
 
+def train_step(model, opt, x, step, objective, log_sigma, bf16=False):
+    """One optimiser step on a batch x (B, C, S, S) in [0, 1]: the forward pass (in bf16
+    autocast with `bf16`), the objective's terms at `step` in fp32 (`objective`: beta_vae_loss's
+    settings), backward, Adam. `model` is the VAE or its DDP/compiled wrapper, which does not
+    expose the decoder's `log_sigma`: it is handed in. Returns the (device) terms."""
+    with devices.autocast(x.device, bf16):
+        logits, mu, logvar = model(x)                         # (B, C, S, S), (B, D), (B, D)
+    terms = beta_vae_loss(x, logits, mu, logvar, step=step, **objective, log_sigma=log_sigma)
+    opt.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    opt.step()
+    return terms
+
+
 def mig_scores(model, data_root, seed, points, bf16):
     """MIG on `points` dSprites images: a curve of disentanglement in the history."""
-    import beta_vae_analyze               # here: the analysis script imports this one
     device = next(model.parameters()).device
-    return beta_vae_analyze.mig_only(model, data_root, device, seed, points, bf16)
+    return disentanglement.mig_only(model, data_root, device, seed, points, bf16)
 
 
 def main(args):
     timer = console.Timer()
     args = check_args(args)
-    run = loop.start_run(args, "beta_vae", sv.RESUME_FLAGS)
+    run = loop.start_run(args, "beta_vae", sv.RESUME_FLAGS, utils.load_dataset)
     model, opt, batches = sv.setup(build_model(args, run.train.channels, run.train.image_size),
                                    run.device, run.train, args.lr, args.batch_size, args.seed)
     settings = loop.Settings.from_args(args, "beta_vae", run, len(batches), logged=LOGGED,
                                        shown=sv.SHOWN)
     lines = resolve_schedule(args, settings.steps)          # fills in --c-steps / --beta-warmup
-    loss = partial(beta_vae_loss, **{k: getattr(args, k) for k in LOSS_FLAGS},
-                   data_size=len(run.train))
-    bf16, why = sv.probe_precision(args.precision, model, batches, args.lr, loss)
+    objective = objective_settings(args, len(run.train))
+    bf16, why = sv.probe_precision(args.precision, model, batches, args.lr,
+                                   partial(beta_vae_loss, **objective))
     args.precision = "bf16" if bf16 else "fp32"    # kept in the checkpoint: --resume goes on in it
     if distributed.DIST.main:
         print("\n".join([why, *lines]))
-    score = partial(sv.evaluate, model, run.test.images, run.device, args.seed, False,
-                    run.test.binary, bf16=bf16)
     mig_points = args.mig_points if args.dataset == "dsprites" else 0     # a MIG curve: dSprites
 
+    def score(**iw):                          # the held-out bound (iw: the final IW-NLL's size)
+        return sv.evaluate(model, run.test.images, run.device, args.seed, binarize=False,
+                           binary=run.test.binary, bf16=bf16, **iw)
+
+    def evaluate(last):                       # every evaluation: the bound, and MIG on dSprites
+        scores = sv.epoch_scores(score(), last)
+        return {**scores, **(mig_scores(model, args.data_root, args.seed, mig_points, bf16)
+                             if mig_points else {})}
+
     trained = loop.train(
-        model, opt, lambda fwd, x, step: sv.train_step(
-            fwd, opt, x, partial(loss, log_sigma=model.log_sigma, step=step), bf16),
-        batches.epoch, settings, run.state, evaluate=lambda last: {
-            **sv.epoch_scores(score(), last),
-            **(mig_scores(model, args.data_root, args.seed, mig_points, bf16) if mig_points
-               else {})})
+        model, opt, lambda fwd, x, step: train_step(fwd, opt, x, step, objective,
+                                                    model.log_sigma, bf16),
+        batches.epoch, settings, run.state, evaluate=evaluate)
 
     final = sv.final_evaluation(score, len(run.test), trained.step * settings.batch,
                                 args.iw_samples, args.iw_images)

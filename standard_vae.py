@@ -53,8 +53,8 @@ def he_init(module):
 
     PyTorch's default init shrinks activations layer by layer, so a fresh encoder's output barely
     depends on the image; under the strong KL pressure of beta-VAE (gamma*|KL - C| with C near 0)
-    it then collapses for good (measured: constant posterior means, recon stuck at the mean
-    image). He init keeps the signal and the encoder learns."""
+    the posterior then collapses to the prior for good, and the decoder learns the mean image.
+    He init keeps the signal through the ReLU layers, and the encoder learns."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
             nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
@@ -213,6 +213,15 @@ def vae_loss(x, logits, mu, logvar, recon, log_sigma=None, kl_scale=1.0, free_bi
             "recon": recon_nll, "kl": kl, "kl_dims": kl_dims}
 
 
+def training_loss(recon, kl_warmup=0, free_bits=0.0):
+    """The loss this script trains with, as loss(x, logits, mu, logvar, log_sigma, step): the
+    negative ELBO with the KL warmed up over `kl_warmup` steps and `free_bits` per dimension."""
+    def loss(x, logits, mu, logvar, log_sigma, step):
+        return vae_loss(x, logits, mu, logvar, recon, log_sigma, kl_weight(step, kl_warmup),
+                        free_bits)
+    return loss
+
+
 @torch.no_grad()
 def iw_log_likelihood(model, x, k, chunk=50, generator=None):
     """Importance-weighted estimate of log p(x) per image (Burda et al. 2016, eq. 8):
@@ -294,8 +303,7 @@ def evaluate(model, images, device, seed=0, binarize=False, binary=False, iw_sam
             iw.add(torch.stack([ll.sum(), torch.tensor(len(x), device=device)]))
     model.train()
     sums, (iw_sum, iw_n) = sums.read(), iw.read()                  # float64, on the host
-    n = sums[3]
-    kl_dims, mu_sum, mu_sq = sums[4:].reshape(3, latent)
+    n, (kl_dims, mu_sum, mu_sq) = sums[3], sums[4:].reshape(3, latent)
     result = {"neg_elbo": sums[0] / n, "recon": sums[1] / n, "kl": sums[2] / n,
               "kl_per_dim": (kl_dims / n).tolist(), "images": int(n)}
     # Active units (Burda et al. 2016): dimensions whose posterior mean varies with x, Cov > 0.01
@@ -312,11 +320,8 @@ def evaluate(model, images, device, seed=0, binarize=False, binary=False, iw_sam
 def save_images(model, images, out, device, seed, n=32):
     """reconstructions.png (originals above their reconstructions) and samples.png."""
     model.eval()
-    cols = min(8, n, len(images))
-    x = images[:min(n, len(images)) // cols * cols].to(device).float() / 255
-    recon = model.mean_image(model.decoder(model.encoder(x)[0]))   # decode the posterior mean
-    pairs = torch.stack([x.view(-1, cols, *x.shape[1:]), recon.view(-1, cols, *x.shape[1:])], 1)
-    utils.save_grid(pairs.flatten(0, 2), out / "reconstructions.png", nrow=cols)
+    utils.save_reconstructions(images, lambda x: model.mean_image(model.decoder(
+        model.encoder(x)[0])), out / "reconstructions.png", device, n)     # the posterior mean
     gen = torch.Generator(device).manual_seed(seed)
     z = torch.randn(64, model.latent, device=device, generator=gen)
     utils.save_grid(model.mean_image(model.decoder(z)), out / "samples.png", nrow=8)
@@ -337,7 +342,7 @@ def plot_history(log, history, out):
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = arguments.ArgumentParser(__doc__.split("\n\n")[0])
-    arguments.add_common_args(p, latent=10, lr=1e-3, batch_size=128, epochs=10)
+    arguments.add_common_args(p, utils.DATASETS, latent=10, lr=1e-3, batch_size=128, epochs=10)
     add_vae_args(p, iw_samples=100)
     p.add_argument("--binarize", action=argparse.BooleanOptionalAction, default=None,
                    help="dynamic binarisation, x ~ Bernoulli(intensity) redrawn every time "
@@ -477,15 +482,11 @@ def save_outputs(model, run, log, history, final, metrics, seed):
 def main(args):
     timer = console.Timer()
     args = check_args(args)
-    run = loop.start_run(args, "standard_vae", RESUME_FLAGS)
+    run = loop.start_run(args, "standard_vae", RESUME_FLAGS, utils.load_dataset)
     model, opt, batches = setup(build_model(args, run.train.channels, run.train.image_size),
                                 run.device, run.train, args.lr, args.batch_size, args.seed,
                                 args.binarize)
-
-    def loss(x, logits, mu, logvar, log_sigma, step):       # -ELBO with KL warm-up, free bits
-        return vae_loss(x, logits, mu, logvar, args.recon, log_sigma,
-                        kl_weight(step, args.kl_warmup), args.free_bits)
-
+    loss = training_loss(args.recon, args.kl_warmup, args.free_bits)
     bf16, why = probe_precision(args.precision, model, batches, args.lr, loss)
     args.precision = "bf16" if bf16 else "fp32"    # kept in the checkpoint: --resume goes on in it
     if distributed.DIST.main:

@@ -37,6 +37,18 @@ def save_grid(images, path, nrow=8, padding=2):
         pad_value=0.5))
 
 
+@torch.no_grad()
+def save_reconstructions(images, reconstruct, path, device, n=32):
+    """Originals above their reconstructions, 8 per row (fewer if fewer images): the first
+    `n` of uint8 `images` (N, C, H, W) and `reconstruct(x)` of them, x in [0, 1] on `device`,
+    each returning images in [0, 1]."""
+    cols = min(8, n, len(images))
+    x = images[:min(n, len(images)) // cols * cols].to(device).float() / 255
+    recon = reconstruct(x)
+    pairs = torch.stack([x.view(-1, cols, *x.shape[1:]), recon.view(-1, cols, *x.shape[1:])], 1)
+    save_grid(pairs.flatten(0, 2), path, nrow=cols)
+
+
 def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
@@ -556,7 +568,7 @@ def load_celeba(root, split, limit=None, image_size=64, crop=148):
 # ----------------------------------------------------------------------------------------------
 # dSprites: the official factor grid (rendered once into a cache, below)
 # ----------------------------------------------------------------------------------------------
-# The official grid (Higgins et al. 2017, REFERENCE.md): every combination of these factor values,
+# The official grid (Higgins et al. 2017; docs/papers.md): every combination of these factor values,
 # the flat index being the class indices dotted with DSPRITES_STRIDES (posY varies fastest).
 DSPRITES_FACTORS = ("color", "shape", "scale", "orientation", "posX", "posY")
 DSPRITES_SIZES = (1, 3, 6, 40, 32, 32)
@@ -570,7 +582,7 @@ DSPRITES_SPLIT_SEED = 20170101     # fixed: the hold-out never depends on --seed
 
 
 def dsprites_factor_values():
-    """The values of each factor, as listed in REFERENCE.md."""
+    """The values of each factor, as the official grid lists them (docs/papers.md)."""
     return [torch.ones(1), torch.arange(1.0, 4.0), torch.linspace(0.5, 1.0, 6),
             torch.linspace(0, 2 * math.pi, 40, dtype=torch.float64).float(),
             torch.linspace(0, 1, 32), torch.linspace(0, 1, 32)]
@@ -659,13 +671,13 @@ def load_dsprites(root, split, limit=None):
 # ----------------------------------------------------------------------------------------------
 # dSprites rendered from the factor grid, or converted from the official file
 # ----------------------------------------------------------------------------------------------
-# Shape geometry in pixels at scale 1, measured against official images (shared/ masks):
+# Shape geometry in pixels at scale 1, as in the official images (docs/papers.md):
 SQUARE_HALF_SIDE = 10.0                 # 20x20 px
 ELLIPSE_SEMI_AXES = (13.0, 7.5)         # 26x14 px, long axis horizontal at orientation 0
 
 
 # Heart: two lobe disks at (+-a, b) of radius r and a pointed bottom at (0, -t) (y up), the
-# outline closed by the outer tangents from the tip to the lobes; fitted to the official masks.
+# outline closed by the outer tangents from the tip to the lobes; fitted to the official hearts.
 HEART = dict(a=4.5, b=4.0, r=5.25, t=8.75)
 
 

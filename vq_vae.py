@@ -1,6 +1,6 @@
 """Vector-quantised VAE (van den Oord et al. 2017, "Neural Discrete Representation Learning"),
 with a gated PixelCNN prior over its codes (van den Oord et al. 2016, "Conditional Image
-Generation with PixelCNN Decoders").
+Generation with PixelCNN Decoders"; pixelcnn_prior.py).
 
 A residual encoder maps x to a grid of vectors z_e(x); each is replaced by its nearest codebook
 entry e_k, k = argmin_j ||z_e - e_j||^2, and a decoder reconstructs x from the grid of codes.
@@ -26,9 +26,10 @@ rank 0 alone writes.
         --prior-channels 64 --prior-layers 6 --prior-lr 1e-3 --prior-conditional
 
 Flags: `--latent` is the dimension D of each code vector, `--codes` the codebook size K. The
-defaults are the reference CIFAR-10 configuration (REFERENCE.md): 128 hidden channels, 2
-residual layers of 32, 512 codes of dimension 64, batch 256, Adam lr 1e-3; the reported run is
-15,000 steps: `--dataset cifar10 --epochs 77 --max-steps 15000`.
+defaults are the CIFAR-10 configuration of the widely used reimplementations of the paper
+(docs/papers.md): 128 hidden channels, 2 residual layers of 32, 512 codes of dimension 64,
+batch 256, Adam lr 1e-3, commitment beta 0.25, EMA decay 0.99; they train 15,000 steps:
+`--dataset cifar10 --epochs 77 --max-steps 15000`.
 """
 import math
 from functools import partial
@@ -37,13 +38,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import pixelcnn_prior
 import utils
 from training import (arguments, checkpoints, console, devices, distributed, files, loop,
                       progress, sizes)
 from training.errors import CheckpointError, UserError
 
-LAPLACE_EPS = 1e-5          # REFERENCE.md: N_i smoothed with eps = 1e-5
-NUM_CLASSES = {"mnist": 10, "cifar10": 10, "dsprites": utils.DSPRITES_SIZES[1]}  # dSprites: shape
+LAPLACE_EPS = 1e-5          # N_i smoothed with eps = 1e-5, as the authors' Sonnet quantiser does
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,7 +245,21 @@ class VectorQuantizer(nn.Module):
                                            self.ema_sum))
 
 
+def centred(x):
+    """Images in [0, 1] -> [-0.5, 0.5], the scale the VQ-VAE encodes and reconstructs in (that
+    of the widely used reimplementations, docs/papers.md); `image` maps a reconstruction back."""
+    return x - 0.5
+
+
+def image(recon):
+    """A reconstruction in the centred scale -> an image in [0, 1] (fp32)."""
+    return (recon.float() + 0.5).clamp(0, 1)
+
+
 class VQVAE(nn.Module):
+    """Encoder, quantiser and decoder. Images come in [0, 1]; the networks work in the centred
+    scale [-0.5, 0.5] (`centred`), and reconstructions come back in it."""
+
     def __init__(self, channels, hidden=128, res_hidden=32, res_layers=2, num_codes=512,
                  code_dim=64, **quantizer):
         super().__init__()
@@ -253,21 +268,22 @@ class VQVAE(nn.Module):
         self.decoder = Decoder(channels, hidden, res_hidden, res_layers, code_dim)
 
     def forward(self, x):
-        """x (B, C, S, S) in [-0.5, 0.5] -> reconstruction, indices (B, S/4, S/4), terms."""
-        q, indices, terms = self.quantizer(self.encoder(x))    # distances in fp32 inside
+        """x (B, C, S, S) in [0, 1] -> reconstruction (centred scale), indices (B, S/4, S/4),
+        terms."""
+        q, indices, terms = self.quantizer(self.encoder(centred(x)))  # distances in fp32 inside
         return self.decoder(q), indices, terms
 
     @torch.no_grad()
     def codes(self, x):
-        """Code grid (B, S/4, S/4) of x in [-0.5, 0.5]; never touches the quantiser's state."""
-        z = self.encoder(x).float()                                         # (B, D, H, W)
+        """Code grid (B, S/4, S/4) of x in [0, 1]; never touches the quantiser's state."""
+        z = self.encoder(centred(x)).float()                                # (B, D, H, W)
         b, d, h, w = z.shape
         return self.quantizer.nearest(z.permute(0, 2, 3, 1).reshape(-1, d))[0].view(b, h, w)
 
     @torch.no_grad()
     def decode_codes(self, indices):
         """Code grid (B, H, W) -> image (B, C, 4H, 4W) in [0, 1]."""
-        return (self.decoder(self.quantizer.lookup(indices)).float() + 0.5).clamp(0, 1)
+        return image(self.decoder(self.quantizer.lookup(indices)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,163 +305,13 @@ def train_step(model, opt, x, data_variance, beta, bf16=False):
     """One optimiser step on a batch x (B, C, S, S) in [0, 1]; returns the (device) terms.
     `model` is the VQ-VAE or its DDP/compiled wrapper (DDP averages the gradients over ranks;
     under torch.compile the quantiser still runs eagerly)."""
-    x = x - 0.5                                    # the reference scales images to [-0.5, 0.5]
     with devices.autocast(x.device, bf16):                        # the quantiser stays fp32
         recon, _, vq_terms = model(x)                                      # (B, C, S, S)
-    terms = vq_vae_loss(x, recon, vq_terms, data_variance, beta)
+    terms = vq_vae_loss(centred(x), recon, vq_terms, data_variance, beta)
     opt.zero_grad(set_to_none=True)
     terms["loss"].backward()
     opt.step()
     return terms
-
-
-# ----------------------------------------------------------------------------------------------
-# Gated PixelCNN prior over the code grid (van den Oord et al. 2016)
-# ----------------------------------------------------------------------------------------------
-def shift_down(x):
-    """Move rows down by one (row 0 becomes zeros): row i then holds what row i-1 saw."""
-    return F.pad(x, (0, 0, 1, -1))
-
-
-def shift_right(x):
-    """Move columns right by one (column 0 becomes zeros)."""
-    return F.pad(x, (1, -1, 0, 0))
-
-
-def gate(x):
-    """tanh(a) * sigmoid(b) over the two halves of the channels (paper, eq. 2)."""
-    a, b = x.chunk(2, dim=1)
-    return torch.tanh(a) * torch.sigmoid(b)
-
-
-class GatedLayer(nn.Module):
-    """One gated layer with a vertical and a horizontal stack (paper, fig. 2).
-
-    Vertical stack: a (k//2+1) x k convolution padded only above, so row i sees rows <= i. It
-    reaches the horizontal stack shifted down one row, i.e. only rows < i: with rows < i taken
-    whole, there is no blind spot. Horizontal stack: a 1 x (k//2+1) convolution padded only on
-    the left (columns <= j of row i), its input shifted right by one in the first layer so that
-    no position sees itself; later layers add a residual connection.
-    """
-
-    def __init__(self, channels, kernel, first=False, num_classes=0):
-        super().__init__()
-        self.pad, self.first = kernel // 2, first
-        self.v_conv = nn.Conv2d(channels, 2 * channels, (kernel // 2 + 1, kernel))
-        self.v_to_h = nn.Conv2d(2 * channels, 2 * channels, 1)
-        self.h_conv = nn.Conv2d(channels, 2 * channels, (1, kernel // 2 + 1))
-        self.h_out = nn.Conv2d(channels, channels, 1)
-        self.cond = nn.Embedding(num_classes, 2 * channels) if num_classes else None
-
-    def forward(self, v, h, labels=None):
-        v_out, above = self.vertical(v, labels)
-        return v_out, self.horizontal(h, above, labels)
-
-    def vertical(self, v, labels=None):
-        """The vertical stack: its output, and what it passes to the horizontal stack (each
-        row holds the features of the rows above it only)."""
-        p = self.pad
-        v_feat = self.v_conv(F.pad(v, (p, p, p, 0)))                        # (B, 2C, H, W)
-        above = self.v_to_h(shift_down(v_feat))                              # rows < i
-        return gate(self.conditioned(v_feat, labels)), above
-
-    def horizontal(self, h, above, labels=None):
-        """The horizontal stack on rows of `h`, given the vertical stack's `above` for them."""
-        h_in = shift_right(h) if self.first else h
-        h_feat = self.conditioned(self.h_conv(F.pad(h_in, (self.pad, 0, 0, 0))) + above, labels)
-        h_new = self.h_out(gate(h_feat))                                    # (B, C, H, W)
-        return h_new if self.first else h + h_new
-
-    def conditioned(self, feat, labels):
-        """class conditioning: a learned bias per class on every gate (paper, eq. 4)"""
-        if self.cond is None:
-            return feat
-        return feat + self.cond(labels)[:, :, None, None]                  # (B, 2C, 1, 1)
-
-
-class GatedPixelCNN(nn.Module):
-    """p(c) = prod_i p(c_i | c_<i [, class]) over a grid of K-way codes in raster order.
-    Codes (B, H, W) -> logits (B, K, H, W); logit (i, j) depends only on earlier positions."""
-
-    def __init__(self, num_codes, channels=128, layers=12, kernel=5, num_classes=0):
-        super().__init__()
-        self.embed = nn.Embedding(num_codes, channels)
-        self.layers = nn.ModuleList(
-            GatedLayer(channels, kernel, first=i == 0, num_classes=num_classes)
-            for i in range(layers))
-        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 1),
-                                  nn.ReLU(inplace=True), nn.Conv2d(channels, num_codes, 1))
-
-    def forward(self, codes, labels=None):
-        x = self.embed(codes).permute(0, 3, 1, 2)                            # (B, C, H, W)
-        v = h = x
-        for layer in self.layers:
-            v, h = layer(v, h, labels)
-        return self.head(h)                                                  # (B, K, H, W)
-
-    def row_sampler(self, codes, i, labels=None):
-        """logits(j) -> the logits (B, K) of position (i, j) of `codes` (B, H, W), whose rows
-        < i are final. The vertical stack, which sees only rows < i at row i, runs once for
-        the row; each position then runs only the horizontal stack and the head, on row i."""
-        v = self.embed(codes[:, :i + 1]).permute(0, 3, 1, 2)                 # rows 0..i
-        aboves = []
-        for layer in self.layers:
-            v, above = layer.vertical(v, labels)
-            aboves.append(above[:, :, i:i + 1])                              # (B, 2C, 1, W)
-
-        def logits(j):
-            h = self.embed(codes[:, i:i + 1]).permute(0, 3, 1, 2)            # (B, C, 1, W)
-            for layer, above in zip(self.layers, aboves):
-                h = layer.horizontal(h, above, labels)
-            return self.head(h[..., j:j + 1])[:, :, 0, 0]   # the head is 1x1: column j alone
-        return logits
-
-
-def prior_config(args, num_codes, grid, num_classes):
-    """Everything needed to rebuild the prior; stored in prior.pt."""
-    return {"num_codes": num_codes, "channels": args.prior_channels, "layers": args.prior_layers,
-            "kernel": args.prior_kernel, "num_classes": num_classes, "grid": list(grid)}
-
-
-def build_prior(config):
-    return GatedPixelCNN(config["num_codes"], config["channels"], config["layers"],
-                         config["kernel"], config["num_classes"])
-
-
-def prior_nll(prior, codes, labels=None):
-    """Mean negative log-likelihood in nats per code of code grids (B, H, W)."""
-    return F.cross_entropy(prior(codes, labels).float(), codes.long())
-
-
-def prior_train_step(prior, opt, codes, labels=None, bf16=False):
-    """One optimiser step of the prior on code grids (B, H, W): the NLL of each code given the
-    codes above and to its left, backward, Adam. `prior` is the PixelCNN or its DDP/compiled
-    wrapper. Returns the (device) bits per code."""
-    with devices.autocast(codes.device, bf16):
-        nll = prior_nll(prior, codes.long(), labels)
-    opt.zero_grad(set_to_none=True)
-    nll.backward()
-    opt.step()
-    return {"bits_per_code": nll.detach() / math.log(2)}
-
-
-@torch.no_grad()
-def sample_codes(prior, n, grid, labels=None, generator=None):
-    """Ancestral sampling in raster order, c_i ~ p(c_i | c_<i). The prior is causal, so each
-    row's vertical stack runs once, on rows 0..i, and each position only the horizontal stack
-    on its own row (GatedPixelCNN.row_sampler): the work grows as h*w rows, not h^2*w."""
-    device = next(prior.parameters()).device
-    h, w = grid
-    codes = torch.zeros(n, h, w, dtype=torch.long, device=device)
-    with progress.bar(total=h * w, desc=f"sampling {n} code grids", unit="position") as bar:
-        for i in range(h):
-            logits_at = prior.row_sampler(codes, i, labels)
-            for j in range(w):
-                logits = logits_at(j).float()                                     # (n, K)
-                codes[:, i, j] = torch.multinomial(logits.softmax(1), 1,
-                                                   generator=generator)[:, 0]
-                bar.update(1)
-    return codes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -478,12 +344,12 @@ def evaluate(model, images, variance, batch_size, device, bf16=False):
     bar = progress.bar(total=len(shard), desc="evaluation", unit="image")
     for x in utils.iterate(shard, batch_size, device):
         with devices.autocast(device, bf16):
-            recon, indices, _ = model(x - 0.5)
+            recon, indices, _ = model(x)
         recon = recon.float()
         counts = torch.bincount(indices.flatten(), minlength=k).float()
         sums.add(torch.cat([torch.stack([
-            F.mse_loss(recon, x - 0.5, reduction="sum"),
-            F.mse_loss((recon + 0.5).clamp(0, 1), x, reduction="sum"),
+            F.mse_loss(recon, centred(x), reduction="sum"),
+            F.mse_loss(image(recon), x, reduction="sum"),
             perplexity(counts), torch.ones((), device=device)]), counts]))
         bar.update(len(x))
     bar.close()
@@ -505,15 +371,10 @@ def evaluate(model, images, variance, batch_size, device, bf16=False):
             "images": len(images), "code_counts": counts.long().tolist()}
 
 
-@torch.no_grad()
-def save_reconstructions(model, images, path, device, n=32):
-    """Held-out originals above their reconstructions, 8 per row (fewer if fewer images)."""
+def save_reconstructions(model, images, path, device):
+    """Held-out originals above their reconstructions (the decoded code grids)."""
     model.eval()
-    cols = min(8, n, len(images))
-    x = images[:min(n, len(images)) // cols * cols].to(device).float() / 255
-    recon = model.decode_codes(model.codes(x - 0.5))
-    pairs = torch.stack([x.view(-1, cols, *x.shape[1:]), recon.view(-1, cols, *x.shape[1:])], 1)
-    utils.save_grid(pairs.flatten(0, 2), path, nrow=cols)
+    utils.save_reconstructions(images, lambda x: model.decode_codes(model.codes(x)), path, device)
     model.train()
 
 
@@ -534,34 +395,14 @@ def plot_code_usage(counts, path, title):
     utils.save_figure(fig, path)
 
 
-def class_labels(data):
-    """(labels (N,), number of classes) for class conditioning: dSprites conditions on shape."""
-    if data.name not in NUM_CLASSES or data.labels is None:
-        raise UserError(f"--prior-conditional needs class labels, which {data.name} does not "
-                        f"have; it works with {', '.join(NUM_CLASSES)}")
-    labels = data.labels[:, 1] if data.labels.dim() == 2 else data.labels
-    return labels.long(), NUM_CLASSES[data.name]
-
-
-@torch.no_grad()
-def encode_all(model, images, batch_size, device, desc="encoding"):
-    """Code grids (N, H, W) of a whole uint8 split, kept on the device as int16/int32."""
-    dtype = torch.int16 if model.quantizer.num_codes <= 2 ** 15 else torch.int32
-    model.eval()
-    batches = utils.iterate(images, batch_size, device)
-    codes = torch.cat([model.codes(x - 0.5).to(dtype) for x in progress.bar(
-        batches, total=math.ceil(len(images) / batch_size), desc=desc, unit="batch")])
-    model.train()
-    return codes
-
-
 # ----------------------------------------------------------------------------------------------
 # Arguments
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = arguments.ArgumentParser(__doc__.split("\n\n")[0])
-    # reference CIFAR-10 configuration (REFERENCE.md): batch 256, Adam lr 1e-3, codes of dim 64
-    arguments.add_common_args(p, latent=64, lr=1e-3, batch_size=256, epochs=10,
+    # the reimplementations' CIFAR-10 configuration (docs/papers.md): batch 256, Adam lr 1e-3,
+    # codes of dimension 64
+    arguments.add_common_args(p, utils.DATASETS, latent=64, lr=1e-3, batch_size=256, epochs=10,
                               latent_help="dimension D of each code vector")
     p.add_argument("--codes", default=512,
                    type=arguments.number(int, lambda v: v >= 2, "an integer >= 2"),
@@ -586,25 +427,7 @@ def parse_args(argv=None):
                    help="a code whose EMA count of assignments per step falls below this is "
                         "re-seeded from an encoder output of the current batch, drawn in "
                         "proportion to its squared distance to its nearest code")
-    p.add_argument("--prior-epochs", type=arguments.nonneg_int, default=None,
-                   help="epochs of the gated PixelCNN prior trained on the code grids once the "
-                        f"VQ-VAE is trained; 0 = no prior and no samples (default: "
-                        f"{sizes.PRIOR_EPOCHS}, or --epochs if fewer)")
-    p.add_argument("--prior-max-steps", type=arguments.positive_int, default=None,
-                   help="stop the prior after this many steps (default: --max-steps, so a "
-                        "short run stays short in both phases)")
-    p.add_argument("--prior-batch-size", type=arguments.positive_int, default=128,
-                   help="code grids per prior step")
-    p.add_argument("--prior-lr", type=arguments.positive_float, default=3e-4,
-                   help="Adam learning rate of the prior")
-    p.add_argument("--prior-channels", type=arguments.positive_int, default=128,
-                   help="channels of the prior's stacks")
-    p.add_argument("--prior-layers", type=arguments.positive_int, default=12,
-                   help="gated layers of the prior")
-    p.add_argument("--prior-kernel", type=arguments.positive_int, default=5,
-                   help="odd kernel width of the prior's convolutions")
-    p.add_argument("--prior-conditional", action="store_true",
-                   help="condition the prior on the class label (dSprites: the shape)")
+    pixelcnn_prior.add_prior_args(p)
     return p.parse_args(argv)
 
 
@@ -620,20 +443,19 @@ def check_args(args):
         grid_size(args.image_size)          # refused before anything is decoded
     epochs = sizes.prior_length(args.prior_epochs, args.prior_max_steps, args.epochs,
                                 args.max_steps)[0]
-    if args.prior_conditional and epochs > 0 and args.dataset not in NUM_CLASSES:
+    labelled = pixelcnn_prior.NUM_CLASSES
+    if args.prior_conditional and epochs > 0 and args.dataset not in labelled:
         raise UserError(f"--prior-conditional needs class labels, which {args.dataset} "
-                              f"does not have; it works with {', '.join(NUM_CLASSES)}")
+                        f"does not have; it works with {', '.join(labelled)}")
     return args
 
 
 # Flags that a resumed run takes from its command line when typed; the rest come from
-# checkpoint.pt. The prior's own settings (PRIOR_FLAGS) may be typed until prior.pt exists;
-# from then on they come from prior.pt.
+# checkpoint.pt. The prior's own settings (pixelcnn_prior.PRIOR_FLAGS) may be typed until
+# prior.pt exists; from then on they come from prior.pt.
 RESUME_FLAGS = ("epochs", "max_steps", "lr", "device", "out", "resume", "compile", "precision",
                 "log_every", "eval_every", "eval_limit", "data_root", "prior_epochs",
                 "prior_max_steps", "prior_lr")
-PRIOR_FLAGS = ("prior_batch_size", "prior_channels", "prior_layers", "prior_kernel",
-               "prior_conditional")
 
 
 def build_model(args, channels):
@@ -704,8 +526,8 @@ def main(args):
     args = check_args(args)
     # The same seed on every rank: the same initial weights. The only other use of the torch
     # RNG in training is the restart draw, which rank 0 makes for all ranks.
-    run = loop.start_run(args, "vq_vae", RESUME_FLAGS + PRIOR_FLAGS,
-                         {**checkpoints.RESUME_KEYS, "data": dict})
+    run = loop.start_run(args, "vq_vae", RESUME_FLAGS + pixelcnn_prior.PRIOR_FLAGS,
+                         utils.load_dataset, {**checkpoints.RESUME_KEYS, "data": dict})
     dist = distributed.DIST
     model = build_model(args, run.train.channels).to(run.device)
     opt = devices.adam(model.parameters(), args.lr, run.device)
@@ -745,153 +567,12 @@ def main(args):
               f"perplexity {final['perplexity']:.1f}, codes used "
               f"{final['used_codes']}/{args.codes}; outputs in {run.out}")
     if prior_epochs > 0:
-        metrics["prior"] = train_prior(args, model, run, trained.step)
+        metrics["prior"] = pixelcnn_prior.train_prior(
+            args, model, run, trained.step, (grid_size(run.train.image_size),) * 2, RESUME_FLAGS)
         if dist.main:
             files.write_json(run.out / "metrics.json", {**metrics, "wall_time_s": timer()})
     distributed.cleanup()
     return metrics
-
-
-def resume_prior(args, model, path, vq_step):
-    """On --resume, prior.pt (checked like any checkpoint) and the run's flags with its prior
-    settings (PRIOR_FLAGS come from prior.pt); else None and `args`. A prior trained on the
-    codes of another VQ-VAE state is refused."""
-    if not (args.resume and path.exists()):
-        return None, args
-    state = checkpoints.load(path)
-    checkpoints.check_kind(state, path, "vq_vae_prior")
-    checkpoints.check_resumable(state, path, {**checkpoints.RESUME_KEYS, "config": dict,
-                                              "vq_step": int, "vqvae": dict})
-    if state["vq_step"] != vq_step or any(
-            not torch.equal(v.cpu(), state["vqvae"][k]) for k, v in model.state_dict().items()):
-        raise UserError(
-            f"{path} was trained on the codes of another VQ-VAE state (step "
-            f"{state['vq_step']}; this run's is step {vq_step}); move {path} away to train "
-            "a new prior")
-    return state, checkpoints.resume_args(args, state, RESUME_FLAGS)
-
-
-@torch.no_grad()
-def held_out_bits(prior, codes, labels, batch_size, device, bf16=False):
-    """Bits per code of the prior on held-out code grids (N, H, W) with their class `labels`
-    (or None). Each rank scores its shard; the sums are added over ranks."""
-    prior.eval()
-    rank, world = distributed.DIST.rank, distributed.DIST.world
-    grids = codes[rank::world]
-    grid_labels = None if labels is None else labels[rank::world]
-    nll = distributed.Sums(1, device)               # summed over grids
-    for i in progress.bar(range(0, len(grids), batch_size), desc="prior evaluation",
-                          unit="batch"):
-        c = grids[i:i + batch_size].long()
-        y = None if grid_labels is None else grid_labels[i:i + batch_size]
-        with devices.autocast(device, bf16):
-            nll.add(prior_nll(prior, c, y).float()[None] * len(c))
-    prior.train()
-    return float(nll.read()[0]) / len(codes) / math.log(2)
-
-
-def train_prior(args, model, run, vq_step):
-    """Fit the gated PixelCNN to the training set's code grids, score held-out bits per code,
-    write samples.png. Resumes from prior.pt with --resume (its length then follows the flags
-    saved in prior.pt, or those typed). Under torchrun every rank encodes the grids and trains
-    on its shard of each epoch's order with DistributedDataParallel; rank 0 alone writes and
-    samples. Returns the prior's metrics; a stop by a signal raises console.Stopped once
-    prior.pt is saved."""
-    dist, device, grid = distributed.DIST, run.device, (grid_size(run.train.image_size),) * 2
-    state, args = resume_prior(args, model, run.out / "prior.pt", vq_step)
-    labels, num_classes = class_labels(run.train) if args.prior_conditional else (None, 0)
-    config = state["config"] if state else prior_config(args, model.quantizer.num_codes, grid,
-                                                       num_classes)
-    prior = build_prior(config).to(device)
-    opt = devices.adam(prior.parameters(), args.prior_lr, device)
-    epochs, max_steps = sizes.prior_length(args.prior_epochs, args.prior_max_steps, args.epochs,
-                                           args.max_steps)
-    codes, labels, test_codes, test_labels = code_grids(
-        model, run, labels, epochs, max_steps, args.prior_batch_size, args.batch_size,
-        "eval_limit" in args.given)
-    batches = utils.DeviceBatches(codes, args.prior_batch_size, device, args.seed,
-                                  rank=dist.rank, world=dist.world)     # refuses < 1 batch
-    idx0 = torch.arange(args.prior_batch_size, device=device)       # the probe's batch
-    bf16, why = devices.choose_precision(args.precision, device, prior, args.prior_lr,
-                                         lambda m, o, bf16: prior_train_step(
-                                             m, o, codes[idx0], None if labels is None else
-                                             labels[idx0], bf16))
-    if dist.main:
-        print(f"prior {why}")
-    bits = partial(held_out_bits, prior, test_codes, test_labels, args.prior_batch_size, device,
-                   bf16)
-    settings = loop.Settings(
-        "vq_vae_prior", run.out, sizes.run_steps(len(batches), epochs, max_steps), len(batches),
-        args.prior_batch_size * dist.world, args.prior_lr, vars(args), args.log_every,
-        compile=args.compile, checkpoint="prior.pt", history="prior_history.json",
-        saved={"config": config, "vq_step": vq_step, "vqvae": model.state_dict(),
-               "data": {"channels": run.train.channels, "image_size": run.train.image_size}},
-        reserve=(model,), shown={"bits_per_code": ".3f"}, desc="prior", items="code grids")
-    trained = loop.train(
-        prior, opt, lambda fwd, idx, step: prior_train_step(
-            fwd, opt, codes[idx], None if labels is None else labels[idx], bf16),
-        batches.indices, settings, state,
-        evaluate=lambda last: {"train_bits_per_code": last["bits_per_code"],
-                               "test_bits_per_code": bits()},
-        describe=lambda h: (f"prior epoch {h['epoch']} step {h['step']}: held-out "
-                            f"{h['test_bits_per_code']:.4f} bits/code"))
-
-    # the last epoch's score is the final one when it was taken at this step (the common case)
-    history = trained.history
-    final = history[-1]["test_bits_per_code"] if history and history[-1]["step"] == trained.step \
-        else bits()
-    if dist.main:
-        save_prior_outputs(model, prior, grid, num_classes, trained.log, history, final, run.out,
-                           args.seed, bf16)
-    return {"test_bits_per_code": final, "uniform_bits_per_code": math.log2(config["num_codes"]),
-            "steps": trained.step, "epochs": trained.epochs, "train_time_s": trained.train_time,
-            "config": config, "conditional": bool(args.prior_conditional),
-            "precision": {"bf16": bf16, "why": why.split(": ", 1)[1]}}
-
-
-def code_grids(model, run, labels, epochs, max_steps, prior_batch, batch_size, given):
-    """The prior's data on the device: (training grids, their labels, held-out grids, their
-    labels), the labels None for an unconditional prior. A prior limited to S steps draws at
-    most S batches, so it encodes no more training grids than that; its held-out grids are
-    sized to its training (`sizes.prior_held_out`) unless --eval-limit was `given`, and said."""
-    world = distributed.DIST.world
-    n = len(run.train) if max_steps is None else \
-        min(len(run.train), max_steps * prior_batch * world)
-    batch = prior_batch * world
-    per_epoch = n // batch * batch                      # grids in an epoch of the prior, and all
-    trained = sizes.run_steps(per_epoch, epochs, None if max_steps is None else max_steps * batch)
-    m = sizes.prior_held_out(len(run.test), trained, per_epoch, given)
-    if m < len(run.test) and distributed.DIST.main:
-        print(f"prior evaluation: {m:,} of the {len(run.test):,} held-out code grids at every "
-              f"prior epoch end and after it (sized to the prior's training; --eval-limit "
-              "scores all)")
-    codes = encode_all(model, run.train.images[:n], batch_size, run.device,
-                       "encoding the training set for the prior")                # (n, H, W)
-    test_codes = encode_all(model, run.test.images[:m], batch_size, run.device,
-                            "encoding the held-out set for the prior")
-    if labels is None:
-        return codes, None, test_codes, None
-    return (codes, labels[:n].to(run.device), test_codes,
-            class_labels(run.test)[0][:m].to(run.device))
-
-
-def save_prior_outputs(model, prior, grid, num_classes, log, history, bits, out, seed, bf16):
-    """prior_losses.png, and samples.png: 64 samples, 8 per row; with a conditional prior (of
-    `num_classes` classes) each row is one class."""
-    utils.plot_curves({"train": ([r["step"] for r in log], [r["bits_per_code"] for r in log]),
-                       "held-out": ([h["step"] for h in history],
-                                    [h["test_bits_per_code"] for h in history])},
-                      out / "prior_losses.png", title="PixelCNN prior (bits per code)")
-    device = next(prior.parameters()).device
-    gen = torch.Generator(device).manual_seed(seed)
-    labels = torch.arange(64, device=device) // 8 % num_classes if num_classes else None
-    prior.eval()
-    with devices.autocast(device, bf16):
-        samples = model.decode_codes(sample_codes(prior, 64, grid, labels, gen))
-    utils.save_grid(samples, out / "samples.png", nrow=8)
-    print(f"prior: held-out {bits:.4f} bits per code "
-          f"({math.log2(model.quantizer.num_codes):.1f} for a uniform prior); samples in "
-          f"{out / 'samples.png'}")
 
 
 if __name__ == "__main__":

@@ -13,15 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from faces import ATTRIBUTES
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from faces import ATTRIBUTES  # noqa: E402  (the repository's root is now on the path)
 os.environ.setdefault("MPLBACKEND", "Agg")
 # One thread, here and in the scripts the tests start: the tensors of the tiny configurations
 # gain nothing from more, and on a 2-core machine a second busy thread pool (another test
-# process, a training run) slows both many times over. Measured on the default tier with one
-# core busy elsewhere: 52 s with one thread, 75 s with two.
+# process, a training run) slows both many times over.
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 

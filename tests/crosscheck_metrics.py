@@ -10,9 +10,9 @@ to PyTorch. It is NOT a dependency of this repository; install it in a throwaway
 
 What is compared, on dSprites-shaped factors (shape, scale, orientation, posX, posY with 3, 6, 40,
 32, 32 classes) and synthetic 10-dimensional codes that are fixed functions of the factor grid:
-- MIG: `beta_vae_analyze.mig` and `disent.metrics._mig._compute_mig` on the SAME (codes, factors)
+- MIG: `disentanglement.mig` and `disent.metrics._mig._compute_mig` on the SAME (codes, factors)
   arrays (10,000 uniform draws). Same protocol, so they must agree to rounding error.
-- FactorVAE: `beta_vae_analyze.factor_vae_score` and `disent.metrics.metric_factor_vae`, both
+- FactorVAE: `disentanglement.factor_vae_score` and `disent.metrics.metric_factor_vae`, both
   driven by the same deterministic representation (grid cell -> code). Votes are random and the
   two draw them from different generators, so each is run with several seeds and the means are
   compared against the standard error of their difference.
@@ -25,7 +25,7 @@ pure-noise, dead-latents (axis-aligned with the unused latents exactly constant)
 One protocol difference, aligned here: disent prunes latents with std >= 0 (its `_prune_dims`
 default; disentanglement_lib sets 0.05 through gin, which disent dropped), we prune std < 0.05.
 So FactorVAE is compared twice: at 0.05 (disent's `_prune_dims` given threshold=0.05: the
-protocol of REFERENCE.md) and at 0 (disent as shipped; ours with min_std=0). At 0 an exactly
+protocol of disentanglement_lib, Locatello et al. 2019) and at 0 (disent as shipped; ours with min_std=0). At 0 an exactly
 constant latent gives 0/0 = NaN, np.argmin picks it for every vote, and both score chance (0.2).
 
 For speed, disent sees each "image" as its grid index and gets whole batches in one vectorised
@@ -45,7 +45,7 @@ from unittest import mock
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import beta_vae_analyze as bva  # noqa: E402
+import disentanglement as dm  # noqa: E402
 
 try:
     from disent.dataset import DisentDataset
@@ -146,7 +146,7 @@ def theirs_mig(codes, factors):
 # ----------------------------------------------------------------------------------------------
 def ours_factor_vae(table, seed, n_train, n_eval, min_std):
     rng = np.random.default_rng(seed)
-    score, train, _ = bva.factor_vae_score(partial(lookup, table), bva.sample_dsprites_factors,
+    score, train, _ = dm.factor_vae_score(partial(lookup, table), dm.sample_dsprites_factors,
                                            rng, n_train, n_eval, batch=64, n_global=10_000,
                                            min_std=min_std)
     return score, train
@@ -176,9 +176,9 @@ def compare_seeds(ours, theirs):
 
 def crosscheck(table, seeds, n_points, n_train, n_eval):
     rng = np.random.default_rng(1234)
-    factors = bva.sample_dsprites_factors(n_points, rng)                 # (N, 5) classes
+    factors = dm.sample_dsprites_factors(n_points, rng)                 # (N, 5) classes
     codes = lookup(table, factors)                                       # (N, 10) the same codes
-    mig_ours, mi_ours = bva.mig(codes, factors)
+    mig_ours, mi_ours = dm.mig(codes, factors)
     mig_theirs, mi_theirs = theirs_mig(codes, factors)
     mi_diff = float(np.abs(mi_ours - mi_theirs).max())
     row = {"mig": {"ours": mig_ours, "disent": mig_theirs, "abs_diff": abs(mig_ours - mig_theirs),

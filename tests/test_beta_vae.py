@@ -10,6 +10,7 @@ from PIL import Image
 
 import beta_vae as bv
 import beta_vae_analyze as ba
+import disentanglement as dm
 import standard_vae as sv
 import utils
 from training import checkpoints
@@ -114,23 +115,23 @@ def normalised(f, sizes=SIZES):
 
 def test_mutual_information_matches_a_hand_computation():
     a = np.array([0, 0, 1, 1])
-    assert ba.mutual_information(a, a) == pytest.approx(np.log(2))
-    assert ba.mutual_information(a, np.array([0, 1, 0, 1])) == pytest.approx(0.0)
+    assert dm.mutual_information(a, a) == pytest.approx(np.log(2))
+    assert dm.mutual_information(a, np.array([0, 1, 0, 1])) == pytest.approx(0.0)
     # joint 1/2 on (0,0), 1/4 on (1,0), 1/4 on (1,1)
     i = 0.5 * np.log(0.5 / (0.5 * 0.75)) + 0.25 * np.log(0.25 / (0.5 * 0.75)) \
         + 0.25 * np.log(0.25 / (0.5 * 0.25))
-    assert ba.mutual_information(np.array([0, 0, 1, 1]), np.array([0, 0, 0, 1])) == \
+    assert dm.mutual_information(np.array([0, 0, 1, 1]), np.array([0, 0, 0, 1])) == \
         pytest.approx(i)
 
 
 def test_mig_is_one_for_a_perfect_code_and_zero_for_shared_or_noise():
     rng = np.random.default_rng(0)
     f = sample_factors(10_000, rng)
-    perfect = ba.mig(normalised(f), f)[0]
-    shared = ba.mig(np.repeat(normalised(f), 2, axis=1), f)[0]      # each factor in two latents
-    noise = ba.mig(rng.normal(size=(10_000, 5)), f)[0]
+    perfect = dm.mig(normalised(f), f)[0]
+    shared = dm.mig(np.repeat(normalised(f), 2, axis=1), f)[0]      # each factor in two latents
+    noise = dm.mig(rng.normal(size=(10_000, 5)), f)[0]
     q, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(5, 5)))
-    mixed = ba.mig(normalised(f) @ (0.6 * np.eye(5) + 0.4 * q), f)[0]
+    mixed = dm.mig(normalised(f) @ (0.6 * np.eye(5) + 0.4 * q), f)[0]
     assert perfect > 0.99
     assert shared == pytest.approx(0.0, abs=1e-9) and noise < 0.01
     assert 0.05 < mixed < 0.9
@@ -143,7 +144,7 @@ def test_latents_are_named_by_the_factors_they_encode():
                    [0.0, 0.2, 2.0],        # posX (its share 0.5 beats scale's 0.1)
                    [0.0, 1.0, 1.6],        # posX 0.4 and scale 0.5: mixed, largest first
                    [0.05, 0.1, 0.1]])      # nothing above the floor
-    assert ba.latent_factors(mi, entropy, names) == ["shape", "posX", "scale+posX", ""]
+    assert dm.latent_factors(mi, entropy, names) == ["shape", "posX", "scale+posX", ""]
 
 
 def test_factor_vae_score_is_one_axis_aligned_and_low_rotated():
@@ -153,13 +154,13 @@ def test_factor_vae_score_is_one_axis_aligned_and_low_rotated():
     aligned = lambda f: normalised(f, sizes) + 0.01 * rng.normal(size=f.shape)
     hadamard = np.array([[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]]) / 2
     rotated = lambda f: normalised(f, sizes) @ hadamard           # every latent mixes all
-    score, train_acc, active = ba.factor_vae_score(aligned, sample, rng, 1000, 500,
+    score, train_acc, active = dm.factor_vae_score(aligned, sample, rng, 1000, 500,
                                                    n_global=5000)
     assert score == 1.0 and train_acc == 1.0 and active.all()
-    assert ba.factor_vae_score(rotated, sample, rng, 1000, 500, n_global=5000)[0] < 0.45
+    assert dm.factor_vae_score(rotated, sample, rng, 1000, 500, n_global=5000)[0] < 0.45
     # a latent with std < 0.05 is dropped; with none left the score is 0
     dead = lambda f: 0.01 * normalised(f, sizes)
-    assert ba.factor_vae_score(dead, sample, rng, 10, 10, n_global=500)[0] == 0.0
+    assert dm.factor_vae_score(dead, sample, rng, 10, 10, n_global=500)[0] == 0.0
 
 
 def test_schedules_follow_the_run_length_unless_given():
@@ -338,10 +339,10 @@ def test_metric_codes_encode_each_distinct_image_once(tmp_path):
     again are looked up, not encoded again."""
     torch.manual_seed(0)
     model = sv.VAE(1, 64, 3, [8] * 4, hidden=16).eval()
-    represent = ba.dsprites_encoder(model, tmp_path, "cpu", chunk=64)
+    represent = dm.dsprites_encoder(model, tmp_path, "cpu", chunk=64)
     rng = np.random.default_rng(0)
-    first = ba.sample_dsprites_factors(100, rng)
-    again = np.concatenate([first[:40], ba.sample_dsprites_factors(60, rng), first[:40]])
+    first = dm.sample_dsprites_factors(100, rng)
+    again = np.concatenate([first[:40], dm.sample_dsprites_factors(60, rng), first[:40]])
     codes_first, codes_again = represent(first), represent(again)
     distinct = lambda f: len(np.unique(f @ np.array(utils.DSPRITES_STRIDES[1:]), axis=0))
     assert represent.encoded == distinct(np.concatenate([first, again]))
@@ -537,8 +538,8 @@ def test_mig_curve_point_is_the_protocols_mig_on_fewer_points(tmp_path):
     """mig_only, the curve's point, equals mig on the same draws of the protocol."""
     torch.manual_seed(0)
     model = sv.VAE(1, 64, 3, [8] * 4, hidden=16).eval()
-    point = ba.mig_only(model, tmp_path, "cpu", seed=5, n_points=300)
-    factors = ba.sample_dsprites_factors(300, np.random.default_rng(5))
-    codes = ba.dsprites_encoder(model, tmp_path, "cpu")(factors)
-    assert point["mig"] == pytest.approx(ba.mig(codes, factors)[0])
+    point = dm.mig_only(model, tmp_path, "cpu", seed=5, n_points=300)
+    factors = dm.sample_dsprites_factors(300, np.random.default_rng(5))
+    codes = dm.dsprites_encoder(model, tmp_path, "cpu")(factors)
+    assert point["mig"] == pytest.approx(dm.mig(codes, factors)[0])
     assert len(point["latent_factors"]) == 3

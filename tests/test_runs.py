@@ -1,6 +1,7 @@
 """How runs behave around training: progress reports, sizes that follow the run's length,
 evaluation sums without float64 (Apple MPS), and the GPU-only paths (bf16 autocast,
 channels-last, fused Adam, torch.compile) exercised on the CPU."""
+import argparse
 import json
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import beta_vae as bv
+import pixelcnn_prior as pp
 import standard_vae as sv
 import vq_vae as vq
 from training import checkpoints, devices, distributed, progress, sizes
@@ -81,6 +83,27 @@ def test_vq_prior_is_bounded_like_the_vq_vae_unless_told_otherwise():
     assert sizes.prior_held_out(10_000, 50 * 128, 640) == 1_000       # at least the floor
     assert sizes.prior_held_out(10_000, 10 * 663_552, 663_552) == 10_000      # a real run
     assert sizes.prior_held_out(1_792, 1_280, 1_280, given=True) == 1_792
+    # its network: (--prior-channels, --prior-layers, the prior's steps); typed flags win
+    assert sizes.prior_network(None, None, 10) == sizes.PRIOR_SHORT == (32, 4)   # 10-step run
+    assert sizes.prior_network(None, None, 999) == sizes.PRIOR_SHORT
+    assert sizes.prior_network(None, None, 1_000) == sizes.PRIOR_NETWORK == (128, 12)
+    assert sizes.prior_network(64, None, 10) == (64, 4)
+    assert sizes.prior_network(None, 6, 50_000) == (128, 6)
+
+
+def test_vq_prior_network_follows_its_planned_steps(capsys):
+    """The 10-step command on 2,000 dSprites images: the prior draws 10 batches of 128 grids,
+    so it encodes 1,280 of them and gets the short network, said; a typed size is kept."""
+    assert pp.prior_plan(2_000, 10, 10, 128) == (1_280, 1_280, 10)
+    assert pp.prior_plan(663_552, 10, None, 128) == (663_552, 663_552, 51_840)
+    args = argparse.Namespace(prior_channels=None, prior_layers=None, prior_kernel=5)
+    config = pp.prior_config(args, 512, (16, 16), 3, steps=10)
+    assert (config["channels"], config["layers"], config["num_classes"]) == (32, 4, 3)
+    assert "prior network: 32 channels, 4 gated layers (sized to its 10 steps" in \
+        capsys.readouterr().out
+    args.prior_channels, args.prior_layers = 64, 6
+    config = pp.prior_config(args, 512, (16, 16), 0, steps=10)
+    assert (config["channels"], config["layers"]) == (64, 6) and capsys.readouterr().out == ""
 
 
 # ---- evaluation without float64 --------------------------------------------------------------

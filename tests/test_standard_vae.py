@@ -156,7 +156,7 @@ def test_flop_counter_matches_a_hand_count():
     kernel, ConvTranspose2d input elements x out-channels x kernel, Linear in x out features
     per row; a step adds a weight gradient for every layer and an input gradient for all but
     the first (its input, the image, needs none)."""
-    import bench
+    import bench_tools
     torch.manual_seed(0)
     stack = torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU(),       # (B, 8, 8, 8)
@@ -165,17 +165,18 @@ def test_flop_counter_matches_a_hand_count():
     conv = (8 * 8 * 8) * (3 * 3 * 3)            # outputs x (in-channels x 3 x 3)
     deconv = (8 * 8 * 8) * (4 * 4 * 4)          # inputs x (out-channels x 4 x 4)
     linear = 1024 * 5
-    flops = bench.count_flops(stack, torch.rand(2, 3, 16, 16))
+    flops = bench_tools.count_flops(stack, torch.rand(2, 3, 16, 16))
     assert flops["forward"] == 2 * (conv + deconv + linear) == 103_424
     assert flops["step"] == 2 * (2 * conv + 3 * deconv + 3 * linear) == 282_624
     # a Linear applied to every row of a (B, 7, 6) input counts each row
-    assert bench.count_flops(torch.nn.Linear(6, 3), torch.rand(4, 7, 6))["forward"] == 2 * 7 * 18
+    linear_rows = bench_tools.count_flops(torch.nn.Linear(6, 3), torch.rand(4, 7, 6))
+    assert linear_rows["forward"] == 2 * 7 * 18
 
 
 def test_bench_runs_all_three_pipelines(tmp_path, cli):
     """baseline, ours and the limit, in fp32 and (where native) bf16, with FLOPs per image
     equal to a hand count of the standard VAE and of the beta-VAE paper's MLP."""
-    import bench
+    import bench_tools
     out = tmp_path / "bench.json"
     cli("bench.py", "--models", "standard_vae,beta_vae_mlp", "--images", 48, "--batch-size", 16,
         "--mlp-batch-size", 16, "--steps", 1, "--repeats", 2, "--warmup", 0, "--workers", 0,
@@ -224,7 +225,7 @@ def test_bench_runs_all_three_pipelines(tmp_path, cli):
     for row in mlp_rows.values():          # the TC estimator's share of the step
         assert "memory_formats" not in row and 0 < row["tc_share_of_step"] < 1
     machine = result["machine"]
-    assert machine["cpu"] and set(machine["cpu_flags"]) == set(bench.CPU_FLAGS)
+    assert machine["cpu"] and set(machine["cpu_flags"]) == set(bench_tools.CPU_FLAGS)
     peak = result["peak_gflops"]
     for prec in ("fp32", "bf16"):           # the faster of the two kernels
         assert peak[prec] == max(peak[prec + "_parts"].values()) > 0

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import pixelcnn_prior as pp
 import utils
 import vq_vae as vq
 from training import checkpoints, devices
@@ -29,7 +30,8 @@ def one_thread():
 
 # ---- EMA codebook -----------------------------------------------------------------------------
 def textbook_ema(count, total, flat, indices, decay, eps):
-    """REFERENCE.md, written out one code at a time:
+    """The EMA update of van den Oord et al. 2017 (appendix A.1) with the Laplace-smoothed
+    counts of the authors' Sonnet quantiser (docs/papers.md), written out one code at a time:
     N_i <- d N_i + (1-d) n_i ; m_i <- d m_i + (1-d) sum of z_e assigned to i ;
     e_i = m_i / N_i', N_i' = (N_i + eps) / (sum N + K eps) * sum N."""
     k = len(count)
@@ -249,7 +251,7 @@ def test_the_optimizer_holds_the_parameters_the_model_uses(codebook):
 def test_encoder_decoder_support_28_32_and_64_pixels():
     for size, channels in [(28, 1), (32, 3), (64, 1)]:
         model = vq.VQVAE(channels, hidden=8, res_hidden=4, res_layers=2, num_codes=8, code_dim=4)
-        recon, indices, _ = model(torch.rand(2, channels, size, size) - 0.5)
+        recon, indices, _ = model(torch.rand(2, channels, size, size))
         assert recon.shape == (2, channels, size, size)
         assert indices.shape == (2, size // 4, size // 4)
     with pytest.raises(UserError, match="unsupported image size 30"):
@@ -273,7 +275,7 @@ def test_perplexity_counts_effective_codes():
 # ---- PixelCNN prior ---------------------------------------------------------------------------
 def small_prior(num_classes=0, layers=4):
     torch.manual_seed(0)
-    prior = vq.GatedPixelCNN(5, channels=8, layers=layers, kernel=3, num_classes=num_classes)
+    prior = pp.GatedPixelCNN(5, channels=8, layers=layers, kernel=3, num_classes=num_classes)
     return prior.double()
 
 
@@ -339,7 +341,7 @@ def test_row_sampler_draws_what_full_passes_drew():
                 full = prior(expected[:, :i + 1], labels)[:, :, i, j]
                 torch.testing.assert_close(logits_at(j), full, rtol=1e-5, atol=1e-6)
                 expected[:, i, j] = torch.multinomial(full.softmax(1), 1, generator=gen)[:, 0]
-    drawn = vq.sample_codes(prior, 4, (5, 6), labels, torch.Generator().manual_seed(3))
+    drawn = pp.sample_codes(prior, 4, (5, 6), labels, torch.Generator().manual_seed(3))
     assert torch.equal(drawn, expected) and len(expected.unique()) > 1
 
 
@@ -349,7 +351,7 @@ def test_prior_nll_is_log_k_for_a_uniform_prior():
         for p in prior.head[-1].parameters():
             p.zero_()                                        # all logits 0: uniform over 5 codes
         codes = torch.randint(0, 5, (3, 4, 4))
-        assert vq.prior_nll(prior, codes).item() == pytest.approx(math.log(5))
+        assert pp.prior_nll(prior, codes).item() == pytest.approx(math.log(5))
 
 
 # ---- the script end to end --------------------------------------------------------------------
@@ -396,7 +398,7 @@ def test_vq_vae_and_prior_end_to_end_and_resume(tmp_path, cli):
     # the prior's checkpoint rebuilds the prior from its config alone and carries the VQ-VAE
     state = checkpoints.load(straight / "prior.pt")
     assert state["kind"] == "vq_vae_prior" and state["vq_step"] == 16
-    vq.build_prior(state["config"]).load_state_dict(state["model"])
+    pp.build_prior(state["config"]).load_state_dict(state["model"])
     model = vq.build_model(argparse.Namespace(**state["args"]), channels=1)
     model.load_state_dict(state["vqvae"])
 
@@ -538,7 +540,7 @@ def test_torchrun_script_writes_once_from_rank_0_and_resumes_both_phases(tmp_pat
     vq.build_model(argparse.Namespace(**state["args"]), channels=1).load_state_dict(state["model"])
     prior = checkpoints.load(out / "prior.pt")
     assert prior["step"] == 2 and prior["vq_step"] == 4 and len(prior["rng_ranks"]) == 2
-    vq.build_prior(prior["config"]).load_state_dict(prior["model"])
+    pp.build_prior(prior["config"]).load_state_dict(prior["model"])
 
     # the prior resumes under torchrun; the VQ-VAE, already complete, is not trained again
     torchrun(ROOT / "vq_vae.py", *common, "--max-steps", 4, "--prior-epochs", 1,

@@ -6,7 +6,6 @@ from pathlib import Path
 
 from training.devices import PRECISIONS
 from training.errors import UserError
-from utils import DATASETS
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -48,8 +47,9 @@ def decoder_sigma(text):
     return text
 
 
-def add_data_args(p, dataset="dsprites"):
-    p.add_argument("--dataset", default=dataset, choices=DATASETS,
+def add_data_args(p, datasets, dataset="dsprites"):
+    """The data flags; `datasets` are the names --dataset accepts (utils.DATASETS)."""
+    p.add_argument("--dataset", default=dataset, choices=datasets,
                    help="training data (dsprites is rendered locally and works offline)")
     p.add_argument("--data-root", default="data", help="where datasets live")
     p.add_argument("--limit", type=positive_int, default=None,
@@ -60,10 +60,11 @@ def add_data_args(p, dataset="dsprites"):
                    help="CelebA: side of the centre crop before resizing")
 
 
-def add_common_args(p, latent=10, lr=1e-3, batch_size=64, epochs=10, dataset="dsprites",
-                    latent_help="latent dimensions"):
-    """The command-line contract shared by the training scripts."""
-    add_data_args(p, dataset)
+def add_common_args(p, datasets, latent=10, lr=1e-3, batch_size=64, epochs=10,
+                    dataset="dsprites", latent_help="latent dimensions"):
+    """The command-line contract shared by the training scripts; `datasets` are the names
+    --dataset accepts (utils.DATASETS)."""
+    add_data_args(p, datasets, dataset)
     p.add_argument("--epochs", type=positive_int, default=epochs, help="epochs")
     p.add_argument("--max-steps", type=positive_int, default=None,
                    help="stop after this many optimiser steps")

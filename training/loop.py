@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-import utils
 from training import checkpoints, console, devices, distributed, files, progress, sizes
 from training.errors import UserError
 
@@ -16,20 +15,22 @@ from training.errors import UserError
 @dataclass
 class Run:
     """A run as `start_run` leaves it: the device, the run folder, the checked checkpoint that
-    --resume names (None for a fresh run) and the two splits."""
+    --resume names (None for a fresh run) and the two splits, as the script's loader returns
+    them (utils.ImageSet)."""
     device: torch.device
     out: Path
     state: dict | None
-    train: utils.ImageSet
-    test: utils.ImageSet
+    train: object
+    test: object
 
 
-def start_run(args, kind, flags, keys=checkpoints.RESUME_KEYS):
+def start_run(args, kind, flags, load, keys=checkpoints.RESUME_KEYS):
     """What every training run does before its model exists: join torchrun (if launched by
     it), prepare the run folder (rank 0), load and check the checkpoint that --resume names
     and take its settings into `args` in place (typed `flags` replace them), seed (the same
     initial weights on every rank), then load the training split and the held-out split sized
-    to the run (rank 0 first: it builds any data cache alone). The held-out size, when not
+    to the run (rank 0 first: it builds any data cache alone) with the script's `load(dataset,
+    root, split, limit, image_size, crop)` (utils.load_dataset). The held-out size, when not
     given, is written into `args.eval_limit`, so that the checkpoint keeps it."""
     device = distributed.setup(devices.get_device(args.device))
     main = distributed.DIST.main
@@ -40,12 +41,12 @@ def start_run(args, kind, flags, keys=checkpoints.RESUME_KEYS):
         vars(args).update(vars(checkpoints.resume_args(args, state, flags)))
     devices.seed_everything(args.seed)
     with distributed.main_first():
-        train = utils.load_dataset(args.dataset, args.data_root, "train", args.limit,
+        train = load(args.dataset, args.data_root, "train", args.limit,
                                    args.image_size, args.crop)
         given = args.eval_limit
         args.eval_limit = sizes.held_out_size(given, *sizes.run_images(
             args.batch_size, args.epochs, args.max_steps, len(train), distributed.DIST.world))
-        test = utils.load_dataset(args.dataset, args.data_root, "test", args.eval_limit,
+        test = load(args.dataset, args.data_root, "test", args.eval_limit,
                                   args.image_size, args.crop)
         if main and given is None:
             print(f"held-out evaluation: {len(test):,} images at every epoch end and after "

@@ -1,9 +1,13 @@
 """The progress of each long phase (training, evaluation, the IW-NLL, the prior, rendering,
-caching), shown by rank 0 alone: a tqdm bar on a terminal; off a terminal (a log file, a pipe)
-a few plain lines, which tqdm cannot write (it redraws one line with carriage returns there
-too), so `Lines` writes them by hand."""
+caching), shown by rank 0 alone (tqdm's `disable` elsewhere): on a terminal, tqdm's bar.
+
+Off a terminal (a log file, a pipe) tqdm redraws its one line with carriage returns too, which
+a log cannot show. `Lines` keeps tqdm's counting, clock, iteration and rate limit (its
+`mininterval`) and replaces only the drawing, with what tqdm cannot do: a few plain lines,
+the plan before any work (with `announce`), an estimate of the time left once the phase has
+run QUIET_S, a line every tenth of a long phase, and how the phase ended, done or stopped
+(tqdm closes alike on both); phases shorter than QUIET_S print nothing."""
 import sys
-import time
 
 from tqdm import tqdm
 
@@ -22,62 +26,61 @@ def bar(iterable=None, total=None, desc="", unit="it", initial=0, what=None, ann
     """
     tty = sys.stderr.isatty() if tty is None else tty
     if distributed.DIST.main and not tty:
-        return Lines(iterable, total, desc, unit, initial, what, announce)
+        return Lines(iterable, total=total, desc=desc, unit=unit, initial=initial, what=what,
+                     announce=announce)
     return tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True,
                 disable=not distributed.DIST.main)
 
 
-class Lines:
-    """Progress as plain lines for a log: what will be done, with an estimate of the time once
-    the first steps are timed; a line every tenth of the way when the phase is long; one at the
-    end (or where it was stopped). Phases under QUIET_S seconds print nothing, unless
-    `announce`: then the first line comes before any work."""
+class Discard:
+    """Where tqdm's own drawing goes off a terminal: nowhere (Lines prints the lines)."""
+
+    def write(self, text):
+        pass
+
+    def flush(self):
+        pass
+
+
+class Lines(tqdm):
+    """tqdm, drawn as plain lines for a log (see the module's docstring)."""
     QUIET_S = 2.0                       # phases shorter than this stay silent
     LINE_EVERY_S = 30.0                 # at most one progress line per tenth, this far apart
+    monitor_interval = 0                # no tqdm monitor thread: lines come from the caller's
 
-    def __init__(self, iterable=None, total=None, desc="", unit="it", initial=0, what=None,
-                 announce=False):
-        self.iterable = iterable
-        self.total = len(iterable) if total is None and hasattr(iterable, "__len__") else total
-        self.desc, self.unit, self.n, self.first = desc, unit, initial, initial
-        left = None if self.total is None else self.total - initial
-        self.plan = ", ".join(t for t in (None if left is None else
-                                          f"{left:,} {plural(unit, left)}", what) if t)
-        self.postfix = {}
-        self.t0 = self.last = time.perf_counter()
-        self.announced, self.estimated, self.tenth, self.closed = False, False, 0, False
+    def __init__(self, iterable=None, what=None, announce=False, initial=0, **kwargs):
+        self.what, self.first, self.values = what, initial, {}
+        self.announced, self.estimated, self.tenth, self.ended = False, False, 0, False
+        super().__init__(iterable, initial=initial, file=Discard(), leave=False,
+                         mininterval=self.QUIET_S, **kwargs)
+        self.last = self.start_t
         if announce:
             self._announce("")
+
+    def _plan(self):
+        left = None if self.total is None else self.total - self.first
+        work = None if left is None else f"{left:,} {plural(self.unit, left)}"
+        return ", ".join(t for t in (work, self.what) if t)
 
     def _say(self, text):
         print(f"{self.desc}: {text}", flush=True)
 
     def _announce(self, estimate):
         self.announced = True
-        self._say(", ".join(t for t in (self.plan, estimate) if t) or "started")
+        self._say(", ".join(t for t in (self._plan(), estimate) if t) or "started")
 
-    def __iter__(self):
-        for item in self.iterable:
-            yield item
-            self.update(1)
-        self.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *exc):
-        self.close(stopped=exc_type is not None)
-
-    def update(self, n=1):
-        self.n += n
-        now = time.perf_counter()
+    def display(self, msg=None, pos=None):
+        """Called by tqdm at most every `mininterval` seconds: a line, when one is due."""
+        if self.ended or self.n == self.first:
+            return
+        now = self._time()
         if self.total is None or self.total <= self.first:
-            if not self.announced and now - self.t0 >= self.QUIET_S:
+            if not self.announced and now - self.start_t >= self.QUIET_S:
                 self._announce("")
             return
         done = (self.n - self.first) / (self.total - self.first)
-        left = (now - self.t0) * (1 - done) / max(done, 1e-12)
-        if not self.estimated and done < 1 and now - self.t0 >= self.QUIET_S:
+        left = (now - self.start_t) * (1 - done) / max(done, 1e-12)
+        if not self.estimated and done < 1 and now - self.start_t >= self.QUIET_S:
             self.estimated, self.last = True, now
             estimate = f"about {format_seconds(left)} left"
             self._say(estimate) if self.announced else self._announce(estimate)
@@ -88,25 +91,39 @@ class Lines:
             self._say(f"{self.n:,}/{self.total:,} {plural(self.unit)}{self._postfix_text()}, "
                       f"about {format_seconds(left)} left")
 
+    def __iter__(self):
+        # tqdm's own closes in a `finally`: a loop cut short would end on a "done" line
+        for item in self.iterable:
+            yield item
+            self.update(1)
+        self.close()
+
+    def __exit__(self, exc_type, *exc):
+        self.close(stopped=exc_type is not None)
+
+    def __del__(self):
+        self.ended = True               # collected unfinished: no line
+        super().__del__()
+
     def set_postfix(self, **values):
-        self.postfix = values
+        self.values = values
 
     def _postfix_text(self):
-        return (" (" + ", ".join(f"{k} {v}" for k, v in self.postfix.items()) + ")"
-                if self.postfix else "")
+        return (" (" + ", ".join(f"{k} {v}" for k, v in self.values.items()) + ")"
+                if self.values else "")
 
     def write(self, text):
         print(text, flush=True)
 
     def close(self, stopped=False):
-        if self.closed:
-            return
-        self.closed = True
-        took = time.perf_counter() - self.t0
-        if self.announced or took >= self.QUIET_S:
-            self._say(f"{'stopped after' if stopped else 'done:'} {self.n - self.first:,} "
-                      f"{plural(self.unit, self.n - self.first)} in {format_seconds(took)}"
-                      f"{self._postfix_text()}")
+        if not self.ended:
+            self.ended = True
+            took = self._time() - self.start_t
+            if self.announced or took >= self.QUIET_S:
+                self._say(f"{'stopped after' if stopped else 'done:'} {self.n - self.first:,} "
+                          f"{plural(self.unit, self.n - self.first)} in {format_seconds(took)}"
+                          f"{self._postfix_text()}")
+        super().close()
 
 
 def plural(noun, n=2):

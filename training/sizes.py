@@ -8,6 +8,9 @@ IW_FLOOR = 100              # fewest held-out images of a sized IW-NLL
 C_SHARE = 0.5               # beta_vae.py objective B: C reaches C_max after this share of the run
 WARMUP_SHARE = 0.1          # beta_vae.py objectives H and TC: beta warms up over this share
 PRIOR_EPOCHS = 10           # vq_vae.py: the prior's default length, for runs of as many epochs
+PRIOR_NETWORK = (128, 12)   # vq_vae.py's prior: channels and gated layers of a full run
+PRIOR_SHORT = (32, 4)       # and of a prior shorter than PRIOR_FULL_STEPS
+PRIOR_FULL_STEPS = 1_000
 
 
 def run_steps(steps_per_epoch, epochs, max_steps=None):
@@ -77,3 +80,15 @@ def prior_length(prior_epochs, prior_max_steps, epochs, max_steps):
     stored, so a resumed run's typed --max-steps bounds its prior too."""
     epochs = prior_epochs if prior_epochs is not None else min(PRIOR_EPOCHS, epochs)
     return epochs, prior_max_steps if prior_max_steps is not None else max_steps
+
+
+def prior_network(channels, layers, steps):
+    """vq_vae.py's prior: (--prior-channels, --prior-layers) where given; else PRIOR_NETWORK
+    for a prior of at least PRIOR_FULL_STEPS steps and PRIOR_SHORT for a shorter one. Why: a
+    gated layer costs about 41 C^2 multiply-adds per code (C channels), so the full network's
+    step costs about 48 of the small one's, and its evaluation and sampling as many; a prior
+    this short is part of a check that the run works end to end, and a check stays short in
+    every phase (a full run's prior is unchanged)."""
+    short = steps < PRIOR_FULL_STEPS
+    return (channels if channels is not None else (PRIOR_SHORT if short else PRIOR_NETWORK)[0],
+            layers if layers is not None else (PRIOR_SHORT if short else PRIOR_NETWORK)[1])

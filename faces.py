@@ -1,4 +1,5 @@
-"""Synthetic faces in the official CelebA layout, for tests and for measuring attribute arithmetic.
+"""Synthetic faces in the official CelebA layout, for the tests, bench.py and measuring attribute
+arithmetic.
 
 Every face is drawn on a 178x218 canvas (the size of img_align_celeba) with a background, hair,
 skin tone, position and size of its own. Two attributes are visible and independent:
@@ -6,7 +7,7 @@ skin tone, position and size of its own. Two attributes are visible and independ
 - Eyeglasses: dark frames around both eyes and a bridge.
 Male (a beard shadow) varies too; the other 37 attributes are random labels with no pixels.
 
-    python tests/faces.py --n 3000 --root data/faces       # -> data/faces/celeba/...
+    python faces.py --n 3000 --root data/faces       # -> data/faces/celeba/...
 """
 import argparse
 from pathlib import Path
