@@ -18,10 +18,12 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import beta_vae
 import disentanglement
+import standard_vae as sv
 import utils
 from training import arguments, checkpoints, console, devices, files, progress
 from training.errors import CheckpointError, UserError
@@ -278,8 +280,7 @@ def load_model(path, device):
         if state["kind"] == "beta_vae":
             model = beta_vae.build_model(args, data["channels"], data["image_size"])
         else:
-            import standard_vae
-            model = standard_vae.build_model(args, data["channels"], data["image_size"])
+            model = sv.build_model(args, data["channels"], data["image_size"])
     except UserError:               # a ValueError too, but already one clear line
         raise
     except (TypeError, KeyError, ValueError, AttributeError) as e:
@@ -421,15 +422,91 @@ def mig_curves(folders, out):
 
 
 # ----------------------------------------------------------------------------------------------
+# Unsupervised model selection: runs of one setting ranked by UDR, no labels needed
+# ----------------------------------------------------------------------------------------------
+def checkpoint_of(path):
+    """A run folder's checkpoint.pt, or the checkpoint file itself."""
+    path = Path(path)
+    return path / "checkpoint.pt" if path.is_dir() else path
+
+
+@torch.no_grad()
+def codes_and_kl(model, images, device, batch=500):
+    """Posterior means (n, D) of uint8 `images`, in fp32, and each latent's mean KL (D,)."""
+    means, kl = [], 0.0
+    for x in utils.iterate(images, batch, device):
+        mu, logvar = model.encoder(x)
+        means.append(mu.float().cpu())
+        kl = kl + sv.gaussian_kl(mu.float(), logvar.float()).sum(0).cpu()
+    return torch.cat(means).numpy(), (kl / len(images)).numpy()
+
+
+def udr_ranking(paths, data_root, device, out, n_points=10_000, seed=0):
+    """udr.json: the runs ranked by UDR (Duan et al. 2020), computed on one common set of
+    `n_points` images (dSprites: drawn uniformly from the whole grid; else the held-out split),
+    with each run's MIG beside it where an earlier --metrics run of that checkpoint left one."""
+    runs = []
+    for p in paths:
+        path = checkpoint_of(p)
+        model, args, state = load_model(path, device)
+        runs.append((path, model, args, state))
+    kinds = {(a.dataset, s["data"]["image_size"], s["data"]["channels"]) for _, _, a, s in runs}
+    if len(kinds) > 1:
+        raise UserError(f"--udr compares runs on the same data: these differ ({sorted(kinds)})")
+    args = runs[0][2]
+    root = data_root or args.data_root
+    if args.dataset == "dsprites":
+        index = np.random.default_rng(seed).choice(disentanglement.DSPRITES_GRID, n_points, replace=False)
+        images = utils.dsprites_images(root, torch.from_numpy(np.sort(index)))
+    else:
+        images = utils.load_dataset(args.dataset, root, "test", n_points,
+                                    getattr(args, "image_size", 64),
+                                    getattr(args, "crop", 148)).images
+    codes, kls = zip(*(codes_and_kl(m, images, device) for _, m, _, _ in runs))
+    scores, pairs, kept = disentanglement.udr(codes, kls)
+    table = []
+    for (path, _, a, state), score, k in zip(runs, scores, kept):
+        known = earlier_metrics(path.parent / "disentanglement.json", path, state["step"])
+        table.append({"checkpoint": str(path), "recipe": recipe(a), "step": state["step"],
+                      "udr": score, "informative_latents": k.tolist(),
+                      "mig": known.get("mig"), "factor_vae": known.get("factor_vae")})
+    order = sorted(range(len(table)), key=lambda i: -table[i]["udr"])
+    scored = [r for r in table if r["mig"] is not None]
+    rho = (disentanglement.spearman([r["udr"] for r in scored], [r["mig"] for r in scored])
+           if len(scored) >= 3 else None)
+    files.write_json(out / "udr.json", {
+        "images": len(images), "kl_floor_nats": 0.01, "similarity": "spearman",
+        "runs": [table[i] for i in order], "pairs": pairs.tolist(),
+        "pair_order": [table[i]["checkpoint"] for i in range(len(table))],
+        "rank_correlation_with_mig": rho, "runs_with_mig": len(scored)})
+    print(f"UDR (Duan et al. 2020) on {len(images):,} images, {len(table)} runs, best first:")
+    for rank, i in enumerate(order, 1):
+        r = table[i]
+        mig = f"MIG {r['mig']:.3f}" if r["mig"] is not None else "MIG unknown"
+        print(f"{rank:3d}. UDR {r['udr']:.3f}  {mig}  {len(r['informative_latents'])} "
+              f"informative latents  {r['recipe']}  ({r['checkpoint']})")
+    if rho is not None:
+        print(f"rank correlation of UDR with MIG over {len(scored)} runs: {rho:.2f}")
+    print(f"udr.json written to {out}")
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = arguments.ArgumentParser(__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=None,
-                   help="a beta_vae.py checkpoint.pt (needed by every analysis but --curves)")
+                   help="a beta_vae.py checkpoint.pt (needed by every analysis but --curves and "
+                        "--udr)")
     p.add_argument("--curves", nargs="+", default=None, metavar="RUN",
                    help="beta_vae.py run folders on dsprites: their MIG during training "
                         "against images seen -> mig_curves.png / .json in --out")
+    p.add_argument("--udr", nargs="+", default=None, metavar="RUN",
+                   help="rank beta_vae.py runs (folders or checkpoints) of one data set by UDR "
+                        "(Duan et al. 2020: agreement of their latents with each other's, no "
+                        "labels) on --points common images -> udr.json in --out, with each "
+                        "run's MIG beside it where --metrics has scored it")
     p.add_argument("--data-root", default=None,
                    help="where the data are (default: the training run's --data-root)")
     p.add_argument("--out", default=None, help="output folder (default: the checkpoint's)")
@@ -462,7 +539,7 @@ def parse_args(argv=None):
                    help="MIG and FactorVAE score on dsprites -> disentanglement.json")
     p.add_argument("--points", type=arguments.number(int, lambda v: v >= 2, "an integer >= 2"),
                    default=10_000,
-                   help="points for MIG and the global variances")
+                   help="points for MIG and the global variances; the common images of --udr")
     p.add_argument("--train-votes", type=arguments.positive_int, default=10_000,
                    help="FactorVAE training votes")
     p.add_argument("--eval-votes", type=arguments.positive_int, default=5_000,
@@ -498,11 +575,15 @@ def main(args):
     if args.gif and not args.traverse:
         raise UserError("--gif animates the traversal: pass it with --traverse")
     analyses = args.traverse or args.metrics or args.attribute or args.latent_kl is not None
-    if not (analyses or args.curves):
+    if not (analyses or args.curves or args.udr):
         raise UserError("nothing to do: pass --attribute NAME, --traverse, --latent-kl, "
-                        "--metrics and/or --curves")
-    if args.curves:
-        summary = mig_curves(args.curves, files.prepare_out(args.out or "."))
+                        "--metrics, --curves and/or --udr")
+    if args.curves or args.udr:
+        out = files.prepare_out(args.out or ".")
+        summary = mig_curves(args.curves, out) if args.curves else None
+        if args.udr:
+            summary = udr_ranking(args.udr, args.data_root, devices.get_device(args.device),
+                                  out, args.points, args.seed)
         if not analyses:
             return summary
     if args.checkpoint is None:

@@ -12,6 +12,10 @@ factors are shape, scale, orientation, posX and posY (colour has a single value)
   names the latent of least normalised variance; a majority-vote classifier trained on 10,000
   votes is scored on 5,000 more.
 
+- UDR (Duan et al. 2020, "Unsupervised model selection for variational disentangled
+  representation learning"): no labels; models of one setting and different seeds are ranked by
+  how well their informative latents match one another's up to permutation and sign.
+
 The settings are gathered, with their sources, in docs/papers.md. beta_vae.py scores MIG during
 training (`mig_only`); beta_vae_analyze.py --metrics scores both (`compute_metrics`).
 """
@@ -205,3 +209,65 @@ def compute_metrics(model, args, data_root, device, seed, n_points=10_000, n_tra
                          "eval_votes": n_eval, "batch": 64, "min_std": 0.05,
                          "factors": names, "representation": "posterior mean", "seed": seed,
                          "images_encoded": represent.encoded}}
+
+
+# ----------------------------------------------------------------------------------------------
+# Unsupervised model selection: UDR (Duan et al. 2020, "Unsupervised model selection for
+# variational disentangled representation learning"). Models trained with the same settings and
+# different seeds that disentangle agree with each other up to a permutation and sign of their
+# latents; entangled ones each entangle differently. No labels are needed.
+# ----------------------------------------------------------------------------------------------
+def _centred_ranks(x):
+    """Each column of `x` (n, D) replaced by its ranks, centred, of unit norm (0 if constant)."""
+    r = np.argsort(np.argsort(x, 0, kind="stable"), 0).astype(np.float64)
+    r -= r.mean(0)
+    norm = np.linalg.norm(r, axis=0)
+    return r / np.where(norm > 0, norm, 1.0)
+
+
+def spearman_matrix(a, b):
+    """|Spearman rank correlation| of every column of `a` (n, Da) with every column of `b`
+    (n, Db): the Pearson correlation of their ranks. Returns (Da, Db)."""
+    return np.abs(_centred_ranks(a).T @ _centred_ranks(b))
+
+
+def spearman(a, b):
+    """Spearman rank correlation of two sequences: the Pearson correlation of their ranks."""
+    return float(_centred_ranks(np.c_[a])[:, 0] @ _centred_ranks(np.c_[b])[:, 0])
+
+
+def pair_similarity(r):
+    """UDR_ij of Duan et al. for R (i's informative latents x j's), |correlations|:
+
+        UDR_ij = 1/(d_i + d_j) [sum_b max_a R_ab^2 / sum_a R_ab + sum_a max_b R_ab^2 / sum_b R_ab]
+
+    1 when R is a permutation matrix (each latent of one model is one latent of the other), and
+    lower the more a latent spreads over several of the other model's."""
+    if r.size == 0:
+        return 0.0
+
+    def strength(m):                      # per column: max^2 / sum, 0 for an all-zero column
+        total = m.sum(0)
+        return np.divide(m.max(0) ** 2, total, out=np.zeros(m.shape[1]), where=total > 0)
+    return float((strength(r).sum() + strength(r.T).sum()) / sum(r.shape))
+
+
+def udr(codes, kl_per_latent, kl_floor=0.01):
+    """UDR scores of M models from their posterior means `codes` (M arrays (n, D_m), the same n
+    images in the same order) and each latent's mean KL (M arrays (D_m,)). A latent is
+    informative above `kl_floor` nats (Duan et al.); only informative latents are compared.
+
+    Returns (scores, pairs, kept): a model's score is the median of its similarity to every
+    other model (higher is better); pairs (M, M) holds the similarities; kept, each model's
+    informative latents."""
+    kept = [np.flatnonzero(np.asarray(k) > kl_floor) for k in kl_per_latent]
+    m = len(codes)
+    if m < 2:
+        raise UserError("UDR compares models with each other: give at least 2")
+    pairs = np.eye(m)
+    for i in range(m):
+        for j in range(i + 1, m):
+            r = spearman_matrix(codes[i][:, kept[i]], codes[j][:, kept[j]])
+            pairs[i, j] = pairs[j, i] = pair_similarity(r)
+    scores = [float(np.median(np.delete(pairs[i], i))) for i in range(m)]
+    return scores, pairs, kept
