@@ -31,7 +31,14 @@ def test_capacity_schedule_gives_published_values():
 
 
 def test_defaults_are_the_published_settings():
+    # dSprites defaults to the recipe that disentangled best: beta-TCVAE, beta 6, stratified
+    # estimate, Adam 1e-3 (Chen et al.), on Burgess et al.'s network at batch 64
     args = bv.check_args(bv.parse_args(["--dataset", "dsprites"]))
+    assert (args.objective, args.beta, args.tc_estimator, args.lr, args.batch_size,
+            args.arch) == ("TC", 6.0, "mss", 1e-3, 64, "conv")
+    assert bv.check_args(bv.parse_args(["--dataset", "dsprites", "--lr", "2e-4"])).lr == 2e-4
+    # objective B: Burgess et al.'s published settings
+    args = bv.check_args(bv.parse_args(["--dataset", "dsprites", "--objective", "B"]))
     bv.resolve_schedule(args, 300_000)                  # a published-length run
     assert (args.objective, args.gamma, args.c_max, args.c_steps) == ("B", 1000.0, 25.0, 100_000)
     assert (args.lr, args.batch_size, args.latent) == (5e-4, 64, 10)
@@ -45,10 +52,12 @@ def test_defaults_are_the_published_settings():
     celeba = bv.check_args(bv.parse_args([]))
     assert (celeba.dataset, celeba.objective, celeba.beta) == ("celeba", "H", 1.0)
     assert bv.resolve_schedule(celeba, 1110)[0].startswith("objective H with beta 1: the default")
-    for flags, expected in ((["--objective", "B"], ("B", 4.0)), (["--beta", "2"], ("H", 2.0)),
-                            (["--objective", "H"], ("H", 4.0))):
+    for flags, expected in ((["--objective", "B"], ("B", 4.0, 5e-4)),
+                            (["--beta", "2"], ("H", 2.0, 5e-4)),
+                            (["--objective", "H"], ("H", 4.0, 5e-4)),
+                            (["--objective", "TC"], ("TC", 6.0, 1e-3))):
         args = bv.check_args(bv.parse_args(flags))
-        assert (args.objective, args.beta) == expected, flags
+        assert (args.objective, args.beta, args.lr) == expected, flags
         assert not bv.resolve_schedule(args, 1110)[0].startswith("objective")
 
 
@@ -359,7 +368,7 @@ def test_metric_codes_encode_each_distinct_image_once(tmp_path):
 def test_beta_vae_trains_resumes_exactly_and_is_analysed(tmp_path, cli):
     common = ["--dataset", "dsprites", "--data-root", tmp_path / "data", "--limit", 256,
               "--batch-size", 32, "--eval-limit", 64, "--log-every", 2, "--device", "cpu",
-              "--precision", "fp32", "--c-steps", 100, "--latent", 4]
+              "--precision", "fp32", "--objective", "B", "--c-steps", 100, "--latent", 4]
     straight, split = tmp_path / "straight", tmp_path / "split"
     cli("beta_vae.py", *common, "--max-steps", 12, "--out", straight)
     cli("beta_vae.py", *common, "--max-steps", 6, "--out", split)
@@ -421,7 +430,7 @@ def test_kl_plot_names_informative_latents_and_groups_the_rest():
     log = [{"step": s, "kl": sum(final) * s / 200, "kl_dims": [k * s / 200 for k in final]}
            for s in steps]
     args = bv.check_args(bv.parse_args(["--dataset", "dsprites", "--latent", str(dims),
-                                        "--c-steps", "1000"]))
+                                        "--objective", "B", "--c-steps", "1000"]))
     fig, axes = utils.plot_figure()
     bv.plot_kl_per_dim(log, None, args, informative=0.5, ax=axes[0, 0])
     _, labels = axes[0, 0].get_legend_handles_labels()
@@ -526,7 +535,7 @@ def test_mlp_trains_resumes_exactly_and_is_rebuilt_by_the_analysis(tmp_path):
     assert [r["images_seen"] for r in summary] == [[128, 256, 384], [128, 192, 256, 384]]
     assert summary[0]["mig"] == [h["mig"] for h in history]     # the split run also scored
     assert summary[1]["mig"][:1] + summary[1]["mig"][2:] == summary[0]["mig"]  # its stop, 6
-    assert summary[0]["recipe"] == "TC mws, mlp, batch 32, lr 0.0005, seed 0"
+    assert summary[0]["recipe"] == "TC mws, mlp, batch 32, lr 0.001, seed 0"   # TC's default
     assert summary[0]["finished"] and not summary[1]["finished"]
     assert summary[1]["images_per_s"] > 0         # the unfinished run's speed, from its history
     assert (tmp_path / "curves" / "mig_curves.png").stat().st_size > 0

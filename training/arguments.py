@@ -61,7 +61,8 @@ def add_data_args(p, datasets, dataset="dsprites"):
 
 
 def add_common_args(p, datasets, latent=10, lr=1e-3, batch_size=64, epochs=10,
-                    dataset="dsprites", latent_help="latent dimensions"):
+                    dataset="dsprites", latent_help="latent dimensions",
+                    lr_help="Adam learning rate"):
     """The command-line contract shared by the training scripts; `datasets` are the names
     --dataset accepts (utils.DATASETS)."""
     add_data_args(p, datasets, dataset)
@@ -70,7 +71,7 @@ def add_common_args(p, datasets, latent=10, lr=1e-3, batch_size=64, epochs=10,
                    help="stop after this many optimiser steps")
     p.add_argument("--batch-size", type=positive_int, default=batch_size,
                    help="images per step")
-    p.add_argument("--lr", type=positive_float, default=lr, help="Adam learning rate")
+    p.add_argument("--lr", type=positive_float, default=lr, help=lr_help)
     p.add_argument("--latent", type=positive_int, default=latent, help=latent_help)
     p.add_argument("--out", default=None, help="run folder (default: runs/<script>_<dataset>)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH",
