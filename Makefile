@@ -4,7 +4,7 @@
 PY ?= python
 THREADS ?= OMP_NUM_THREADS=1
 
-.PHONY: test test-slow quickstart beta-dsprites beta-metrics beta-dsprites-30k beta-latent32 beta-objectives beta-diagnosis attribute-dsprites faces-attributes metric-crosscheck vq-dsprites bench beta-curves bf16-check all
+.PHONY: test test-slow quickstart beta-dsprites beta-metrics beta-dsprites-30k beta-latent32 beta-objectives beta-diagnosis attribute-dsprites faces-attributes metric-crosscheck vq-dsprites bench beta-curves beta-seeds bf16-check all
 
 test:
 	$(PY) -m pytest
@@ -41,7 +41,7 @@ runs/beta_B_seed0/checkpoint.pt:
 OBJ_STEPS ?= 3000
 beta-objectives:
 	for s in 0 1 2; do for o in B TC H; do \
-	  $(THREADS) $(PY) beta_vae.py --dataset dsprites --objective $$o --max-steps $(OBJ_STEPS) --seed $$s --eval-limit 5000 --out runs/beta_$${o}_3k_seed$$s && \
+	  $(THREADS) $(PY) beta_vae.py --dataset dsprites --objective $$o --lr 5e-4 --max-steps $(OBJ_STEPS) --seed $$s --eval-limit 5000 --out runs/beta_$${o}_3k_seed$$s && \
 	  $(THREADS) $(PY) beta_vae_analyze.py --checkpoint runs/beta_$${o}_3k_seed$$s/checkpoint.pt --traverse --metrics --latent-kl; done; done
 	$(THREADS) $(PY) beta_vae_analyze.py --checkpoint runs/beta_TC_3k_seed1/checkpoint.pt --traverse --rows 6
 
@@ -111,9 +111,23 @@ beta-curves:
 	$(PY) beta_vae_analyze.py --curves runs/long_mlp_tc_s0 runs/mlp_tc_mss_s0 runs/mlp_tc_mss_s1 runs/conv_tc_mss_b256_s0 --out Images
 	for s in 0 1; do $(PY) beta_vae_analyze.py --checkpoint runs/mlp_tc_mss_s$$s/checkpoint.pt --metrics --latent-kl --traverse --gif --rows 6; done
 
+# seeds and a lever (docs/disentanglement.md): the conv net at batch 64 with beta-TCVAE (the
+# dSprites default), the MLP recipe at batch 512 with the stratified (mss) and minibatch-weighted
+# (mws) estimators, 2M images each, one thread each; then the full protocol in fp32, UDR over
+# the runs, and the curves figure (with the earlier runs' curves, kept in its JSON)
+SEEDS = --dataset dsprites --objective TC --beta 6 --lr 1e-3 --eval-limit 5000 --precision bf16
+MLP2M = $(SEEDS) --arch mlp --batch-size 512 --max-steps 4000 --beta-warmup 1800 --eval-every 500
+SEED_RUNS = conv_tc_mss_b64_2m_s1 conv_tc_mss_b64_2m_s2 mlp_tc_mss_2m_s2 mlp_tc_mws_2m_s1 mlp_tc_mws_2m_s2
+beta-seeds:
+	for s in 1 2; do $(THREADS) $(PY) beta_vae.py --dataset dsprites --max-steps 31250 --eval-every 4000 --eval-limit 5000 --precision bf16 --seed $$s --out runs/conv_tc_mss_b64_2m_s$$s; done
+	$(THREADS) $(PY) beta_vae.py $(MLP2M) --tc-estimator mss --seed 2 --out runs/mlp_tc_mss_2m_s2
+	for s in 1 2; do $(THREADS) $(PY) beta_vae.py $(MLP2M) --tc-estimator mws --seed $$s --out runs/mlp_tc_mws_2m_s$$s; done
+	for r in $(SEED_RUNS); do $(PY) beta_vae_analyze.py --checkpoint runs/$$r/checkpoint.pt --metrics --precision fp32; done
+	$(PY) beta_vae_analyze.py --udr $(addprefix runs/,$(SEED_RUNS)) --out runs/udr
+
 # bf16 costs no quality: objective TC, 3,000 steps, seed 0, in fp32 and in bf16 (scored in fp32)
 bf16-check:
-	for p in fp32 bf16; do $(THREADS) $(PY) beta_vae.py --dataset dsprites --objective TC --max-steps 3000 --seed 0 --eval-limit 5000 --precision $$p --out runs/tc3k_$$p && \
+	for p in fp32 bf16; do $(THREADS) $(PY) beta_vae.py --dataset dsprites --objective TC --lr 5e-4 --max-steps 3000 --seed 0 --eval-limit 5000 --precision $$p --out runs/tc3k_$$p && \
 	  $(PY) beta_vae_analyze.py --checkpoint runs/tc3k_$$p/checkpoint.pt --metrics --latent-kl --precision fp32; done
 
 all: quickstart bf16-check beta-curves beta-dsprites beta-metrics beta-dsprites-30k beta-latent32 attribute-dsprites vq-dsprites bench
