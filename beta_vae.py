@@ -40,7 +40,7 @@ BETA = {"H": 4.0, "TC": 6.0}
 # arithmetic (the smile vector), where objective H with beta 1 is what worked: with the headline
 # command on 20,000 CelebA-format faces its Smiling vector added 103% of the smile, B's 2%
 # (README, "Attribute arithmetic on synthetic faces").
-DEFAULT_OBJECTIVE = {"celeba": ("H", 1.0)}
+DEFAULT_OBJECTIVE = {"celeba": ("H", 1.0), "folder": ("H", 1.0)}
 # Attribute vectors need the model to reconstruct small features, which comes late: on 3,000
 # CelebA-format faces the Smiling vector added 9% of the smile after 1,110 steps (the headline
 # command) and 95% after 4,440 (README, "Attribute arithmetic on synthetic faces"), with
@@ -332,7 +332,8 @@ def main(args):
     args = check_args(args)
     run = loop.start_run(args, "beta_vae", sv.RESUME_FLAGS)
     model, opt, batches = sv.setup(build_model(args, run.train.channels, run.train.image_size),
-                                   run.device, run.train, args.lr, args.batch_size, args.seed)
+                                   run.device, run.train, args.lr, args.batch_size, args.seed,
+                                   data_on=args.data_on)
     settings = loop.Settings.from_args(args, "beta_vae", run, len(batches), logged=LOGGED,
                                        shown=sv.SHOWN)
     lines = resolve_schedule(args, settings.steps)          # fills in --c-steps / --beta-warmup

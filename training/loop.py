@@ -40,13 +40,13 @@ def start_run(args, kind, flags, keys=checkpoints.RESUME_KEYS):
         vars(args).update(vars(checkpoints.resume_args(args, state, flags)))
     devices.seed_everything(args.seed)
     with distributed.main_first():
-        train = utils.load_dataset(args.dataset, args.data_root, "train", args.limit,
-                                   args.image_size, args.crop)
+        options = utils.data_options(args)
+        train = utils.load_dataset(args.dataset, args.data_root, "train", args.limit, **options)
         given = args.eval_limit
         args.eval_limit = sizes.held_out_size(given, *sizes.run_images(
             args.batch_size, args.epochs, args.max_steps, len(train), distributed.DIST.world))
         test = utils.load_dataset(args.dataset, args.data_root, "test", args.eval_limit,
-                                  args.image_size, args.crop)
+                                  **options)
         if main and given is None:
             print(f"held-out evaluation: {len(test):,} images at every epoch end and after "
                   "training (sized to the run; --eval-limit sets it)")
