@@ -390,35 +390,35 @@ def gigabytes(n):
 
 def choose_placement(images, device, requested="auto", mapped=False):
     """Where a training split's batches come from: ("device", why) when the split is copied
-    to the device once (DeviceBatches), ("host", why) when it stays in host memory or in its
-    memory-mapped cache (`mapped`) and each batch is copied (HostBatches). `requested` is
+    to the device once (DeviceBatches), ("host", why) when it stays in host memory, or in its
+    memory-mapped cache (`mapped`), and each batch is copied (HostBatches). `requested` is
     --data-on; "auto" copies the split to the device when it takes at most DEVICE_SHARE of the
-    device's free memory. A split that cannot be held where it must be is refused in one line
+    device's free memory. A split told to go to a device it does not fit is refused in one line
     naming the sizes and the flags that help."""
     nbytes = images.numel() * images.element_size()
     size = (f"the training split ({gigabytes(nbytes)}: {len(images):,} images of "
             f"{'x'.join(map(str, images.shape[1:]))})")
-    helps = "a smaller --image-size, or --limit"
     host = host_memory_available()
+    large = host is not None and nbytes > HOST_SHARE * host
+    source = "host memory"
+    if mapped:
+        source = "its memory-mapped cache" + (
+            f" (over {HOST_SHARE:.0%} of the host's {gigabytes(host)} available: read from "
+            "disk as batches need it)" if large else "")
     device = torch.device(device)
     free = device_memory_free(device)
     if free is None:                           # the CPU: the device's memory is the host's
-        if mapped and host is not None and nbytes > HOST_SHARE * host:
-            return "host", (f"data: {size} is read from its memory-mapped cache: it exceeds "
-                            f"{HOST_SHARE:.0%} of the host's {gigabytes(host)} available")
-        return ("host" if requested == "host" else "device"), f"data: {size} in host memory"
+        where = "host" if requested == "host" or (requested == "auto" and mapped and large) \
+            else "device"
+        return where, f"data: {size} in {source}"
     fits = nbytes <= DEVICE_SHARE * free
-    where = f"{DEVICE_SHARE:.0%} of the {gigabytes(free)} free on {device}"
+    room = f"{DEVICE_SHARE:.0%} of the {gigabytes(free)} free on {device}"
     if requested == "device" and not fits:
-        raise UserError(f"{size} does not fit {where}; pass --data-on host (batches copied "
-                        f"from host memory each step), or {helps}")
+        raise UserError(f"{size} does not fit {room}; pass --data-on host (batches copied "
+                        "from host memory each step), or a smaller --image-size, or --limit")
     if requested == "device" or (requested == "auto" and fits):
-        return "device", f"data: {size} copied to {device} once (it fits {where})"
-    if not mapped and host is not None and nbytes > HOST_SHARE * host:
-        raise UserError(f"{size} fits neither {where} nor {HOST_SHARE:.0%} of the host's "
-                        f"{gigabytes(host)} available; use {helps}")
-    source = "its memory-mapped cache" if mapped else "host memory"
-    why = "--data-on host" if requested == "host" else f"it exceeds {where}"
+        return "device", f"data: {size} copied to {device} once (it fits {room})"
+    why = "--data-on host" if requested == "host" else f"it exceeds {room}"
     return "host", (f"data: {size} stays in {source}, each batch copied to {device} one step "
                     f"ahead ({why})")
 
