@@ -400,3 +400,47 @@ def test_memory_check_switches_to_host_batches_or_refuses_on_a_2_gb_card(monkeyp
     monkeypatch.setattr(utils, "host_memory_available", lambda: 10 * GB)   # CPU: mapped stays
     assert utils.choose_placement(split, "cpu", "auto", mapped=True)[0] == "host"
     assert utils.choose_placement(split[:1000], "cpu", "auto", mapped=True)[0] == "device"
+
+
+def test_other_ranks_wait_for_the_cache_build_with_a_timeout_that_allows_for_it(monkeypatch):
+    import torch.distributed as dist
+    from training import distributed
+    calls = []
+    monkeypatch.setattr(dist, "new_group", lambda **kw: calls.append(("new_group", kw)) or "g")
+    monkeypatch.setattr(dist, "barrier", lambda group=None: calls.append(("barrier", group)))
+    monkeypatch.setattr(distributed, "_DATA_GROUP", [])
+    for rank in (1, 0):
+        monkeypatch.setattr(distributed, "DIST", distributed.Distributed(rank, 2, rank))
+        with distributed.main_first():
+            calls.append(("block", rank))
+    assert calls == [("new_group", {"backend": "gloo", "timeout": distributed.DATA_TIMEOUT}),
+                     ("barrier", "g"), ("block", 1), ("block", 0), ("barrier", "g")]
+    assert distributed.DATA_TIMEOUT.total_seconds() >= 6 * 3600
+
+
+def test_a_folder_run_resumes_exactly_with_its_split(tmp_path, cli):
+    root = image_folder(tmp_path / "pets", per_class=20)
+    straight = tiny(root, tmp_path / "cache", tmp_path / "straight", "--iw-samples", 0)
+    cli("standard_vae.py", *straight)
+    cli("standard_vae.py", *tiny(root, tmp_path / "cache", tmp_path / "cut", "--iw-samples", 0,
+                                 "--max-steps", 4))
+    cli("standard_vae.py", *tiny(root, tmp_path / "cache", tmp_path / "cut", "--iw-samples", 0,
+                                 "--resume", "--cache-dir", tmp_path / "elsewhere"))
+    logs = [torch.load(tmp_path / r / "checkpoint.pt", weights_only=True)["log"]
+            for r in ("straight", "cut")]
+    assert logs[0] == logs[1] and logs[0][-1]["step"] == 6
+    with pytest.raises(AssertionError, match="--val-fraction cannot change on --resume"):
+        cli("standard_vae.py", *tiny(root, tmp_path / "cache", tmp_path / "cut", "--resume",
+                                     "--val-fraction", 0.2))
+
+
+@pytest.mark.slow              # torchrun: two processes, one builds the cache, the other waits
+def test_torchrun_on_a_folder_builds_the_cache_once_and_resumes(tmp_path):
+    from conftest import ROOT, torchrun
+    root = image_folder(tmp_path / "pets", per_class=40)
+    args = tiny(root, tmp_path / "cache", tmp_path / "run", "--iw-samples", 0)
+    proc = torchrun(ROOT / "standard_vae.py", *args)
+    assert proc.stdout.count("decoding") <= 2 and proc.stdout.count("folder ") == 1
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["world_size"] == 2
+    torchrun(ROOT / "standard_vae.py", *args[:-2], "--max-steps", 8, "--resume")
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 8
