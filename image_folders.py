@@ -27,8 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import utils
-from training import distributed
+from training import distributed, progress
 from training.errors import DatasetNotFound, UserError
 from training.files import building, replacing, write_json
 
@@ -190,8 +189,90 @@ def decode_folder_chunk(job):
 
 
 # ----------------------------------------------------------------------------------------------
-# The cache
+# The cache: decoded once, in parallel and resumably (CelebA's cache is built here too)
 # ----------------------------------------------------------------------------------------------
+class _InProcess:
+    """The executor interface, run in this process (one chunk needs no worker pool)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def map(self, fn, jobs):
+        return map(fn, jobs)
+
+    def shutdown(self, **options):
+        pass
+
+
+def _ignore_sigint():
+    """Worker processes leave Ctrl-C to the main process, which stops them (no tracebacks)."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def build_image_cache(paths, decode, options, shape, cache, stamp, desc, chunk=1000,
+                      workers=None):
+    """Decode the images at `paths` once into `cache`, a `shape` uint8 .npy, in parallel on
+    every core, resumably. Returns {row: why} of the images that `decode` skipped.
+
+    `decode((paths, *options))` runs in a worker process and returns the chunk's rows, or
+    (rows, {index in the chunk: why}) for files it skipped (their rows stay zero), or a
+    string: an error that stops the build. Finished chunks are recorded beside the partial
+    file with `stamp` (what the cache is made from), so an interrupted build of the same files
+    continues; `stamp` is written to cache.json before the cache appears. The caller holds the
+    folder's build lock, so one process at a time writes the partial file.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+    n = shape[0]
+    partial = cache.with_name(cache.stem + ".partial.npy")
+    ledger = cache.with_name(cache.stem + ".progress.json")
+    done, skipped = set(), {}
+    if partial.exists() and ledger.exists():
+        try:
+            meta = json.loads(ledger.read_text())
+            arr = np.load(partial, mmap_mode="r+")
+            if meta["files"] == n and arr.shape == tuple(shape) and arr.dtype == np.uint8 \
+                    and meta.get("stamp", {}) == stamp:
+                done = set(meta["done"])
+                skipped = {int(k): v for k, v in meta.get("skipped", {}).items()}
+        except (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError):
+            done = set()             # unreadable: start over
+    if not done:
+        skipped = {}
+        partial.unlink(missing_ok=True)
+        os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))   # no symlink
+        arr = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=tuple(shape))
+    todo = [i for i in range(0, n, chunk) if i not in done]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
+    jobs = [(paths[i:i + chunk], *options) for i in todo]
+    pool = ProcessPoolExecutor(workers, initializer=_ignore_sigint) if workers > 1 \
+        else _InProcess()
+    try:
+        with progress.bar(total=n, initial=n - sum(min(chunk, n - i) for i in todo),
+                          desc=desc, unit="image") as bar:
+            for i, result in zip(todo, pool.map(decode, jobs)):
+                if isinstance(result, str):
+                    raise UserError(result)
+                block, bad = result if isinstance(result, tuple) else (result, {})
+                arr[i:i + len(block)] = block
+                arr.flush()
+                done.add(i)
+                skipped.update({i + j: why for j, why in bad.items()})
+                write_json(ledger, {"files": n, "done": sorted(done), "skipped": skipped,
+                                    "stamp": stamp})
+                bar.update(len(block))
+    finally:
+        pool.shutdown(cancel_futures=True)     # on Ctrl-C, the chunks not started are dropped
+    del arr
+    write_json(cache.with_suffix(".json"), {**stamp, "skipped": skipped} if skipped else stamp)
+    os.replace(partial, cache)
+    ledger.unlink()
+    return skipped
+
+
 def cache_folder(cache_dir, root):
     """The cache's folder for `root`: one per image folder, named by it and its path's hash."""
     key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
@@ -226,7 +307,7 @@ def build_cache(root, files, image_size, channels, folder, stamp):
             skipped = {int(k): v for k, v in done.get("skipped", {}).items()}
         else:
             decoded.unlink(missing_ok=True)
-            skipped = utils.build_image_cache(
+            skipped = build_image_cache(
                 [str(root / f) for f in files], decode_folder_chunk, (image_size, channels),
                 shape, decoded, stamp, f"decoding {root} into {folder}", chunk=256)
         arr = np.load(decoded, mmap_mode="r")
@@ -340,8 +421,9 @@ def attribute_table(kept, of_class, classes, labels_file, root):
 # ----------------------------------------------------------------------------------------------
 def load_folder(root, split, limit=None, image_size=64, channels=None, labels=None,
                 cache_dir=None, val_fraction=VAL_FRACTION):
-    """A split ('train' or 'test') of the images under `root` as a utils.ImageSet whose images
-    are a view of the memory-mapped cache. `channels` None: 1 when every
+    """A split ('train' or 'test') of the images under `root`: (images, a view of the
+    memory-mapped cache; (N, F) attributes or None; their names; the files, relative to
+    `root`), which utils.load_dataset makes an ImageSet. `channels` None: 1 when every
     image is grey, else 3."""
     root = Path(root)
     if split not in ("train", "test"):
@@ -390,5 +472,4 @@ def load_folder(root, split, limit=None, image_size=64, channels=None, labels=No
             shown = "; ".join(f"{f} ({w})" for f, w in list(skipped.items())[:SHOWN_NAMES])
             print(f"skipped {len(skipped):,} unreadable file{'s' if len(skipped) > 1 else ''} "
                   f"of {root}: {shown}{'; ...' if len(skipped) > SHOWN_NAMES else ''}")
-    return utils.ImageSet("folder", images, None if attrs is None else attrs[rows], names,
-                     files=kept[rows], mapped=True)
+    return images, None if attrs is None else attrs[rows], names, kept[rows]

@@ -403,8 +403,8 @@ def build_model(args, channels, image_size):
 
 def setup(model, device, train, lr, batch_size, seed, binarize=False, data_on="auto"):
     """A VAE run's model on `device`, its Adam and the batches of the `train` split (here and
-    in beta_vae.py), from the device or from host memory (`data_on`, utils.training_batches:
-    the line saying which is printed). On the GPU paths (devices.FAST_PATHS) the model and the
+    in beta_vae.py), from the device or from host memory (`data_on`, utils.training_batches,
+    which says which). On the GPU paths (devices.FAST_PATHS) the model and the
     batches are channels-last: NHWC convolutions are faster there. Then each rank draws its
     own noise."""
     fast = devices.fast_paths(device)
@@ -414,10 +414,8 @@ def setup(model, device, train, lr, batch_size, seed, binarize=False, data_on="a
         model.to(memory_format=torch.channels_last)
     opt = devices.adam(model.parameters(), lr, device)
     rank, world = distributed.DIST.rank, distributed.DIST.world
-    batches, why = utils.training_batches(train.images, batch_size, device, seed, binarize,
-                                          rank, world, fast, data_on, train.mapped)
-    if distributed.DIST.main:
-        print(why)
+    batches = utils.training_batches(train.images, batch_size, device, seed, binarize, rank,
+                                     world, fast, data_on, train.mapped)
     torch.manual_seed(seed + 1_000_003 * rank)     # the same initial weights, then own noise
     return model, opt, batches
 

@@ -3,8 +3,11 @@ device, image grids and plots. No model, loss or run machinery lives here (that 
 
 The sections, in the order a reader needs them:
 - images and plots;
-- data loading: `load_dataset`, `DeviceBatches`, then MNIST, CIFAR-10, CelebA and dSprites;
-- dataset synthesis: the dSprites renderer and the CelebA decoding cache.
+- data loading: `load_dataset`, the batches (`DeviceBatches`, or `HostBatches` for a split
+  too large for the device, chosen by `training_batches`), then MNIST, CIFAR-10, CelebA and
+  dSprites; a folder of your own images is read by image_folders.py;
+- dataset synthesis: the dSprites renderer and the CelebA decoding cache (built by
+  image_folders.build_image_cache, as a folder's is).
 """
 import gzip
 import itertools
@@ -21,9 +24,10 @@ import numpy as np
 import torch
 import torchvision
 
-from training import progress
+import image_folders
+from training import distributed, progress
 from training.errors import DatasetNotFound, UserError
-from training.files import atomic_write, building, replacing, write_json
+from training.files import atomic_write, building, replacing
 
 DATASETS = ("mnist", "cifar10", "celeba", "dsprites", "folder")
 ATTRIBUTE_DATASETS = ("celeba", "folder")       # their labels are binary attributes, 1 or 0
@@ -206,9 +210,9 @@ def load_dataset(name, root, split, limit=None, image_size=64, crop=148, channel
     if name == "celeba":
         data = load_celeba(Path(root), split, limit, image_size, crop)
     elif name == "folder":
-        from image_folders import load_folder
-        data = load_folder(Path(root), split, limit, image_size, channels, labels, cache_dir,
-                           val_fraction)
+        images, attributes, names, files = image_folders.load_folder(
+            Path(root), split, limit, image_size, channels, labels, cache_dir, val_fraction)
+        data = ImageSet("folder", images, attributes, names, files=files, mapped=True)
     elif name in ("mnist", "cifar10", "dsprites"):
         if split == "valid":
             raise UserError(f"{name} has no validation split; use 'train' or 'test'")
@@ -425,11 +429,13 @@ def choose_placement(images, device, requested="auto", mapped=False):
 
 def training_batches(images, batch_size, device, seed=0, binarize=False, rank=0, world=1,
                      channels_last=False, data_on="auto", mapped=False):
-    """DeviceBatches or HostBatches of a training split (`choose_placement`), and the line
-    that says which and why (the run prints it at its start)."""
+    """DeviceBatches or HostBatches of a training split (`choose_placement`); the line that
+    says which and why is printed (rank 0), as the run starts."""
     where, why = choose_placement(images, device, data_on, mapped)
+    if distributed.DIST.main:
+        print(why)
     kind = DeviceBatches if where == "device" else HostBatches
-    return kind(images, batch_size, device, seed, binarize, rank, world, channels_last), why
+    return kind(images, batch_size, device, seed, binarize, rank, world, channels_last)
 
 
 def iterate(images, batch_size, device):
@@ -975,91 +981,10 @@ def _decode_celeba(job):
     return out
 
 
-class _InProcess:
-    """The executor interface, run in this process (one chunk needs no worker pool)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def map(self, fn, jobs):
-        return map(fn, jobs)
-
-    def shutdown(self, **options):
-        pass
-
-
-def _ignore_sigint():
-    """Worker processes leave Ctrl-C to the main process, which stops them (no tracebacks)."""
-    import signal
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def build_celeba_cache(folder, files, crop, size, cache, stamp, chunk=1000, workers=None):
-    """Decode every JPEG once into `cache` (N, 3, S, S) uint8 .npy (`build_image_cache`); a
-    file that cannot be read stops the build with its name."""
-    build_image_cache([str(folder / f) for f in files], _decode_celeba, (crop, size),
+    """Decode every JPEG once into `cache` (N, 3, S, S) uint8 .npy (the shared, parallel and
+    resumable image_folders.build_image_cache); a file that cannot be read stops the build
+    with its name."""
+    image_folders.build_image_cache([str(folder / f) for f in files], _decode_celeba, (crop, size),
                       (len(files), 3, size, size), cache, stamp,
                       f"decoding CelebA into {cache.name}", chunk, workers)
-
-
-def build_image_cache(paths, decode, options, shape, cache, stamp, desc, chunk=1000,
-                      workers=None):
-    """Decode the images at `paths` once into `cache`, a `shape` uint8 .npy, in parallel on
-    every core, resumably. Returns {row: why} of the images that `decode` skipped.
-
-    `decode((paths, *options))` runs in a worker process and returns the chunk's rows, or
-    (rows, {index in the chunk: why}) for files it skipped (their rows stay zero), or a
-    string: an error that stops the build. Finished chunks are recorded beside the partial
-    file with `stamp` (what the cache is made from), so an interrupted build of the same files
-    continues; `stamp` is written to cache.json before the cache appears. The caller holds the
-    folder's build lock, so one process at a time writes the partial file.
-    """
-    from concurrent.futures import ProcessPoolExecutor
-    n = shape[0]
-    partial = cache.with_name(cache.stem + ".partial.npy")
-    ledger = cache.with_name(cache.stem + ".progress.json")
-    done, skipped = set(), {}
-    if partial.exists() and ledger.exists():
-        try:
-            meta = json.loads(ledger.read_text())
-            arr = np.load(partial, mmap_mode="r+")
-            if meta["files"] == n and arr.shape == tuple(shape) and arr.dtype == np.uint8 \
-                    and meta.get("stamp", {}) == stamp:
-                done = set(meta["done"])
-                skipped = {int(k): v for k, v in meta.get("skipped", {}).items()}
-        except (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError):
-            done = set()             # unreadable: start over
-    if not done:
-        skipped = {}
-        partial.unlink(missing_ok=True)
-        os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))   # no symlink
-        arr = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=tuple(shape))
-    todo = [i for i in range(0, n, chunk) if i not in done]
-    workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
-    jobs = [(paths[i:i + chunk], *options) for i in todo]
-    pool = ProcessPoolExecutor(workers, initializer=_ignore_sigint) if workers > 1 \
-        else _InProcess()
-    try:
-        with progress.bar(total=n, initial=n - sum(min(chunk, n - i) for i in todo),
-                          desc=desc, unit="image") as bar:
-            for i, result in zip(todo, pool.map(decode, jobs)):
-                if isinstance(result, str):
-                    raise UserError(result)
-                block, bad = result if isinstance(result, tuple) else (result, {})
-                arr[i:i + len(block)] = block
-                arr.flush()
-                done.add(i)
-                skipped.update({i + j: why for j, why in bad.items()})
-                write_json(ledger, {"files": n, "done": sorted(done), "skipped": skipped,
-                                    "stamp": stamp})
-                bar.update(len(block))
-    finally:
-        pool.shutdown(cancel_futures=True)     # on Ctrl-C, the chunks not started are dropped
-    del arr
-    write_json(cache.with_suffix(".json"), {**stamp, "skipped": skipped} if skipped else stamp)
-    os.replace(partial, cache)
-    ledger.unlink()
-    return skipped

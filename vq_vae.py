@@ -710,11 +710,9 @@ def main(args):
     dist = distributed.DIST
     model = build_model(args, run.train.channels).to(run.device)
     opt = devices.adam(model.parameters(), args.lr, run.device)
-    batches, where = utils.training_batches(run.train.images, args.batch_size, run.device,
-                                            args.seed, rank=dist.rank, world=dist.world,
-                                            data_on=args.data_on, mapped=run.train.mapped)
-    if dist.main:
-        print(where)
+    batches = utils.training_batches(run.train.images, args.batch_size, run.device, args.seed,
+                                     rank=dist.rank, world=dist.world, data_on=args.data_on,
+                                     mapped=run.train.mapped)
     variance = training_variance(run, batches.images, f"{args.dataset} in {args.data_root}")
     prior_epochs = sizes.prior_length(args.prior_epochs, args.prior_max_steps, args.epochs,
                                       args.max_steps)[0]

@@ -57,7 +57,7 @@ def decode_rates(folder, names, workers, rounds):
             for name, (decode, options) in decoders.items():
                 cache = Path(tmp) / f"{name}{r}.npy"
                 t = time.perf_counter()
-                utils.build_image_cache(paths, decode, options, (len(paths), 3, 64, 64), cache,
+                image_folders.build_image_cache(paths, decode, options, (len(paths), 3, 64, 64), cache,
                                         {}, f"decoding ({name})", chunk=250, workers=workers)
                 rates[name].append(len(paths) / (time.perf_counter() - t))
                 cache.unlink()
@@ -111,7 +111,7 @@ def main():
         names = write_jpegs(folder, args.images)
         decode = summary(decode_rates(folder, names, args.workers, args.rounds))
         cache = Path(tmp) / "cache.npy"
-        utils.build_image_cache([str(folder / f) for f in names],
+        image_folders.build_image_cache([str(folder / f) for f in names],
                                 image_folders.decode_folder_chunk, (64, 3),
                                 (len(names), 3, 64, 64), cache, {}, "decoding", chunk=250,
                                 workers=args.workers)

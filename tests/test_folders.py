@@ -136,8 +136,8 @@ def test_every_kind_of_png_and_an_exif_rotated_jpeg_are_converted_as_stated(tmp_
     frames = [Image.new("RGB", (16, 16), c) for c in ((0, 255, 0), (255, 0, 255))]
     frames[0].save(root / "animated.gif", save_all=True, append_images=frames[1:])
 
-    data = image_folders.load_folder(root, "train", None, 16, None, None, tmp_path / "c", 0.01)
-    test = image_folders.load_folder(root, "test", None, 16, None, None, tmp_path / "c", 0.01)
+    data = load(root, "train", tmp_path / "c", image_size=16, val_fraction=0.01)
+    test = load(root, "test", tmp_path / "c", image_size=16, val_fraction=0.01)
     images = dict(zip(data.files + test.files, torch.cat([data.images, test.images])))
     assert images["grey.png"].unique().tolist() == [77]                     # grey copied to RGB
     assert images["rgba.png"][:, :, :6].unique().tolist() == [255]          # on white
@@ -149,7 +149,7 @@ def test_every_kind_of_png_and_an_exif_rotated_jpeg_are_converted_as_stated(tmp_
     assert rot[2, 10:].mean() > 200 and rot[0, 10:].mean() < 40
     gif = images["animated.gif"].float().mean((1, 2))   # the first frame: green
     assert gif[1] > 200 and gif[0] < 40
-    grey = image_folders.load_folder(root, "train", None, 16, 1, None, tmp_path / "c", 0.01)
+    grey = load(root, "train", tmp_path / "c", image_size=16, channels=1, val_fraction=0.01)
     assert grey.images.shape[1] == 1
 
 
@@ -378,14 +378,14 @@ def test_the_same_seed_trains_identically_from_host_memory_and_from_the_device(t
 GB = 10**9
 
 
-def test_memory_check_switches_to_host_batches_or_refuses_on_a_2_gb_card(monkeypatch):
+def test_memory_check_switches_to_host_batches_or_refuses_on_a_2_gb_card(monkeypatch, capsys):
     split = torch.empty(162_770, 3, 128, 128, dtype=torch.uint8, device="meta")   # 8.0 GB
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * GB, 8 * GB))
     monkeypatch.setattr(utils, "host_memory_available", lambda: 24 * GB)
     where, why = utils.choose_placement(split, "cuda", "auto")
     assert where == "host" and "8.0 GB" in why and "2.0 GB free on cuda" in why
-    batches, said = utils.training_batches(split, 64, "cuda", data_on="auto")
-    assert isinstance(batches, utils.HostBatches) and said == why
+    batches = utils.training_batches(split, 64, "cuda", data_on="auto")
+    assert isinstance(batches, utils.HostBatches) and why in capsys.readouterr().out
     with pytest.raises(UserError) as e:                       # told to hold it on the card
         utils.choose_placement(split, "cuda", "device")
     assert "8.0 GB: 162,770 images of 3x128x128" in str(e.value) and "2.0 GB free" in str(e.value)
