@@ -304,6 +304,9 @@ def test_every_script_takes_32_to_256_px(size):
         model = module.build_model(args, 3, size)
         logits, mu, _ = model(x)
         assert logits.shape == x.shape and mu.shape == (2, 4)
+    if size == 128:                                       # CelebA at 128 px too
+        args = sv.check_args(sv.parse_args(["--dataset", "celeba", "--image-size", "128"]))
+        assert sv.build_model(args, 3, 128)(x)[0].shape == x.shape
     args = vq.check_args(vq.parse_args(["--dataset", "folder", "--image-size", str(size),
                                         "--hidden", "16", "--res-hidden", "8", "--latent", "8"]))
     recon, _ = vq.build_model(args, 3)(x)[:2]
