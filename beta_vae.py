@@ -39,7 +39,9 @@ BETA = {"H": 4.0, "TC": 6.0}
 # disentanglement: Burgess et al.'s objective B, as published. CelebA serves attribute
 # arithmetic (the smile vector), where objective H with beta 1 is what worked: with the headline
 # command on 20,000 CelebA-format faces its Smiling vector added 103% of the smile, B's 2%
-# (README, "Attribute arithmetic on synthetic faces").
+# (README, "Attribute arithmetic on synthetic faces"). A folder of one's own images defaults to
+# it too, for its class folders and --labels (on 5,000 MNIST digits at 32 px the vector of 7
+# minus 1 added 108% of a 7 after 3,000 steps: README, "Train on your own images").
 DEFAULT_OBJECTIVE = {"celeba": ("H", 1.0), "folder": ("H", 1.0)}
 # Attribute vectors need the model to reconstruct small features, which comes late: on 3,000
 # CelebA-format faces the Smiling vector added 9% of the smile after 1,110 steps (the headline

@@ -102,7 +102,7 @@ def list_folder(root, val_fraction):
         everything = sorted(walk_images(base, root), key=split_hash)
         n_test = min(len(everything) - 1, max(1, round(val_fraction * len(everything))))
         test, train = everything[:n_test], everything[n_test:]
-        layout = f"{val_fraction:g} of the images held out (fixed by their paths)"
+        layout = f"{val_fraction * 100:g}% of the images held out (fixed by their paths)"
     classes = class_folders(base)
     depth = len(base.relative_to(root).parts)       # train/ and val/ are one folder deep
     files = sorted(test, key=split_hash) + sorted(train, key=split_hash)
@@ -431,14 +431,18 @@ def load_folder(root, split, limit=None, image_size=64, channels=None, labels=No
                         f"not {split!r}")
     if not 0 < val_fraction < 1:
         raise UserError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
-    files, n_test, of_class, classes, layout = list_folder(root, val_fraction)
+    try:
+        files, n_test, of_class, classes, layout = list_folder(root, val_fraction)
+        stamp = stamp_of(root, files, image_size, 1 if channels == 1 else 3)
+    except OSError as e:                    # unreadable, or a file gone while listing
+        raise UserError(f"cannot read the image folder {root}: {e.strerror or e}"
+                        f"{f' ({e.filename})' if e.filename else ''}") from None
     if len(files) < 2:
         raise UserError(f"no images in {root}: found {len(files)} image file"
-                        f"{'' if len(files) == 1 else 's'} ({', '.join(sorted(image_extensions())[:6])}"
-                        ", ... that Pillow opens) in it and its subfolders; at least 2 are "
-                        "needed (one to train on, one to hold out)")
-    stored = 1 if channels == 1 else 3
-    stamp = stamp_of(root, files, image_size, stored)
+                        f"{'' if len(files) == 1 else 's'} (.jpg, .png, .gif, .bmp, .tif, .webp "
+                        "or another that Pillow opens) in it and its subfolders; at least 2 "
+                        "are needed (one to train on, one to hold out)")
+    stored = stamp["channels"]
     folder = cache_folder(cache_dir or default_cache_dir(), root)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -448,8 +452,9 @@ def load_folder(root, split, limit=None, image_size=64, channels=None, labels=No
                         "another --cache-dir") from None
     kept, skipped = record["kept"], record["skipped"]
     if not kept:
+        named = "; ".join(f"{f}: {w}" for f, w in list(skipped.items())[:SHOWN_NAMES])
         raise UserError(f"no readable image in {root}: all {len(files):,} image files were "
-                        f"skipped, e.g. {'; '.join(f'{f}: {w}' for f, w in list(skipped.items())[:SHOWN_NAMES])}")
+                        f"skipped, e.g. {named}")
     index = {f: i for i, f in enumerate(files)}
     test_rows = sum(index[f] < n_test for f in kept)       # the held-out block comes first
     rows = slice(0, test_rows) if split == "test" else slice(test_rows, len(kept))

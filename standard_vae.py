@@ -404,9 +404,8 @@ def build_model(args, channels, image_size):
 def setup(model, device, train, lr, batch_size, seed, binarize=False, data_on="auto"):
     """A VAE run's model on `device`, its Adam and the batches of the `train` split (here and
     in beta_vae.py), from the device or from host memory (`data_on`, utils.training_batches,
-    which says which). On the GPU paths (devices.FAST_PATHS) the model and the
-    batches are channels-last: NHWC convolutions are faster there. Then each rank draws its
-    own noise."""
+    which says which). On the GPU paths (devices.FAST_PATHS) the model and the batches are
+    channels-last: NHWC convolutions are faster there. Then each rank draws its own noise."""
     fast = devices.fast_paths(device)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     model = model.to(device)

@@ -57,8 +57,9 @@ def decode_rates(folder, names, workers, rounds):
             for name, (decode, options) in decoders.items():
                 cache = Path(tmp) / f"{name}{r}.npy"
                 t = time.perf_counter()
-                image_folders.build_image_cache(paths, decode, options, (len(paths), 3, 64, 64), cache,
-                                        {}, f"decoding ({name})", chunk=250, workers=workers)
+                image_folders.build_image_cache(paths, decode, options, (len(paths), 3, 64, 64),
+                                                cache, {}, f"decoding ({name})", chunk=250,
+                                                workers=workers)
                 rates[name].append(len(paths) / (time.perf_counter() - t))
                 cache.unlink()
     return rates

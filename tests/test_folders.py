@@ -109,7 +109,8 @@ def test_train_and_val_folders_are_the_split(tmp_path):
     assert sorted(test.files) == sorted(f"val/{c}/{i:03d}.png" for c in ("cat", "dog")
                                         for i in range(2))
     assert test.label_names == ["cat", "dog"]
-    assert [r[0] for r in test.labels.tolist()] == [int(f.startswith("val/cat")) for f in test.files]
+    assert [r[0] for r in test.labels.tolist()] == [int(f.startswith("val/cat"))
+                                                    for f in test.files]
     assert len(load(root, "train", tmp_path / "c", limit=3, image_size=32)) == 3
 
 
