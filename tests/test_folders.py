@@ -448,3 +448,15 @@ def test_torchrun_on_a_folder_builds_the_cache_once_and_resumes(tmp_path):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["world_size"] == 2
     torchrun(ROOT / "standard_vae.py", *args[:-2], "--max-steps", 8, "--resume")
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 8
+
+
+def test_the_vq_vae_and_its_prior_train_on_a_folder(tmp_path, cli):
+    root = image_folder(tmp_path / "pets", per_class=20, grey=True)
+    proc = cli("vq_vae.py", *tiny(root, tmp_path / "cache", tmp_path / "vq", "--hidden", 16,
+                                  "--res-hidden", 8, "--res-layers", 1, "--codes", 16,
+                                  "--latent", 8, "--prior-max-steps", 2, "--prior-batch-size",
+                                  8, "--prior-channels", 8, "--prior-layers", 2))
+    assert "1 channel (every image grey)" in proc.stdout
+    metrics = json.loads((tmp_path / "vq" / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and metrics["prior"]["steps"] == 2
+    assert (tmp_path / "vq" / "samples.png").exists()
