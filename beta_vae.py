@@ -42,8 +42,9 @@ BETA = {"H": 4.0, "TC": 6.0}
 # our runs (docs/disentanglement.md); --objective B gives Burgess et al.'s published setting.
 # CelebA serves attribute arithmetic (the smile vector), which needs the reconstructions to keep
 # small features such as a smile; objective H with beta 1 keeps them, where B's pressure on the
-# KL drops them.
-DEFAULT_OBJECTIVE = {"celeba": ("H", 1.0), "dsprites": ("TC", 6.0)}
+# KL drops them. A folder of one's own images defaults to H with beta 1 too, for the attribute
+# vectors of its class folders and --labels.
+DEFAULT_OBJECTIVE = {"celeba": ("H", 1.0), "dsprites": ("TC", 6.0), "folder": ("H", 1.0)}
 # Adam's learning rate when --lr is not given: Chen et al. 2018 train beta-TCVAE at 1e-3;
 # Burgess et al. (and Higgins et al.'s objective here) at 5e-4.
 DEFAULT_LR = {"TC": 1e-3}
@@ -363,9 +364,10 @@ def mig_scores(model, data_root, seed, points, bf16):
 def main(args):
     timer = console.Timer()
     args = check_args(args)
-    run = loop.start_run(args, "beta_vae", sv.RESUME_FLAGS, utils.load_dataset)
+    run = loop.start_run(args, "beta_vae", sv.RESUME_FLAGS, utils.load_split)
     model, opt, batches = sv.setup(build_model(args, run.train.channels, run.train.image_size),
-                                   run.device, run.train, args.lr, args.batch_size, args.seed)
+                                   run.device, run.train, args.lr, args.batch_size, args.seed,
+                                   data_on=args.data_on)
     settings = loop.Settings.from_args(args, "beta_vae", run, len(batches), logged=LOGGED,
                                        shown=sv.SHOWN)
     lines = resolve_schedule(args, settings.steps)          # fills in --c-steps / --beta-warmup

@@ -44,7 +44,7 @@ def parse_label_value(data, name, value):
         return names.index(value)
     count = len(names) if names else (
         utils.DSPRITES_SIZES[utils.DSPRITES_FACTORS.index(name)] if data.name == "dsprites"
-        else {"celeba": 2, "mnist": 10, "cifar10": 10}[data.name])
+        else {"celeba": 2, "folder": 2, "mnist": 10, "cifar10": 10}[data.name])
     try:
         number = int(value)
         if not 0 <= number < count:
@@ -84,7 +84,8 @@ def attribute_groups(data, attribute, condition=""):
     if sep:
         positive = column == parse_label_value(data, name, value)
         negative = ~positive
-    elif set(column.unique().tolist()) <= {0, 1} and data.name == "celeba":
+    elif set(column.unique().tolist()) <= {-1, 0, 1} and data.name in utils.ATTRIBUTE_DATASETS:
+        # -1: a folder image without a row in its labels file, in neither group
         positive, negative = column == 1, column == 0
     elif data.name == "dsprites" and name != "shape":
         middle = (utils.DSPRITES_SIZES[names.index(name)] - 1) / 2
@@ -228,14 +229,14 @@ def effect_verdict(name, effect):
 
 
 def attribute_analysis(model, train_args, root, args, device, out):
-    size, crop = getattr(train_args, "image_size", 64), getattr(train_args, "crop", 148)
-    train = utils.load_dataset(train_args.dataset, root, "train", args.n_images, size, crop)
+    options = utils.data_options(train_args)
+    train = utils.load_dataset(train_args.dataset, root, "train", args.n_images, **options)
     if train.labels is None:
         raise UserError(f"{train_args.dataset} has no labels to take attributes from")
     positive, negative = attribute_groups(train, args.attribute, args.condition)
     mu = posterior_means(model, train.images, device, desc="encoding the labelled images")
     vector = attribute_vector(mu, positive, negative)
-    test = utils.load_dataset(train_args.dataset, root, "test", args.n_images, size, crop)
+    test = utils.load_dataset(train_args.dataset, root, "test", args.n_images, **options)
     positive_test, negative_test = attribute_groups(test, args.attribute, args.condition)
     strengths = parse_strengths(args.strengths)
     effect = None
@@ -300,9 +301,7 @@ def evaluate_held_out(model, train_args, root, device, n=2000):
     --eval-limit), and standard_vae.evaluate on them (KL per dim, active units)."""
     from standard_vae import evaluate
     n = min(n, getattr(train_args, "eval_limit", None) or n)
-    test = utils.load_dataset(train_args.dataset, root, "test", n,
-                              getattr(train_args, "image_size", 64),
-                              getattr(train_args, "crop", 148))
+    test = utils.load_dataset(train_args.dataset, root, "test", n, **utils.data_options(train_args))
     return test, evaluate(model, test.images, device, train_args.seed,
                           getattr(train_args, "binarize", False), test.binary)
 
@@ -511,8 +510,9 @@ def parse_args(argv=None):
                    help="where the data are (default: the training run's --data-root)")
     p.add_argument("--out", default=None, help="output folder (default: the checkpoint's)")
     p.add_argument("--attribute", default=None,
-                   help="attribute vector: a CelebA attribute (e.g. Smiling), a dSprites factor "
-                        "(scale, shape=heart) or digit=3 on MNIST -> attribute_<name>.png")
+                   help="attribute vector: a CelebA attribute (e.g. Smiling), a class folder or "
+                        "--labels column of a folder, a dSprites factor (scale, shape=heart) or "
+                        "digit=3 on MNIST -> attribute_<name>.png")
     p.add_argument("--condition", default="",
                    help="restrict both groups, e.g. 'Male=0' for smiling women minus women")
     p.add_argument("--n-images", type=arguments.positive_int, default=5000,

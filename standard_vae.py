@@ -380,7 +380,7 @@ def check_vae_args(args):
     the networks cannot take is refused before anything is decoded."""
     if args.hidden is None:
         args.hidden = HIDDEN[args.arch]
-    if args.dataset == "celeba":
+    if args.dataset in ("celeba", "folder"):
         feature_size(args.image_size)
     return args
 
@@ -397,7 +397,8 @@ def check_args(args):
 
 # flags that may change when a run is resumed; everything else comes from the checkpoint
 RESUME_FLAGS = ("epochs", "max_steps", "lr", "device", "out", "resume", "compile", "precision",
-                "log_every", "eval_every", "eval_limit", "iw_samples", "iw_images", "data_root")
+                "log_every", "eval_every", "eval_limit", "iw_samples", "iw_images", "data_root",
+                "data_on", "cache_dir", "labels")
 
 
 def build_model(args, channels, image_size):
@@ -405,9 +406,10 @@ def build_model(args, channels, image_size):
                args.hidden, args.recon, args.sigma, getattr(args, "arch", "conv"))
 
 
-def setup(model, device, train, lr, batch_size, seed, binarize=False):
+def setup(model, device, train, lr, batch_size, seed, binarize=False, data_on="auto"):
     """A VAE run's model on `device`, its Adam and the batches of the `train` split (here and
-    in beta_vae.py). On the GPU paths (devices.FAST_PATHS) the model and the batches are
+    in beta_vae.py), from the device or from host memory (`data_on`, utils.training_batches,
+    which says which). On the GPU paths (devices.FAST_PATHS) the model and the batches are
     channels-last: NHWC convolutions are faster there. Then each rank draws its own noise."""
     fast = devices.fast_paths(device)
     torch.backends.cudnn.benchmark = device.type == "cuda"
@@ -416,8 +418,8 @@ def setup(model, device, train, lr, batch_size, seed, binarize=False):
         model.to(memory_format=torch.channels_last)
     opt = devices.adam(model.parameters(), lr, device)
     rank, world = distributed.DIST.rank, distributed.DIST.world
-    batches = utils.DeviceBatches(train.images, batch_size, device, seed, binarize=binarize,
-                                  rank=rank, world=world, channels_last=fast)
+    batches = utils.training_batches(train.images, batch_size, device, seed, binarize, rank,
+                                     world, fast, data_on, train.mapped)
     torch.manual_seed(seed + 1_000_003 * rank)     # the same initial weights, then own noise
     return model, opt, batches
 
@@ -482,10 +484,10 @@ def save_outputs(model, run, log, history, final, metrics, seed):
 def main(args):
     timer = console.Timer()
     args = check_args(args)
-    run = loop.start_run(args, "standard_vae", RESUME_FLAGS, utils.load_dataset)
+    run = loop.start_run(args, "standard_vae", RESUME_FLAGS, utils.load_split)
     model, opt, batches = setup(build_model(args, run.train.channels, run.train.image_size),
                                 run.device, run.train, args.lr, args.batch_size, args.seed,
-                                args.binarize)
+                                args.binarize, args.data_on)
     loss = training_loss(args.recon, args.kl_warmup, args.free_bits)
     bf16, why = probe_precision(args.precision, model, batches, args.lr, loss)
     args.precision = "bf16" if bf16 else "fp32"    # kept in the checkpoint: --resume goes on in it

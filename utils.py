@@ -3,10 +3,14 @@ device, image grids and plots. No model, loss or run machinery lives here (that 
 
 The sections, in the order a reader needs them:
 - images and plots;
-- data loading: `load_dataset`, `DeviceBatches`, then MNIST, CIFAR-10, CelebA and dSprites;
-- dataset synthesis: the dSprites renderer and the CelebA decoding cache.
+- data loading: `load_dataset`, the batches (`DeviceBatches`, or `HostBatches` for a split
+  too large for the device, chosen by `training_batches`), then MNIST, CIFAR-10, CelebA and
+  dSprites; a folder of your own images is read by image_folders.py;
+- dataset synthesis: the dSprites renderer and the CelebA decoding cache (built by
+  image_folders.build_image_cache, as a folder's is).
 """
 import gzip
+import itertools
 import json
 import math
 import os
@@ -20,11 +24,14 @@ import numpy as np
 import torch
 import torchvision
 
-from training import progress
+import image_folders
+from training import distributed, progress
+from training.arguments import PLACEMENTS
 from training.errors import DatasetNotFound, UserError
-from training.files import atomic_write, building, replacing, write_json
+from training.files import atomic_write, building, replacing
 
-DATASETS = ("mnist", "cifar10", "celeba", "dsprites")
+DATASETS = ("mnist", "cifar10", "celeba", "dsprites", "folder")
+ATTRIBUTE_DATASETS = ("celeba", "folder")       # their labels are binary attributes, 1 or 0
 
 
 # ==============================================================================================
@@ -191,6 +198,7 @@ class ImageSet:
     binary: bool = False                        # pixels are exactly 0 or 255
     files: list = field(default_factory=list)   # file names, where the images have them
     value_names: dict = field(default_factory=dict)   # {label: names of its classes}
+    mapped: bool = False                        # `images` is a view of a memory-mapped cache
 
     def __len__(self):
         return self.images.shape[0]
@@ -204,14 +212,20 @@ class ImageSet:
         return self.images.shape[1]
 
 
-def load_dataset(name, root, split, limit=None, image_size=64, crop=148):
-    """Load `split` ('train', 'test'; CelebA also 'valid') of a dataset as an ImageSet."""
+def load_dataset(name, root, split, limit=None, image_size=64, crop=148, channels=None,
+                 labels=None, cache_dir=None, val_fraction=0.1):
+    """Load `split` ('train', 'test'; CelebA also 'valid') of a dataset as an ImageSet. The
+    last four options are those of a folder of images (image_folders.load_folder)."""
     if split not in ("train", "valid", "test"):
         raise UserError(f"unknown split {split!r}; use 'train', 'valid' or 'test'")
     if limit is not None and limit <= 0:
         raise UserError(f"--limit must be positive, got {limit}")
     if name == "celeba":
         data = load_celeba(Path(root), split, limit, image_size, crop)
+    elif name == "folder":
+        images, attributes, names, files = image_folders.load_folder(
+            Path(root), split, limit, image_size, channels, labels, cache_dir, val_fraction)
+        data = ImageSet("folder", images, attributes, names, files=files, mapped=True)
     elif name in ("mnist", "cifar10", "dsprites"):
         if split == "valid":
             raise UserError(f"{name} has no validation split; use 'train' or 'test'")
@@ -222,6 +236,22 @@ def load_dataset(name, root, split, limit=None, image_size=64, crop=148):
     if len(data) == 0:
         raise UserError(f"the {split} split of {name} in {root} is empty")
     return data
+
+
+def load_split(args, split, limit):
+    """A run's `split` ("train" or "test"), at most `limit` images, as its flags describe it:
+    the loader training.loop.start_run is handed."""
+    return load_dataset(args.dataset, args.data_root, split, limit, **data_options(args))
+
+
+def data_options(args):
+    """load_dataset's options from a run's flags (a namespace, or a checkpoint's saved args):
+    those a run of an older version lacks take their defaults."""
+    get = lambda k, default: getattr(args, k, default) if not isinstance(args, dict) \
+        else args.get(k, default)
+    return {"image_size": get("image_size", 64), "crop": get("crop", 148),
+            "channels": get("channels", None), "labels": get("labels", None),
+            "cache_dir": get("cache_dir", None), "val_fraction": get("val_fraction", 0.1)}
 
 
 def _limit(data, limit):
@@ -255,7 +285,7 @@ class DeviceBatches:
                  channels_last=False):
         if batch_size <= 0:
             raise UserError(f"--batch-size must be positive, got {batch_size}")
-        self.images = images.to(device)
+        self.images = self.place(images, device)
         self.batch_size, self.device, self.seed = batch_size, torch.device(device), seed
         self.binarize, self.rank, self.world = binarize, rank, world
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -267,6 +297,10 @@ class DeviceBatches:
 
     def __len__(self):
         return self.steps_per_epoch
+
+    @staticmethod
+    def place(images, device):
+        return images.to(device)
 
     def to_float(self, x):
         x = x.float().div_(255).contiguous(memory_format=self.memory_format)
@@ -283,6 +317,143 @@ class DeviceBatches:
         """Yield the float image batches of `epoch`, beginning at batch `start`."""
         for idx in self.indices(epoch, start):
             yield self.to_float(self.images[idx])
+
+
+class HostBatches(DeviceBatches):
+    """The batches of DeviceBatches, the same ones in the same order, gathered from a split
+    that stays in host memory or in a memory-mapped cache, for a split too large for the device.
+
+    A thread gathers the next batch's rows while the current step runs; on CUDA into pinned
+    memory, copied to the device on a stream of its own one step ahead, so the step waits for
+    neither. Only the gather and the copy differ from DeviceBatches: the images that reach the
+    step, and so the losses of a seeded run, are the same on either path.
+    """
+
+    @staticmethod
+    def place(images, device):
+        return images                       # stays where it is: host memory or a memory map
+
+    def gather(self, idx):
+        """The uint8 rows `idx` (a host index batch), pinned for an asynchronous copy on CUDA."""
+        rows = torch.empty((len(idx), *self.images.shape[1:]), dtype=torch.uint8,
+                           pin_memory=self.device.type == "cuda")
+        return torch.index_select(self.images, 0, idx, out=rows)
+
+    def indices(self, epoch, start=0):
+        """Yield the index batches (on the host) of `epoch`, beginning at batch `start`."""
+        perm = epoch_order(len(self.images), self.seed, epoch, self.rank, self.world)
+        for i in range(start, self.steps_per_epoch):
+            yield perm[i * self.batch_size:(i + 1) * self.batch_size]
+
+    def epoch(self, epoch, start=0):
+        from concurrent.futures import ThreadPoolExecutor
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.Stream(self.device) if cuda else None
+
+        def upload(rows):                   # on CUDA: queued on the copy stream, not waited for
+            if not cuda:
+                return rows.to(self.device)
+            with torch.cuda.stream(stream):
+                return rows.to(self.device, non_blocking=True)
+
+        order = self.indices(epoch, start)
+        with ThreadPoolExecutor(1) as pool:
+            gathering = [pool.submit(self.gather, idx) for idx in itertools.islice(order, 2)]
+            ahead = upload(gathering.pop(0).result()) if gathering else None
+            while ahead is not None:
+                x = ahead
+                nxt = next(order, None)
+                if nxt is not None:
+                    gathering.append(pool.submit(self.gather, nxt))
+                ahead = upload(gathering.pop(0).result()) if gathering else None
+                if cuda:                    # the step's stream waits for this batch's copy
+                    torch.cuda.current_stream(self.device).wait_stream(stream)
+                    x.record_stream(torch.cuda.current_stream(self.device))
+                yield self.to_float(x)
+
+
+# A split is copied to the training device when it takes at most this share of the device's
+# free memory (the model, its activations and Adam's moments need the rest); otherwise its
+# batches come from host memory, or from the memory-mapped cache when it exceeds this share of
+# the host's available memory too.
+DEVICE_SHARE = 0.5
+HOST_SHARE = 0.5
+
+
+def host_memory_available():
+    """Bytes of host memory available (Linux MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def device_memory_free(device):
+    """Bytes free on an accelerator (CUDA: mem_get_info; MPS: its recommended working set
+    less what is allocated), or None for the CPU (the host's memory is the device's)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "mps" and hasattr(torch.mps, "recommended_max_memory"):
+        return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+    return None
+
+
+def gigabytes(n):
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def choose_placement(images, device, requested="auto", mapped=False):
+    """Where a training split's batches come from: ("device", why) when the split is copied
+    to the device once (DeviceBatches), ("host", why) when it stays in host memory, or in its
+    memory-mapped cache (`mapped`), and each batch is copied (HostBatches). `requested` is
+    --data-on; "auto" copies the split to the device when it takes at most DEVICE_SHARE of the
+    device's free memory. A split told to go to a device it does not fit is refused in one line
+    naming the sizes and the flags that help."""
+    nbytes = images.numel() * images.element_size()
+    size = (f"the training split ({gigabytes(nbytes)}: {len(images):,} images of "
+            f"{'x'.join(map(str, images.shape[1:]))})")
+    host = host_memory_available()
+    large = host is not None and nbytes > HOST_SHARE * host
+    source = "host memory"
+    if mapped:
+        source = "its memory-mapped cache" + (
+            f" (over {HOST_SHARE:.0%} of the host's {gigabytes(host)} available: read from "
+            "disk as batches need it)" if large else "")
+    device = torch.device(device)
+    free = device_memory_free(device)
+    if free is None:                           # the CPU: the device's memory is the host's
+        where = "host" if requested == "host" or (requested == "auto" and mapped and large) \
+            else "device"
+        return where, f"data: {size} in {source}"
+    fits = nbytes <= DEVICE_SHARE * free
+    room = f"{DEVICE_SHARE:.0%} of the {gigabytes(free)} free on {device}"
+    if requested == "device" and not fits:
+        raise UserError(f"{size} does not fit {room}; pass --data-on host (batches copied "
+                        "from host memory each step), or a smaller --image-size, or --limit")
+    if requested == "device" or (requested == "auto" and fits):
+        return "device", f"data: {size} copied to {device} once (it fits {room})"
+    why = "--data-on host" if requested == "host" else f"it exceeds {room}"
+    return "host", (f"data: {size} stays in {source}, each batch copied to {device} one step "
+                    f"ahead ({why})")
+
+
+def training_batches(images, batch_size, device, seed=0, binarize=False, rank=0, world=1,
+                     channels_last=False, data_on="auto", mapped=False):
+    """DeviceBatches or HostBatches of a training split (`choose_placement`); the line that
+    says which and why is printed (rank 0), as the run starts."""
+    where, why = choose_placement(images, device, data_on, mapped)
+    if distributed.DIST.main:
+        print(why)
+    kind = DeviceBatches if where == "device" else HostBatches
+    return kind(images, batch_size, device, seed, binarize, rank, world, channels_last)
 
 
 def iterate(images, batch_size, device):
@@ -557,10 +728,13 @@ def load_celeba(root, split, limit=None, image_size=64, crop=148):
                     np.int64)
     if limit is not None:
         rows = rows[:limit]
-    images = open_cache(cache, (len(files), 3, image_size, image_size),
-                        f"delete it and rerun to decode {folder} again")[rows]
+    cached = open_cache(cache, (len(files), 3, image_size, image_size),
+                        f"delete it and rerun to decode {folder} again")
+    contiguous = len(rows) > 0 and rows[-1] - rows[0] + 1 == len(rows)
+    images = np.load(cache, mmap_mode="c")[rows[0]:rows[-1] + 1] if contiguous \
+        else cached[rows]                    # a view of the file (copy-on-write), or a copy
     data = ImageSet("celeba", torch.from_numpy(images), torch.from_numpy(attrs[rows]),
-                    label_names=names)
+                    label_names=names, mapped=contiguous)
     data.files = [files[i] for i in rows]
     return data
 
@@ -825,72 +999,10 @@ def _decode_celeba(job):
     return out
 
 
-class _InProcess:
-    """The executor interface, run in this process (one chunk needs no worker pool)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def map(self, fn, jobs):
-        return map(fn, jobs)
-
-    def shutdown(self, **options):
-        pass
-
-
-def _ignore_sigint():
-    """Worker processes leave Ctrl-C to the main process, which stops them (no tracebacks)."""
-    import signal
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def build_celeba_cache(folder, files, crop, size, cache, stamp, chunk=1000, workers=None):
-    """Decode every JPEG once into `cache` (N, 3, S, S) uint8 .npy, in parallel, resumably.
-
-    Finished chunks are recorded beside the partial file, so an interrupted build continues;
-    `stamp` (what the cache was made from) is written to cache.json before the cache appears.
-    The caller holds the folder's build lock, so one process at a time writes the partial file.
-    """
-    from concurrent.futures import ProcessPoolExecutor
-    n = len(files)
-    shape = (n, 3, size, size)
-    partial = cache.with_name(cache.stem + ".partial.npy")
-    ledger = cache.with_name(cache.stem + ".progress.json")
-    done = set()
-    if partial.exists() and ledger.exists():
-        try:
-            meta = json.loads(ledger.read_text())
-            arr = np.load(partial, mmap_mode="r+")
-            if meta["files"] == n and arr.shape == shape and arr.dtype == np.uint8:
-                done = set(meta["done"])
-        except (OSError, ValueError, EOFError, KeyError, TypeError):
-            done = set()             # unreadable: start over
-    if not done:
-        partial.unlink(missing_ok=True)
-        os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))   # no symlink
-        arr = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
-    todo = [i for i in range(0, n, chunk) if i not in done]
-    workers = min(workers or os.cpu_count() or 1, len(todo))
-    jobs = [([str(folder / f) for f in files[i:i + chunk]], crop, size) for i in todo]
-    pool = ProcessPoolExecutor(workers, initializer=_ignore_sigint) if workers > 1 \
-        else _InProcess()
-    try:
-        with progress.bar(total=n, initial=n - sum(min(chunk, n - i) for i in todo),
-                          desc=f"decoding CelebA into {cache.name}", unit="image") as bar:
-            for i, block in zip(todo, pool.map(_decode_celeba, jobs)):
-                if isinstance(block, str):
-                    raise UserError(block)
-                arr[i:i + len(block)] = block
-                arr.flush()
-                done.add(i)
-                write_json(ledger, {"files": n, "done": sorted(done)})
-                bar.update(len(block))
-    finally:
-        pool.shutdown(cancel_futures=True)     # on Ctrl-C, the chunks not started are dropped
-    del arr
-    write_json(cache.with_suffix(".json"), stamp)
-    os.replace(partial, cache)
-    ledger.unlink()
+    """Decode every JPEG once into `cache` (N, 3, S, S) uint8 .npy (the shared, parallel and
+    resumable image_folders.build_image_cache); a file that cannot be read stops the build
+    with its name."""
+    image_folders.build_image_cache([str(folder / f) for f in files], _decode_celeba, (crop, size),
+                      (len(files), 3, size, size), cache, stamp,
+                      f"decoding CelebA into {cache.name}", chunk, workers)

@@ -439,7 +439,7 @@ def check_args(args):
                         f"got {args.hidden}")
     if args.prior_kernel % 2 == 0:
         raise UserError(f"--prior-kernel must be odd, got {args.prior_kernel}")
-    if args.dataset == "celeba":
+    if args.dataset in ("celeba", "folder"):
         grid_size(args.image_size)          # refused before anything is decoded
     epochs = sizes.prior_length(args.prior_epochs, args.prior_max_steps, args.epochs,
                                 args.max_steps)[0]
@@ -454,7 +454,8 @@ def check_args(args):
 # checkpoint.pt. The prior's own settings (pixelcnn_prior.PRIOR_FLAGS) may be typed until
 # prior.pt exists; from then on they come from prior.pt.
 RESUME_FLAGS = ("epochs", "max_steps", "lr", "device", "out", "resume", "compile", "precision",
-                "log_every", "eval_every", "eval_limit", "data_root", "prior_epochs",
+                "log_every", "eval_every", "eval_limit", "data_root", "data_on", "cache_dir",
+                "labels", "prior_epochs",
                 "prior_max_steps", "prior_lr")
 
 
@@ -477,7 +478,7 @@ def training_variance(run, images, source):
             raise CheckpointError(f"{run.out / 'checkpoint.pt'} cannot be resumed: its data "
                                   f"variance is {variance!r}, not a positive number")
         return variance
-    variance = data_variance(images, images.device)
+    variance = data_variance(images, run.device)
     if not variance > 1e-10:
         raise UserError(f"the {len(images)} training images of {source} have zero pixel "
                         "variance (every pixel the same), and the VQ-VAE loss divides by it; "
@@ -527,12 +528,13 @@ def main(args):
     # The same seed on every rank: the same initial weights. The only other use of the torch
     # RNG in training is the restart draw, which rank 0 makes for all ranks.
     run = loop.start_run(args, "vq_vae", RESUME_FLAGS + pixelcnn_prior.PRIOR_FLAGS,
-                         utils.load_dataset, {**checkpoints.RESUME_KEYS, "data": dict})
+                         utils.load_split, {**checkpoints.RESUME_KEYS, "data": dict})
     dist = distributed.DIST
     model = build_model(args, run.train.channels).to(run.device)
     opt = devices.adam(model.parameters(), args.lr, run.device)
-    batches = utils.DeviceBatches(run.train.images, args.batch_size, run.device, args.seed,
-                                  rank=dist.rank, world=dist.world)
+    batches = utils.training_batches(run.train.images, args.batch_size, run.device, args.seed,
+                                     rank=dist.rank, world=dist.world, data_on=args.data_on,
+                                     mapped=run.train.mapped)
     variance = training_variance(run, batches.images, f"{args.dataset} in {args.data_root}")
     prior_epochs = sizes.prior_length(args.prior_epochs, args.prior_max_steps, args.epochs,
                                       args.max_steps)[0]

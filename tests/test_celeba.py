@@ -207,7 +207,7 @@ def test_headline_journey_on_a_small_face_set(tmp_path, script):
                    "--epochs", 30, "--eval-limit", 100, "--out", run, "--device", "cpu",
                    timeout=900)
     said = [line for line in train.stdout.splitlines()       # after any data preparation
-            if not line.startswith(("decoding CelebA into", "precision: "))]
+            if not line.startswith(("decoding CelebA into", "data: ", "precision: "))]
     assert said[0].startswith("objective H with beta 1: the default on celeba")
     assert "schedule: beta on the KL rises linearly from 0 to 1 over 36 steps" in train.stdout
     assert "warning" not in train.stdout

@@ -7,6 +7,9 @@ from pathlib import Path
 from training.devices import PRECISIONS
 from training.errors import UserError
 
+# --data-on: where a training split's batches come from (utils.training_batches chooses on auto)
+PLACEMENTS = ("auto", "device", "host")
+
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each default once: not for flags whose help already says it or whose default is
@@ -51,13 +54,31 @@ def add_data_args(p, datasets, dataset="dsprites"):
     """The data flags; `datasets` are the names --dataset accepts (utils.DATASETS)."""
     p.add_argument("--dataset", default=dataset, choices=datasets,
                    help="training data (dsprites is rendered locally and works offline)")
-    p.add_argument("--data-root", default="data", help="where datasets live")
+    p.add_argument("--data-root", default="data",
+                   help="where datasets live; with --dataset folder, the folder of your images")
     p.add_argument("--limit", type=positive_int, default=None,
                    help="use only the first N training images (default: all)")
     p.add_argument("--image-size", type=positive_int, default=64,
-                   help="CelebA: side of the resized centre crop")
+                   help="CelebA and folder: side of the resized centre crop (32, 64, 128, 256)")
     p.add_argument("--crop", type=positive_int, default=148,
                    help="CelebA: side of the centre crop before resizing")
+    p.add_argument("--labels", default=None, metavar="FILE",
+                   help="folder: attributes per image, a CSV (header: path, then attribute "
+                        "names; values 1/0 or 1/-1) or CelebA's list_attr_celeba.txt layout")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                   help="folder: 1 (grey) or 3 (RGB) (default: 1 when every image is grey)")
+    p.add_argument("--val-fraction", type=number(float, lambda v: 0 < v < 1,
+                                                 "a number between 0 and 1"), default=0.1,
+                   help="folder without train/ and val/: the share of images held out, fixed "
+                        "by their paths")
+    p.add_argument("--cache-dir", default=None,
+                   help="folder: where its decoded cache goes (default: $XDG_CACHE_HOME/"
+                        "pytorch-vae or ~/.cache/pytorch-vae; never inside the image folder)")
+    p.add_argument("--data-on", default="auto", choices=PLACEMENTS,
+                   help="where training batches come from: device (the split copied there "
+                        "once), host (each batch copied from host memory or the memory-mapped "
+                        "cache, one step ahead), auto: device when the split takes at most "
+                        "half the device's free memory")
 
 
 def add_common_args(p, datasets, latent=10, lr=1e-3, batch_size=64, epochs=10,
@@ -105,9 +126,18 @@ def check_common_args(args, script):
     """What the flags' types cannot check alone (each number is checked as it is parsed)."""
     if args.resume and getattr(args, "overwrite", False):
         raise UserError("--overwrite starts a fresh run and --resume continues one: pass one")
-    if args.dataset != "celeba" and (args.image_size, args.crop) != (64, 148):
-        raise UserError("--image-size and --crop apply to celeba only; the other datasets "
-                        "keep their native size")
+    if args.dataset not in ("celeba", "folder") and (args.image_size, args.crop) != (64, 148):
+        raise UserError("--image-size and --crop apply to celeba (and --image-size to folder) "
+                        "only; the other datasets keep their native size")
+    if args.dataset == "folder" and args.crop != 148:
+        raise UserError("--crop applies to celeba; a folder's images are cropped to their "
+                        "centre square")
+    own = [f"--{k.replace('_', '-')}" for k in ("labels", "channels", "cache_dir")
+           if getattr(args, k, None) is not None] + \
+        (["--val-fraction"] if "val_fraction" in getattr(args, "given", ()) else [])
+    if args.dataset != "folder" and own:
+        raise UserError(f"{', '.join(own)} appl{'ies' if len(own) == 1 else 'y'} to "
+                        "--dataset folder only")
     if args.out is None:
         args.out = str(Path("runs") / f"{script}_{args.dataset}")
     return args

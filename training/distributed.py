@@ -4,6 +4,7 @@ collectives the runs use, and sums kept on the device and added over ranks when 
 Every helper is a no-op in a single process, so the scripts call them unconditionally. `DIST`
 is one object that `setup` fills in place: modules read it as `distributed.DIST` when they need
 it, never copy it, so every reader (and a test that changes it) sees the same ranks."""
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -121,17 +122,34 @@ def gather_objects(obj):
     return out
 
 
+# How long the other ranks wait for rank 0 to build a data cache. A million CelebA-sized JPEGs
+# take about 17 minutes at the 1,000 images/s measured on two busy cores (tests/bench_folder.py),
+# large photos many times longer: past a process group's default timeout (NCCL's 10 minutes).
+DATA_TIMEOUT = datetime.timedelta(hours=12)
+_DATA_GROUP = []             # the gloo group they wait on, made once by every rank together
+
+
 class main_first:
-    """Let rank 0 run a block first (building a data cache, say), then the other ranks."""
+    """Let rank 0 run a block first (building a data cache, say), then the other ranks. They
+    wait on a gloo group of their own with DATA_TIMEOUT; if rank 0 fails, torchrun stops them."""
 
     def __enter__(self):
+        if DIST.active and not _DATA_GROUP:
+            import torch.distributed as dist
+            _DATA_GROUP.append(dist.new_group(backend="gloo", timeout=DATA_TIMEOUT))
         if not DIST.main:
-            barrier()
+            self.wait()
 
     def __exit__(self, *exc):
         if DIST.main and exc[0] is None:
-            barrier()
+            self.wait()
         return False
+
+    @staticmethod
+    def wait():
+        if DIST.active:
+            import torch.distributed as dist
+            dist.barrier(group=_DATA_GROUP[0])
 
 
 class Sums:

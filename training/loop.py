@@ -29,8 +29,8 @@ def start_run(args, kind, flags, load, keys=checkpoints.RESUME_KEYS):
     it), prepare the run folder (rank 0), load and check the checkpoint that --resume names
     and take its settings into `args` in place (typed `flags` replace them), seed (the same
     initial weights on every rank), then load the training split and the held-out split sized
-    to the run (rank 0 first: it builds any data cache alone) with the script's `load(dataset,
-    root, split, limit, image_size, crop)` (utils.load_dataset). The held-out size, when not
+    to the run (rank 0 first: it builds any data cache alone) with the script's `load(args,
+    split, limit)` (utils.load_split). The held-out size, when not
     given, is written into `args.eval_limit`, so that the checkpoint keeps it."""
     device = distributed.setup(devices.get_device(args.device))
     main = distributed.DIST.main
@@ -41,13 +41,11 @@ def start_run(args, kind, flags, load, keys=checkpoints.RESUME_KEYS):
         vars(args).update(vars(checkpoints.resume_args(args, state, flags)))
     devices.seed_everything(args.seed)
     with distributed.main_first():
-        train = load(args.dataset, args.data_root, "train", args.limit,
-                                   args.image_size, args.crop)
+        train = load(args, "train", args.limit)
         given = args.eval_limit
         args.eval_limit = sizes.held_out_size(given, *sizes.run_images(
             args.batch_size, args.epochs, args.max_steps, len(train), distributed.DIST.world))
-        test = load(args.dataset, args.data_root, "test", args.eval_limit,
-                                  args.image_size, args.crop)
+        test = load(args, "test", args.eval_limit)
         if main and given is None:
             print(f"held-out evaluation: {len(test):,} images at every epoch end and after "
                   "training (sized to the run; --eval-limit sets it)")
