@@ -355,10 +355,10 @@ def train_step(model, opt, x, step, objective, log_sigma, bf16=False):
     return terms
 
 
-def mig_scores(model, data_root, seed, points, bf16):
+def mig_scores(model, data_root, seed, points):
     """MIG on `points` dSprites images: a curve of disentanglement in the history."""
     device = next(model.parameters()).device
-    return disentanglement.mig_only(model, data_root, device, seed, points, bf16)
+    return disentanglement.mig_only(model, data_root, device, seed, points)    # in fp32
 
 
 def main(args):
@@ -385,7 +385,7 @@ def main(args):
 
     def evaluate(last):                       # every evaluation: the bound, and MIG on dSprites
         scores = sv.epoch_scores(score(), last)
-        return {**scores, **(mig_scores(model, args.data_root, args.seed, mig_points, bf16)
+        return {**scores, **(mig_scores(model, args.data_root, args.seed, mig_points)
                              if mig_points else {})}
 
     trained = loop.train(

@@ -19,11 +19,13 @@ factors are shape, scale, orientation, posX and posY (colour has a single value)
 The settings are gathered, with their sources, in docs/papers.md. beta_vae.py scores MIG during
 training (`mig_only`); beta_vae_analyze.py --metrics scores both (`compute_metrics`).
 """
+import contextlib
+
 import numpy as np
 import torch
 
 import utils
-from training import devices, progress
+from training import progress
 from training.errors import UserError
 
 # dSprites factors scored by the protocol (colour has a single value and is left out)
@@ -121,9 +123,17 @@ def factor_vae_score(represent, sample_factors, rng, n_train=10_000, n_eval=5_00
 # ----------------------------------------------------------------------------------------------
 # dSprites: the images a draw of factors names, encoded once each
 # ----------------------------------------------------------------------------------------------
-def dsprites_encoder(model, root, device, chunk=4096, bf16=False):
-    """represent(classes of the scored factors) -> posterior means (n, D), as numpy; the
-    encoder runs in bf16 autocast with `bf16`, the means are returned in fp32.
+def fp32(device):
+    """A region of fp32 arithmetic on `device`, even inside an autocast region (the analysis
+    runs its networks in bf16 where chosen); a no-op where autocast never runs (MPS)."""
+    kind = torch.device(device).type
+    return torch.autocast(kind, enabled=False) if kind in ("cuda", "cpu") else \
+        contextlib.nullcontext()
+
+
+def dsprites_encoder(model, root, device, chunk=4096):
+    """represent(classes of the scored factors) -> posterior means (n, D), as numpy. The
+    encoder runs in fp32 always, as disentanglement_lib scores fp32 posterior means.
 
     The posterior mean is a deterministic function of the image, so each distinct image is
     encoded once and looked up when it is drawn again: the protocol's ~985,000 draws touch about
@@ -143,7 +153,7 @@ def dsprites_encoder(model, root, device, chunk=4096, bf16=False):
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]
             x = utils.dsprites_images(root, torch.from_numpy(part))
-            with devices.autocast(device, bf16):
+            with fp32(device):
                 mu = model.encoder(x.to(device).float() / 255)[0].float().cpu().numpy()
             if table is None:
                 table = np.zeros((DSPRITES_GRID, mu.shape[1]), np.float32)
@@ -166,14 +176,14 @@ def sample_dsprites_factors(n, rng):
     return np.stack([rng.integers(s, size=n) for s in sizes], 1)
 
 
-def mig_only(model, data_root, device, seed, n_points=10_000, bf16=False):
+def mig_only(model, data_root, device, seed, n_points=10_000):
     """MIG alone, on `n_points` images drawn as the protocol draws them: a cheap point of a
     curve during training (beta_vae.py on dSprites). Returns the score and each latent's
     factor."""
     factors = sample_dsprites_factors(n_points, np.random.default_rng(seed))
     was_training = model.training
     model.eval()
-    score, mi = mig(dsprites_encoder(model, data_root, device, n_points, bf16)(factors), factors)
+    score, mi = mig(dsprites_encoder(model, data_root, device, n_points)(factors), factors)
     model.train(was_training)
     names = [utils.DSPRITES_FACTORS[i] for i in DSPRITES_SCORED]
     entropy = np.array([mutual_information(f, f) for f in factors.T])

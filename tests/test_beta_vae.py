@@ -552,3 +552,25 @@ def test_mig_curve_point_is_the_protocols_mig_on_fewer_points(tmp_path):
     codes = dm.dsprites_encoder(model, tmp_path, "cpu")(factors)
     assert point["mig"] == pytest.approx(dm.mig(codes, factors)[0])
     assert len(point["latent_factors"]) == 3
+
+
+def test_metrics_encode_in_fp32_inside_the_analysis_bf16_region(tmp_path):
+    """The analysis runs its networks in bf16 autocast where chosen; the metrics' encoder pass
+    (MIG, FactorVAE, the curve's point) still sees fp32, as disentanglement_lib scores fp32
+    posterior means: the same codes as outside autocast."""
+    torch.manual_seed(0)
+    model = sv.VAE(1, 64, 3, [8] * 4, hidden=16).eval()
+    seen = []                                     # the dtype of the first layer's activations
+    first = next(m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    first.register_forward_hook(lambda m, inputs, out: seen.append(out.dtype))
+    factors = dm.sample_dsprites_factors(200, np.random.default_rng(1))
+    plain = dm.dsprites_encoder(model, tmp_path, "cpu")(factors)
+    with torch.autocast("cpu", dtype=torch.bfloat16):          # as beta_vae_analyze.main
+        with torch.no_grad():
+            model.encoder(torch.rand(2, 1, 64, 64))               # bf16 here, as the probe
+        inside = dm.dsprites_encoder(model, tmp_path, "cpu")(factors)
+        point = dm.mig_only(model, tmp_path, "cpu", seed=1, n_points=200)
+    assert seen[0] == torch.float32 and seen[1] == torch.bfloat16
+    assert all(d == torch.float32 for d in seen[2:])
+    np.testing.assert_array_equal(inside, plain)
+    assert point["mig"] == pytest.approx(dm.mig(plain, factors)[0])
