@@ -16,6 +16,7 @@ Disentanglement metrics (MIG, the FactorVAE score) on dSprites: disentanglement.
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -388,30 +389,55 @@ def run_record(folder):
     return argparse.Namespace(**args), history, metrics
 
 
-def mig_curves(folders, out):
+def curve_records(source):
+    """The MIG curves of one --curves source: a beta_vae.py run folder (from its history), or a
+    mig_curves.json that an earlier --curves wrote (its runs as recorded there: the curves of
+    runs whose folders are gone)."""
+    source = Path(source)
+    if source.suffix == ".json":
+        try:
+            return json.loads(source.read_text())["runs"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{source} is not a mig_curves.json that --curves wrote "
+                            f"({type(e).__name__}: {e})") from None
+    args, history, metrics = run_record(source)
+    points = [h for h in history if "mig" in h]
+    if not points:
+        raise UserError(f"{source}'s history.json holds no MIG: train on dsprites "
+                        "with --mig-points > 0")
+    per_step = args.batch_size * metrics.get("world_size", 1)
+    return [{"run": str(source), "recipe": recipe(args),
+             "images_per_s": metrics.get("images_per_s") or points[-1].get("images_per_s"),
+             "precision": metrics.get("precision"), "finished": bool(metrics),
+             "mig_points": args.mig_points, "images_seen": [h["step"] * per_step for h in points],
+             "mig": [h["mig"] for h in points],
+             "latent_factors_last": points[-1].get("latent_factors")}]
+
+
+def setting(record):
+    """A curve's recipe without its seed: the seeds of one setting share a colour."""
+    return re.sub(r", seed \d+$", "", record["recipe"])
+
+
+def mig_curves(sources, out):
     """mig_curves.png / .json: the MIG each beta_vae.py run on dSprites scored during training
     (history.json: one point per held-out evaluation, on --mig-points images) against the
-    training images seen, one line per run, labelled by its recipe and its images/s."""
-    curves, summary = {}, []
-    for folder in folders:
-        args, history, metrics = run_record(folder)
-        points = [h for h in history if "mig" in h]
-        if not points:
-            raise UserError(f"{folder}'s history.json holds no MIG: train on dsprites "
-                            "with --mig-points > 0")
-        per_step = args.batch_size * metrics.get("world_size", 1)
-        speed = metrics.get("images_per_s") or points[-1].get("images_per_s")   # or so far
-        label = recipe(args) + (f", {speed:,.0f} img/s" if speed else "")
-        curves[label] = ([h["step"] * per_step / 1e6 for h in points], [h["mig"] for h in points])
-        summary.append({"run": str(folder), "recipe": recipe(args), "images_per_s": speed,
-                        "precision": metrics.get("precision"),
-                        "finished": bool(metrics), "mig_points": args.mig_points,
-                        "images_seen": [h["step"] * per_step for h in points],
-                        "mig": [h["mig"] for h in points],
-                        "latent_factors_last": points[-1].get("latent_factors")})
+    training images seen, one line per run; the seeds of a setting share a colour and one
+    legend entry. `sources` are run folders or earlier mig_curves.json files."""
+    summary = [r for source in sources for r in curve_records(source)]
+    settings = list(dict.fromkeys(setting(r) for r in summary))
+    curves, styles = {}, {}
+    for r in summary:
+        same = [o for o in summary if setting(o) == setting(r)]
+        speed = f", {r['images_per_s']:,.0f} img/s" if r.get("images_per_s") else ""
+        name = f"{r['recipe']}{speed} ({r['run']})"
+        curves[name] = ([n / 1e6 for n in r["images_seen"]], r["mig"])
+        styles[name] = {"color": f"C{settings.index(setting(r)) % 10}", "linewidth": 1.2,
+                        "label": f"{setting(r)}: {len(same)} seed{'s' * (len(same) > 1)}"
+                        if r is same[0] else None}
     utils.plot_curves(curves, out / "mig_curves.png", xlabel="training images seen (millions)",
-                      title="MIG during training (dSprites, posterior means)",
-                      legend="lower right")
+                      title="MIG during training (dSprites, posterior means; a line a seed)",
+                      styles=styles, legend="upper left")
     files.write_json(out / "mig_curves.json", {"runs": summary})
     for r in summary:
         print(f"{r['recipe']}: MIG {r['mig'][-1]:.3f} after {r['images_seen'][-1]:,} images "
@@ -499,8 +525,10 @@ def parse_args(argv=None):
                    help="a beta_vae.py checkpoint.pt (needed by every analysis but --curves and "
                         "--udr)")
     p.add_argument("--curves", nargs="+", default=None, metavar="RUN",
-                   help="beta_vae.py run folders on dsprites: their MIG during training "
-                        "against images seen -> mig_curves.png / .json in --out")
+                   help="beta_vae.py run folders on dsprites (or mig_curves.json files an "
+                        "earlier --curves wrote): their MIG during training against images "
+                        "seen, the seeds of a setting in one colour -> mig_curves.png / .json "
+                        "in --out")
     p.add_argument("--udr", nargs="+", default=None, metavar="RUN",
                    help="rank beta_vae.py runs (folders or checkpoints) of one data set by UDR "
                         "(Duan et al. 2020: agreement of their latents with each other's, no "

@@ -541,6 +541,14 @@ def test_mlp_trains_resumes_exactly_and_is_rebuilt_by_the_analysis(tmp_path):
     assert (tmp_path / "curves" / "mig_curves.png").stat().st_size > 0
     with pytest.raises(utils.UserError, match="no readable history.json"):
         ba.mig_curves([tmp_path], tmp_path)
+    # an earlier mig_curves.json stands for runs whose folders are gone; seeds share a setting
+    (tmp_path / "b").mkdir()
+    again = ba.mig_curves([tmp_path / "curves" / "mig_curves.json", straight], tmp_path / "b")
+    assert again[:2] == json.loads((tmp_path / "curves" / "mig_curves.json").read_text())["runs"]
+    assert again[2]["mig"] == summary[0]["mig"]
+    assert {ba.setting(r) for r in again} == {"TC mws, mlp, batch 32, lr 0.001"}
+    with pytest.raises(utils.UserError, match="not a mig_curves.json"):
+        ba.mig_curves([tmp_path / "straight" / "metrics.json"], tmp_path)
 
 
 def test_mig_curve_point_is_the_protocols_mig_on_fewer_points(tmp_path):
