@@ -466,6 +466,14 @@ def codes_and_kl(model, images, device, batch=500):
     return torch.cat(means).numpy(), (kl / len(images)).numpy()
 
 
+def history_of(folder):
+    """A run folder's history.json entries, or [] where it has none."""
+    try:
+        return json.loads((Path(folder) / "history.json").read_text())
+    except (OSError, ValueError):
+        return []
+
+
 def udr_ranking(paths, data_root, device, out, n_points=10_000, seed=0):
     """udr.json: the runs ranked by UDR (Duan et al. 2020), computed on one common set of
     `n_points` images (dSprites: drawn uniformly from the whole grid; else the held-out split),
@@ -492,9 +500,15 @@ def udr_ranking(paths, data_root, device, out, n_points=10_000, seed=0):
     table = []
     for (path, _, a, state), score, k in zip(runs, scores, kept):
         known = earlier_metrics(path.parent / "disentanglement.json", path, state["step"])
+        source = "--metrics" if "mig" in known else None
+        if not known:           # else the MIG curve's point at this step, if the run has one
+            known = next((h for h in history_of(path.parent) if h.get("step") == state["step"]
+                          and "mig" in h), {})
+            source = "history.json" if known else None
         table.append({"checkpoint": str(path), "recipe": recipe(a), "step": state["step"],
                       "udr": score, "informative_latents": k.tolist(),
-                      "mig": known.get("mig"), "factor_vae": known.get("factor_vae")})
+                      "mig": known.get("mig"), "factor_vae": known.get("factor_vae"),
+                      "mig_from": source})
     order = sorted(range(len(table)), key=lambda i: -table[i]["udr"])
     scored = [r for r in table if r["mig"] is not None]
     rho = (disentanglement.spearman([r["udr"] for r in scored], [r["mig"] for r in scored])
