@@ -27,7 +27,7 @@ import torch
 
 import standard_vae as sv
 import utils
-from training import arguments, console, distributed, files, loop, sizes
+from training import arguments, console, devices, distributed, files, loop, sizes
 from training.errors import UserError
 
 # Published settings (Burgess et al. 2018, REFERENCE.md): C_max per dataset, in nats, raised
@@ -320,11 +320,11 @@ def build_model(args, channels, image_size):
 LOGGED = ("loss", "recon", "kl", "kl_dims", "mi", "tc", "dim_kl")
 
 
-def mig_scores(model, data_root, seed, points, bf16):
+def mig_scores(model, data_root, seed, points, precision):
     """MIG on `points` dSprites images: a curve of disentanglement in the history."""
     import beta_vae_analyze               # here: the analysis script imports this one
     device = next(model.parameters()).device
-    return beta_vae_analyze.mig_only(model, data_root, device, seed, points, bf16)
+    return beta_vae_analyze.mig_only(model, data_root, device, seed, points, precision)
 
 
 def main(args):
@@ -338,21 +338,21 @@ def main(args):
     lines = resolve_schedule(args, settings.steps)          # fills in --c-steps / --beta-warmup
     loss = partial(beta_vae_loss, **{k: getattr(args, k) for k in LOSS_FLAGS},
                    data_size=len(run.train))
-    bf16, why = sv.probe_precision(args.precision, model, batches, args.lr, loss)
-    args.precision = "bf16" if bf16 else "fp32"    # kept in the checkpoint: --resume goes on in it
     if distributed.DIST.main:
-        print("\n".join([why, *lines]))
+        print("\n".join(lines))
+    scaler = devices.grad_scaler(run.device, run.precision)
     score = partial(sv.evaluate, model, run.test.images, run.device, args.seed, False,
-                    run.test.binary, bf16=bf16)
+                    run.test.binary, precision=run.precision)
     mig_points = args.mig_points if args.dataset == "dsprites" else 0     # a MIG curve: dSprites
 
     trained = loop.train(
         model, opt, lambda fwd, x, step: sv.train_step(
-            fwd, opt, x, partial(loss, log_sigma=model.log_sigma, step=step), bf16),
+            fwd, opt, x, partial(loss, log_sigma=model.log_sigma, step=step), run.precision,
+            scaler),
         batches.epoch, settings, run.state, evaluate=lambda last: {
             **sv.epoch_scores(score(), last),
-            **(mig_scores(model, args.data_root, args.seed, mig_points, bf16) if mig_points
-               else {})})
+            **(mig_scores(model, args.data_root, args.seed, mig_points, run.precision)
+               if mig_points else {})}, scaler=scaler)
 
     final = sv.final_evaluation(score, len(run.test), trained.step * settings.batch,
                                 args.iw_samples, args.iw_images)
@@ -364,7 +364,7 @@ def main(args):
         plot_kl_per_dim(trained.log, run.out / "kl_per_dim.png", args)
         order = save_traversal(model, run.test.images, final["kl_per_dim"],
                                run.out / "traversal.png")
-        metrics = {"test": final, **loop.summary(trained, run, bf16, why), "capacity": c,
+        metrics = {"test": final, **loop.summary(trained, run), "capacity": c,
                    "latents_by_kl": order, "wall_time_s": timer(), "args": vars(args)}
         files.write_json(run.out / "metrics.json", metrics)
         print(f"held-out -ELBO {final['neg_elbo']:.2f} nats, KL {final['kl']:.2f}; active "

@@ -155,7 +155,7 @@ class VectorQuantizer(nn.Module):
     def nearest(self, flat):
         """Index of the nearest code for each row of `flat` (N, D) and the squared distance to
         it, both (N,), computed in fp32."""
-        with torch.autocast(device_type=flat.device.type, enabled=False):
+        with devices.autocast_off(flat.device):
             z, e = flat.float(), self.codebook.float()
             # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2                         (N, K)
             dist = z.pow(2).sum(1, keepdim=True) - 2 * z @ e.t() + e.pow(2).sum(1)
@@ -180,13 +180,15 @@ class VectorQuantizer(nn.Module):
             "codebook": (F.mse_loss(z.detach(), q) if self.kind == "loss"   # ||sg[z_e] - e||^2
                          else z.new_zeros(())),
         }
-        counts = torch.bincount(indices, minlength=self.num_codes).float()  # n_i (K,)
+        # n_i (K,): from the EMA update, else a one-hot sum (torch.bincount syncs on CUDA)
+        if self.training and self.kind == "ema":
+            counts = self.ema_update(flat, indices)
+        else:
+            counts = F.one_hot(indices, self.num_codes).sum(0).float()
         if self.training:
             # under torchrun the counts (and sums) of all ranks' batches, so that every rank
             # makes the same update and the usage terms describe the global batch
-            if self.kind == "ema":
-                counts = self.ema_update(flat, indices)
-            else:
+            if self.kind == "loss":
                 with torch.no_grad():
                     counts = distributed.all_reduce_sum(counts)
                     self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
@@ -206,7 +208,7 @@ class VectorQuantizer(nn.Module):
         e_i = m_i / N_i' with N_i' the Laplace-smoothed counts (a copy; the buffer stays raw).
         Under torchrun n_i and the sums run over every rank's batch (one all-reduce), so all
         ranks apply the same update. Returns n_i (K,)."""
-        with torch.autocast(device_type=flat.device.type, enabled=False):   # fp32 sums
+        with devices.autocast_off(flat.device):                             # fp32 sums
             onehot = F.one_hot(indices, self.num_codes).type_as(flat)      # (N, K)
             stats = torch.cat([onehot.sum(0)[:, None], onehot.t() @ flat], 1)  # n_i | sums
         counts, sums = distributed.all_reduce_sum(stats).split([1, self.code_dim], 1)
@@ -285,17 +287,18 @@ def vq_vae_loss(x, recon, vq_terms, data_variance, beta):
 TRAIN_TERMS = ("loss", "recon_error", "commitment", "codebook", "perplexity", "used")
 
 
-def train_step(model, opt, x, data_variance, beta, bf16=False):
-    """One optimiser step on a batch x (B, C, S, S) in [0, 1]; returns the (device) terms.
-    `model` is the VQ-VAE or its DDP/compiled wrapper (DDP averages the gradients over ranks;
-    under torch.compile the quantiser still runs eagerly)."""
+def train_step(model, opt, x, data_variance, beta, precision="fp32", scaler=devices.NO_SCALER):
+    """One optimiser step on a batch x (B, C, S, S) in [0, 1] (autocast in `precision`; `scaler`
+    scales an fp16 loss); returns the (device) terms. `model` is the VQ-VAE or its DDP/compiled
+    wrapper (DDP averages the gradients over ranks; the quantiser runs eagerly under compile)."""
     x = x - 0.5                                    # the reference scales images to [-0.5, 0.5]
-    with devices.autocast(x.device, bf16):                        # the quantiser stays fp32
+    with devices.autocast(x.device, precision):                   # the quantiser stays fp32
         recon, _, vq_terms = model(x)                                      # (B, C, S, S)
     terms = vq_vae_loss(x, recon, vq_terms, data_variance, beta)
     opt.zero_grad(set_to_none=True)
-    terms["loss"].backward()
-    opt.step()
+    scaler.scale(terms["loss"]).backward()          # times the fp16 loss scale (else as is)
+    scaler.step(opt)                                # skipped if a scaled gradient overflowed
+    scaler.update()
     return terms
 
 
@@ -417,15 +420,16 @@ def prior_nll(prior, codes, labels=None):
     return F.cross_entropy(prior(codes, labels).float(), codes.long())
 
 
-def prior_train_step(prior, opt, codes, labels=None, bf16=False):
+def prior_train_step(prior, opt, codes, labels=None, precision="fp32", scaler=devices.NO_SCALER):
     """One optimiser step of the prior on code grids (B, H, W): the NLL of each code given the
-    codes above and to its left, backward, Adam. `prior` is the PixelCNN or its DDP/compiled
-    wrapper. Returns the (device) bits per code."""
-    with devices.autocast(codes.device, bf16):
+    codes above and to its left (autocast in `precision`; `scaler` scales an fp16 loss),
+    backward, Adam. `prior` is the PixelCNN or its DDP/compiled wrapper. Returns bits/code."""
+    with devices.autocast(codes.device, precision):
         nll = prior_nll(prior, codes.long(), labels)
     opt.zero_grad(set_to_none=True)
-    nll.backward()
-    opt.step()
+    scaler.scale(nll).backward()
+    scaler.step(opt)
+    scaler.update()
     return {"bits_per_code": nll.detach() / math.log(2)}
 
 
@@ -463,12 +467,12 @@ def data_variance(images, device):
 
 
 @torch.no_grad()
-def evaluate(model, images, variance, batch_size, device, bf16=False):
+def evaluate(model, images, variance, batch_size, device, precision="fp32"):
     """Held-out recon error (MSE / Var), PSNR, and code usage over the whole split.
 
     Sums stay on the device in compensated float32 (distributed.Sums: no float64, which MPS
     lacks) and are read once at the end; under torchrun each rank scores its shard and the sums
-    and code counts are added over ranks. The network runs in bf16 autocast with `bf16`.
+    and code counts are added over ranks. The network runs in autocast in `precision`.
     """
     model.eval()
     k = model.quantizer.num_codes
@@ -477,7 +481,7 @@ def evaluate(model, images, variance, batch_size, device, bf16=False):
     shard = images[distributed.DIST.rank::distributed.DIST.world]
     bar = progress.bar(total=len(shard), desc="evaluation", unit="image")
     for x in utils.iterate(shard, batch_size, device):
-        with devices.autocast(device, bf16):
+        with devices.autocast(device, precision):
             recon, indices, _ = model(x - 0.5)
         recon = recon.float()
         counts = torch.bincount(indices.flatten(), minlength=k).float()
@@ -630,8 +634,8 @@ def check_args(args):
 # checkpoint.pt. The prior's own settings (PRIOR_FLAGS) may be typed until prior.pt exists;
 # from then on they come from prior.pt.
 RESUME_FLAGS = ("epochs", "max_steps", "lr", "device", "out", "resume", "compile", "precision",
-                "log_every", "eval_every", "eval_limit", "data_root", "prior_epochs",
-                "prior_max_steps", "prior_lr")
+                "deterministic", "log_every", "eval_every", "eval_limit", "data_root",
+                "prior_epochs", "prior_max_steps", "prior_lr")
 PRIOR_FLAGS = ("prior_batch_size", "prior_channels", "prior_layers", "prior_kernel",
                "prior_conditional")
 
@@ -719,24 +723,20 @@ def main(args):
                         f"{args.prior_batch_size}"
                         f"{f' on each of {dist.world} ranks' if dist.active else ''}; "
                         "lower --prior-batch-size")
-    x0 = batches.to_float(batches.images[:args.batch_size])        # the probe's batch
-    bf16, why = devices.choose_precision(args.precision, run.device, model, args.lr,
-                                         lambda m, o, bf16: train_step(m, o, x0, variance,
-                                                                       args.beta, bf16))
-    args.precision = "bf16" if bf16 else "fp32"    # kept in the checkpoint: --resume goes on in it
-    if dist.main:
-        print(why)
-    score = partial(evaluate, model, run.test.images, variance, args.batch_size, run.device, bf16)
+    scaler = devices.grad_scaler(run.device, run.precision)
+    score = partial(evaluate, model, run.test.images, variance, args.batch_size, run.device,
+                    run.precision)
     settings = loop.Settings.from_args(args, "vq_vae", run, len(batches), shown=SHOWN, saved={
         "data": {"channels": run.train.channels, "image_size": run.train.image_size,
                  "variance": variance}})
     trained = loop.train(
-        model, opt, lambda fwd, x, step: train_step(fwd, opt, x, variance, args.beta, bf16),
+        model, opt, lambda fwd, x, step: train_step(fwd, opt, x, variance, args.beta,
+                                                    run.precision, scaler),
         batches.epoch, settings, run.state, evaluate=lambda last: epoch_scores(score(), last),
-        describe=partial(describe, args.codes))
+        describe=partial(describe, args.codes), scaler=scaler)
 
     final = score()
-    metrics = {"test": final, **loop.summary(trained, run, bf16, why), "data_variance": variance,
+    metrics = {"test": final, **loop.summary(trained, run), "data_variance": variance,
                "args": vars(args)}
     if dist.main:
         save_outputs(model, run, trained.log, trained.history, final,
@@ -772,7 +772,7 @@ def resume_prior(args, model, path, vq_step):
 
 
 @torch.no_grad()
-def held_out_bits(prior, codes, labels, batch_size, device, bf16=False):
+def held_out_bits(prior, codes, labels, batch_size, device, precision="fp32"):
     """Bits per code of the prior on held-out code grids (N, H, W) with their class `labels`
     (or None). Each rank scores its shard; the sums are added over ranks."""
     prior.eval()
@@ -784,7 +784,7 @@ def held_out_bits(prior, codes, labels, batch_size, device, bf16=False):
                           unit="batch"):
         c = grids[i:i + batch_size].long()
         y = None if grid_labels is None else grid_labels[i:i + batch_size]
-        with devices.autocast(device, bf16):
+        with devices.autocast(device, precision):
             nll.add(prior_nll(prior, c, y).float()[None] * len(c))
     prior.train()
     return float(nll.read()[0]) / len(codes) / math.log(2)
@@ -811,26 +811,27 @@ def train_prior(args, model, run, vq_step):
         "eval_limit" in args.given)
     batches = utils.DeviceBatches(codes, args.prior_batch_size, device, args.seed,
                                   rank=dist.rank, world=dist.world)     # refuses < 1 batch
-    idx0 = torch.arange(args.prior_batch_size, device=device)       # the probe's batch
-    bf16, why = devices.choose_precision(args.precision, device, prior, args.prior_lr,
-                                         lambda m, o, bf16: prior_train_step(
-                                             m, o, codes[idx0], None if labels is None else
-                                             labels[idx0], bf16))
+    # the prior's own precision: typed, prior.pt's, or auto (not the VQ-VAE's, in `args`)
+    typed = "precision" in args.given
+    precision, why = devices.choose_precision(args.precision if typed or state else "auto",
+                                              device, resumed=bool(state) and not typed)
+    scaler = devices.grad_scaler(device, precision)
     if dist.main:
         print(f"prior {why}")
     bits = partial(held_out_bits, prior, test_codes, test_labels, args.prior_batch_size, device,
-                   bf16)
+                   precision)
     settings = loop.Settings(
         "vq_vae_prior", run.out, sizes.run_steps(len(batches), epochs, max_steps), len(batches),
-        args.prior_batch_size * dist.world, args.prior_lr, vars(args), args.log_every,
+        args.prior_batch_size * dist.world, args.prior_lr,
+        {**vars(args), "precision": precision}, args.log_every,
         compile=args.compile, checkpoint="prior.pt", history="prior_history.json",
         saved={"config": config, "vq_step": vq_step, "vqvae": model.state_dict(),
                "data": {"channels": run.train.channels, "image_size": run.train.image_size}},
         reserve=(model,), shown={"bits_per_code": ".3f"}, desc="prior", items="code grids")
     trained = loop.train(
         prior, opt, lambda fwd, idx, step: prior_train_step(
-            fwd, opt, codes[idx], None if labels is None else labels[idx], bf16),
-        batches.indices, settings, state,
+            fwd, opt, codes[idx], None if labels is None else labels[idx], precision, scaler),
+        batches.indices, settings, state, scaler=scaler,
         evaluate=lambda last: {"train_bits_per_code": last["bits_per_code"],
                                "test_bits_per_code": bits()},
         describe=lambda h: (f"prior epoch {h['epoch']} step {h['step']}: held-out "
@@ -842,11 +843,11 @@ def train_prior(args, model, run, vq_step):
         else bits()
     if dist.main:
         save_prior_outputs(model, prior, grid, num_classes, trained.log, history, final, run.out,
-                           args.seed, bf16)
+                           args.seed, precision)
     return {"test_bits_per_code": final, "uniform_bits_per_code": math.log2(config["num_codes"]),
             "steps": trained.step, "epochs": trained.epochs, "train_time_s": trained.train_time,
             "config": config, "conditional": bool(args.prior_conditional),
-            "precision": {"bf16": bf16, "why": why.split(": ", 1)[1]}}
+            "precision": loop.precision_record(precision, why)}
 
 
 def code_grids(model, run, labels, epochs, max_steps, prior_batch, batch_size, given):
@@ -875,7 +876,8 @@ def code_grids(model, run, labels, epochs, max_steps, prior_batch, batch_size, g
             class_labels(run.test)[0][:m].to(run.device))
 
 
-def save_prior_outputs(model, prior, grid, num_classes, log, history, bits, out, seed, bf16):
+def save_prior_outputs(model, prior, grid, num_classes, log, history, bits, out, seed,
+                       precision):
     """prior_losses.png, and samples.png: 64 samples, 8 per row; with a conditional prior (of
     `num_classes` classes) each row is one class."""
     utils.plot_curves({"train": ([r["step"] for r in log], [r["bits_per_code"] for r in log]),
@@ -886,7 +888,7 @@ def save_prior_outputs(model, prior, grid, num_classes, log, history, bits, out,
     gen = torch.Generator(device).manual_seed(seed)
     labels = torch.arange(64, device=device) // 8 % num_classes if num_classes else None
     prior.eval()
-    with devices.autocast(device, bf16):
+    with devices.autocast(device, precision):
         samples = model.decode_codes(sample_codes(prior, 64, grid, labels, gen))
     utils.save_grid(samples, out / "samples.png", nrow=8)
     print(f"prior: held-out {bits:.4f} bits per code "
