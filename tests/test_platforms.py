@@ -101,20 +101,12 @@ FP16_RUN = ["--dataset", "dsprites", "--limit", 512, "--batch-size", 32, "--log-
             "--lr", 3e-3]
 
 
-def test_fp16_with_the_scaler_trains_on_cpu_and_resumes_with_its_state(tmp_path, monkeypatch,
-                                                                        cli):
+def test_fp16_with_the_scaler_trains_on_cpu_and_resumes_with_its_state(tmp_path, cli,
+                                                                        loss_dtypes):
     """A T4's path, on the CPU: the networks in fp16 autocast, every loss term fp32, the loss
     falls; the scaler's state is in the checkpoint and a resumed run continues it exactly (with
     --deterministic, recorded with the run). A checkpoint without a scaler still resumes."""
-    seen = []
-
-    def loss(x, logits, mu, logvar, *settings, **named):
-        terms = bv_loss(x, logits, mu, logvar, *settings, **named)
-        seen.append((logits.dtype, {k: v.dtype for k, v in terms.items() if torch.is_tensor(v)}))
-        return terms
-
-    bv_loss = bv.beta_vae_loss
-    monkeypatch.setattr(bv, "beta_vae_loss", loss)
+    seen = loss_dtypes
     common = [*FP16_RUN, "--data-root", tmp_path / "data", "--precision", "fp16",
               "--deterministic"]
     straight, split = tmp_path / "straight", tmp_path / "split"
@@ -402,3 +394,39 @@ def test_the_prior_takes_its_own_precision_not_the_vq_vaes_as_typed(tmp_path, mo
     metrics = json.loads((tmp_path / "vq" / "metrics.json").read_text())
     assert metrics["prior"]["precision"]["why"] == "fp32 (auto: taken as no bf16)"
     assert checkpoints.load(tmp_path / "vq" / "prior.pt")["args"]["precision"] == "fp32"
+
+
+# ---- the GPU check, ready for the day we have one ---------------------------------------------
+def test_the_gpu_checks_commands_all_parse_and_its_dry_run_starts(tmp_path, capsys):
+    import importlib
+
+    import gpu_check
+    for dry_run in (False, True):
+        plan = gpu_check.steps(tmp_path, dry_run, tmp_path / "data")
+        assert [s.name for s in plan][:2] == ["env", "tests"]
+        assert [s.name for s in plan][2] == "bench"     # the numbers first
+        for step in plan:
+            argv = list(map(str, step.argv))
+            if argv[0].endswith(".py"):                  # each script takes its flags
+                module = importlib.import_module(argv[0][:-3])
+                args = module.parse_args(argv[1:])
+                assert args.device == ("cpu" if dry_run else "cuda"), step.name
+    assert gpu_check.parse_args([]).budget < 10 * 60              # under 10 minutes in all
+    assert gpu_check.main(gpu_check.parse_args(["--dry-run", "--only", "env", "--out",
+                                                str(tmp_path / "check")])) == 0
+    env = (tmp_path / "check" / "env.log").read_text()
+    assert '"arch_list"' in env and '"auto"' in env
+    summary = json.loads((tmp_path / "check" / "summary.json").read_text())
+    assert [(s["step"], s["status"]) for s in summary["steps"]] == [("env", "ok")]
+    assert "outputs in" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_gpu_checks_whole_dry_run_passes_on_the_cpu(tmp_path):
+    import gpu_check
+    out = tmp_path / "check"
+    assert gpu_check.main(gpu_check.parse_args(["--dry-run", "--out", str(out)])) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(s["status"] == "ok" for s in summary["steps"]) and len(summary["steps"]) == 8
+    assert set(summary["runs"]) == {"standard_vae", "beta_vae", "beta_vae_fp32", "vq_vae"}
+    assert summary["headline_30_epochs_min"] > 0
