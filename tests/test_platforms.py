@@ -146,7 +146,7 @@ def test_a_checkpoint_with_4_gpu_generators_resumes_in_a_job_that_sees_1(monkeyp
     resumed where one GPU is visible (set_rng_state_all would raise IndexError there)."""
     states = [torch.full((16,), i, dtype=torch.uint8) for i in range(4)]
     old = {**devices.rng_state("cpu"), "cuda": states}
-    del old["device"]
+    del old["device"], old["device_type"]
     restored = []
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -177,6 +177,10 @@ def test_the_mps_generator_is_saved_and_restored(monkeypatch):
     devices.set_rng_state(state, torch.device("mps"))
     assert torch.equal(generator["state"], torch.arange(8, dtype=torch.uint8))
     assert devices.rng_state("cpu")["device"] is None                # the CPU: torch's own
+    # a CUDA checkpoint resumed on a Mac: the GPU's state is not forced onto MPS
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda i: torch.zeros(16, dtype=torch.uint8))
+    devices.set_rng_state(devices.rng_state(torch.device("cuda", 0)), torch.device("mps"))
+    assert torch.equal(generator["state"], torch.arange(8, dtype=torch.uint8))
 
 
 # ---- 4: a wheel without kernels for the GPU ---------------------------------------------------

@@ -93,7 +93,7 @@ def check_resumable(state, path, keys=RESUME_KEYS):
                                   f"{fallback}")
     rng = state["rng"]           # "device": the training device's generator ("cuda": older)
     if not {"torch", "numpy", "python"} <= set(rng) <= {"torch", "numpy", "python", "device",
-                                                         "cuda"} \
+                                                         "device_type", "cuda"} \
             or not isinstance(rng["torch"], torch.Tensor):
         raise CheckpointError(f"{path} cannot be resumed: its random-number state is malformed, "
                               f"so the run could not continue exactly{fallback}")

@@ -102,6 +102,7 @@ def rng_state(device="cpu"):
     generator = _generator(device)
     return {"torch": torch.get_rng_state(),
             "device": generator[0]() if generator else None,
+            "device_type": torch.device(device).type,
             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
                       *np_state[2:]],
             "python": random.getstate()}
@@ -110,10 +111,12 @@ def rng_state(device="cpu"):
 def set_rng_state(state, device="cpu"):
     """Restore `rng_state`'s. A checkpoint written before it held every visible GPU's state
     ("cuda", a list): the training GPU's entry is taken, or the first where this job sees fewer
-    GPUs than the one that saved it (one visible GPU per process, as under SLURM)."""
+    GPUs than the one that saved it (one visible GPU per process, as under SLURM). A run
+    resumed on another kind of device starts that device's generator afresh."""
     torch.set_rng_state(state["torch"])
     generator = _generator(device)
-    saved = state.get("device")
+    same = state.get("device_type") == torch.device(device).type
+    saved = state.get("device") if same else None
     if saved is None and state.get("cuda") and torch.device(device).type == "cuda":
         index = torch.device(device).index or 0
         saved = state["cuda"][index if index < len(state["cuda"]) else 0]
