@@ -17,6 +17,7 @@ from training import checkpoints, devices, distributed, files, loop
 from training.errors import UserError
 
 GPUS = {"T4": ("Tesla T4", (7, 5)), "V100": ("Tesla V100-SXM2-16GB", (7, 0)),
+        "P40": ("Tesla P40", (6, 1)),
         "P100": ("Tesla P100-PCIE-16GB", (6, 0)), "A100": ("NVIDIA A100-SXM4-40GB", (8, 0)),
         "L4": ("NVIDIA L4", (8, 9)), "H100": ("NVIDIA H100 80GB HBM3", (9, 0))}
 CU130 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]     # torch 2.14's default wheel
@@ -47,6 +48,9 @@ def test_auto_precision_follows_the_hardware_not_a_timing(gpu, monkeypatch):
     assert devices.grad_scaler(cuda, "fp16").is_enabled()
     gpu("V100")
     assert devices.choose_precision("auto", cuda)[0] == "fp16"
+    gpu("P40")                                        # fp16 at 1/64 of fp32's rate
+    assert devices.choose_precision("auto", cuda)[0] == "fp32"
+    assert devices.choose_precision("fp16", cuda)[1].startswith("warning: precision fp16")
     for name in ("A100", "L4", "H100"):
         gpu(name)
         precision, line = devices.choose_precision("auto", cuda)

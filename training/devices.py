@@ -138,8 +138,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")      # /proc/cpuinfo: bf16 in hardware
 BF16_CAPABILITY = (8, 0)                          # CUDA: Ampere (A100) and newer
-# CUDA capabilities whose fp16 arithmetic runs at 1/32 to 1/64 of fp32's (GeForce GTX 9xx and
-# 10xx, Tesla M40, P4, P40; NVIDIA's CUDA C Programming Guide, arithmetic instructions)
+# CUDA capabilities without fast fp16 arithmetic: 5.0 and 5.2 have none, 6.1 runs it at 1/64
+# of fp32's rate (GeForce GTX 9xx and 10xx, Tesla M40, P4, P40; NVIDIA's CUDA C Programming
+# Guide, throughput of arithmetic instructions)
 SLOW_FP16 = {(5, 0), (5, 2), (6, 1)}
 
 
@@ -227,7 +228,7 @@ def auto_precision(device):
         return "bf16", why
     if torch.device(device).type == "cuda":
         if torch.cuda.get_device_capability(device) in SLOW_FP16:
-            return "fp32", f"{why}, and fp16 at a small fraction of fp32's rate"
+            return "fp32", f"{why}, and no fast fp16"
         return "fp16", f"{why}, but fast fp16"
     return "fp32", why
 
@@ -257,9 +258,12 @@ def _choose_precision(requested, device, resumed):
     auto = auto_precision(device)[0]
     native, why = native_bf16(device)
     slow = f"the hardware only emulates it ({why}), which is slow"
-    if requested == "fp16":      # on CPUs, for tests: its convolutions are slow even with
-        native = device.type == "cuda"  # AVX-512 FP16 (60x fp32's time on the AMX Xeon here)
-        why, slow = "CUDA", "fp16 convolutions are slow on CPUs"
+    if requested == "fp16" and device.type == "cuda":
+        native = torch.cuda.get_device_capability(device) not in SLOW_FP16
+        why, slow = "CUDA", "this GPU has no fast fp16 arithmetic"
+    elif requested == "fp16":    # on CPUs, for tests: its convolutions are slow even with
+        native = False           # AVX-512 FP16 (60x fp32's time on the AMX Xeon here)
+        slow = "fp16 convolutions are slow on CPUs"
     if not native:
         return requested, (f"warning: precision {requested} ({how}), but {slow}; --precision "
                            f"auto picks {auto}")
