@@ -105,8 +105,16 @@ FP16_RUN = ["--dataset", "dsprites", "--limit", 512, "--batch-size", 32, "--log-
             "--lr", 3e-3]
 
 
+@pytest.fixture
+def default_algorithms():
+    """Leaves the process as a run without --deterministic would (the flag sets global state)."""
+    yield
+    devices.set_algorithms("cpu", False)
+
+
 def test_fp16_with_the_scaler_trains_on_cpu_and_resumes_with_its_state(tmp_path, cli,
-                                                                        loss_dtypes):
+                                                                        loss_dtypes,
+                                                                        default_algorithms):
     """A T4's path, on the CPU: the networks in fp16 autocast, every loss term fp32, the loss
     falls; the scaler's state is in the checkpoint and a resumed run continues it exactly (with
     --deterministic, recorded with the run). A checkpoint without a scaler still resumes."""
