@@ -5,8 +5,8 @@
   models only);
 - ours:     the scripts' path: the decoded uint8 images resident on the device, batches sliced
   with a seeded permutation, the loss terms summed on the device and read every 100 steps, in
-  the scripts' memory format (channels-last on FAST_PATHS devices), in fp32 and, where the
-  device runs it natively, in bf16;
+  the scripts' memory format (channels-last on FAST_PATHS devices), in fp32 and in the
+  precision --precision auto picks, if not fp32 (bf16, or fp16 with loss scaling);
 - limit:    our exact step (the same model, loss, train_step, precision and memory format as
   ours) on one real batch of the same images, already in memory: ours without the data
   handling and the logging, so ours/limit should not exceed 1 beyond noise.
@@ -16,8 +16,10 @@ for the same steps, in a rotating order), so that a drift of the machine hits th
 speed is the median round, its noise the spread of the rounds. Each round also records the CPU
 time (below 1 per thread: the machine was busy) and the minor page faults per step, which
 depend on the process's history of allocations, shared by interleaved pipelines. `--precision
-auto` is resolved per model by devices.choose_precision with the script's own step. FLOPs per
-image, counted from the layers, are set against a measured peak (bench_tools.py). On a CPU,
+auto` is resolved by devices.choose_precision, the scripts' rule on the hardware (its line is
+kept); this is where a measured slowdown of that precision would show. FLOPs per image,
+counted from the layers, are set against a measured peak in fp32, bf16 and, on CUDA, fp16
+(bench_tools.py). On a CPU,
 ours is also timed channels-last (the scripts use it on CUDA only); the beta-TCVAE MLP's step
 is split into the TC estimator's share and the rest; the limit of each row is profiled.
 
@@ -49,9 +51,9 @@ from training.errors import UserError
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class Setup:
-    """A model as its script trains it: `step(model, opt, x, i, bf16)` is the script's own
-    train_step and loss at step i (for `model` or a copy of it); `logged`, the terms its loop
-    sums for the log; `tc`, for objective TC, (training images, estimator)."""
+    """A model as its script trains it: `step(model, opt, x, i, precision, scaler)` is the
+    script's own train_step and loss at step i (for `model` or a copy of it); `logged`, the
+    terms its loop sums for the log; `tc`, for objective TC, (training images, estimator)."""
     model: nn.Module
     lr: float
     step: object
@@ -65,9 +67,9 @@ def setup_standard(images, device):
     model = sv.build_model(args, images.shape[1], images.shape[-1]).to(device)
     loss = sv.training_loss(args.recon, args.kl_warmup, args.free_bits)
 
-    def step(model, opt, x, i, bf16):
+    def step(model, opt, x, i, precision, scaler):
         return sv.train_step(model, opt, x, partial(loss, log_sigma=model.log_sigma, step=i),
-                             bf16)
+                             precision, scaler)
     return Setup(model, args.lr, step, sv.LOGGED)
 
 
@@ -77,8 +79,8 @@ def beta_setup(argv, images, device, data_size):
     model = bv.build_model(args, images.shape[1], images.shape[-1]).to(device)
     objective = bv.objective_settings(args, data_size)
 
-    def step(model, opt, x, i, bf16):
-        return bv.train_step(model, opt, x, i, objective, model.log_sigma, bf16)
+    def step(model, opt, x, i, precision, scaler):
+        return bv.train_step(model, opt, x, i, objective, model.log_sigma, precision, scaler)
     tc = (data_size, args.tc_estimator) if args.objective == "TC" else None
     return Setup(model, args.lr, step, bv.LOGGED, tc)
 
@@ -106,8 +108,8 @@ def setup_vq(images, device):
     model = vq.build_model(args, images.shape[1]).to(device)
     variance = vq.data_variance(images, device)
 
-    def step(model, opt, x, i, bf16):
-        return vq.train_step(model, opt, x, variance, args.beta, bf16)
+    def step(model, opt, x, i, precision, scaler):
+        return vq.train_step(model, opt, x, variance, args.beta, precision, scaler)
     return Setup(model, args.lr, step, vq.TRAIN_TERMS)
 
 
@@ -134,10 +136,11 @@ def in_format(model, channels_last):
                                    else torch.contiguous_format)
 
 
-def ours_pipeline(setup, model, batches, device, bf16, log_every=100):
+def ours_pipeline(setup, model, batches, device, precision, log_every=100):
     """The body of loop.train with the script's step: the next device batch of the epoch's
     permutation, the step, the terms summed on the device, read every `log_every` steps."""
     opt = devices.adam(model.parameters(), setup.lr, device)
+    scaler = devices.grad_scaler(device, precision)
     running = loop.RunningMean()
     state = {"i": 0, "it": iter(())}
 
@@ -147,7 +150,7 @@ def ours_pipeline(setup, model, batches, device, bf16, log_every=100):
             if x is None:
                 state["it"] = batches.epoch(state["i"] // len(batches))
                 x = next(state["it"])
-            terms = setup.step(model, opt, x, state["i"], bf16)
+            terms = setup.step(model, opt, x, state["i"], precision, scaler)
             running.add({k: terms[k] for k in setup.logged if k in terms})
             state["i"] += 1
             if state["i"] % log_every == 0:
@@ -155,14 +158,15 @@ def ours_pipeline(setup, model, batches, device, bf16, log_every=100):
     return run
 
 
-def limit_pipeline(setup, model, x, device, bf16):
+def limit_pipeline(setup, model, x, device, precision):
     """The script's step alone, on the one batch x, over and over."""
     opt = devices.adam(model.parameters(), setup.lr, device)
+    scaler = devices.grad_scaler(device, precision)
     state = {"i": 0}
 
     def run(n):
         for _ in range(n):
-            setup.step(model, opt, x, state["i"], bf16)
+            setup.step(model, opt, x, state["i"], precision, scaler)
             state["i"] += 1
     return run
 
@@ -182,7 +186,8 @@ def baseline_pipeline(setup, model, folder, batch, device, workers):
             if x is None:
                 state["it"] = iter(loader)
                 x = next(state["it"])
-            terms = setup.step(model, opt, x[0].to(device), state["i"], False)
+            terms = setup.step(model, opt, x[0].to(device), state["i"], "fp32",
+                               devices.NO_SCALER)
             _ = [terms[k].item() for k in setup.logged[:3]]
             state["i"] += 1
     return run
@@ -205,14 +210,14 @@ def tc_pipeline(model, x, data_size, estimator):
     return run
 
 
-def key(kind, bf16, other_format=False):
+def key(kind, precision, other_format=False):
     """"ours fp32", "limit bf16", "ours bf16 other format" (not the script's on this device)."""
-    return f"{kind} {'bf16' if bf16 else 'fp32'}{' other format' if other_format else ''}"
+    return f"{kind} {precision}{' other format' if other_format else ''}"
 
 
 def bench_model(spec, images, batch, device, steps, round_seconds, repeats, warmup):
     """Every pipeline but the baseline for one model, timed in interleaved rounds: ours and the
-    limit in fp32 and, where the device runs bf16 natively, in bf16; on a CPU, ours of a conv
+    limit in fp32 and in the precision auto picks (if not fp32); on a CPU, ours of a conv
     model also in the memory format the script does not use there; objective TC's estimator
     alone. `steps` per round (None: as many as take `round_seconds` at the fp32 limit's speed,
     at least 2). Returns the results and the parts (setup, model, the batch x0) for more."""
@@ -223,23 +228,22 @@ def bench_model(spec, images, batch, device, steps, round_seconds, repeats, warm
     formats = [fit_cl] + ([not fit_cl] if device.type == "cpu" and spec.conv else [])
     batches = {cl: utils.DeviceBatches(images, batch, device, seed=0, channels_last=cl)
                for cl in formats}
-    x0 = batches[fit_cl].to_float(batches[fit_cl].images[:batch])     # the probe's batch
-    auto, line = devices.choose_precision("auto", device, model, setup.lr, lambda m, o, bf16:
-                                        setup.step(m, o, x0, 0, bf16))
-    precisions = [False] + ([True] if devices.native_bf16(device)[0] else [])
+    x0 = batches[fit_cl].to_float(batches[fit_cl].images[:batch])     # the limit's batch
+    auto, line = devices.choose_precision("auto", device)
+    precisions = ["fp32"] + ([auto] if auto != "fp32" else [])
     pipelines = {}
-    for bf16 in precisions:
+    for precision in precisions:
         for cl in formats:          # the script's format first: "ours fp32" is the script
-            pipelines[key("ours", bf16, cl != fit_cl)] = ours_pipeline(
-                setup, in_format(model, cl), batches[cl], device, bf16)
-        pipelines[key("limit", bf16)] = limit_pipeline(setup, in_format(model, fit_cl), x0,
-                                                       device, bf16)
+            pipelines[key("ours", precision, cl != fit_cl)] = ours_pipeline(
+                setup, in_format(model, cl), batches[cl], device, precision)
+        pipelines[key("limit", precision)] = limit_pipeline(setup, in_format(model, fit_cl),
+                                                            x0, device, precision)
     if setup.tc is not None:
         pipelines["tc estimator"] = tc_pipeline(model, x0, *setup.tc)
     for run in pipelines.values():
         run(warmup)
     if steps is None:
-        once = bt.timed(pipelines[key("limit", False)], 1, device)["wall_s"]
+        once = bt.timed(pipelines[key("limit", "fp32")], 1, device)["wall_s"]
         steps = max(2, math.ceil(round_seconds / once))
     threads = torch.get_num_threads()
     rounds = bt.time_rounds(pipelines, steps, repeats, device)
@@ -247,15 +251,15 @@ def bench_model(spec, images, batch, device, steps, round_seconds, repeats, warm
     flops = bt.count_flops(model, x0)
     result = {"batch": batch, "steps_per_round": steps, "repeats": repeats,
               "memory_format": "channels-last" if fit_cl else "contiguous",
-              "auto": "bf16" if auto else "fp32", "auto_line": line,
+              "auto": auto, "auto_line": line,
               "flops_per_image": {**flops, "how": bt.FLOPS_HOW}, "rows": {}}
-    for bf16 in precisions:
-        ours, limit = speeds[key("ours", bf16)], speeds[key("limit", bf16)]
+    for precision in precisions:
+        ours, limit = speeds[key("ours", precision)], speeds[key("limit", precision)]
         row = {"ours": ours, "limit": limit, "ours_over_limit": bt.ratio(ours, limit),
                "ours_gflops": flops["step"] * ours["images_per_s"] / 1e9,
                "limit_gflops": flops["step"] * limit["images_per_s"] / 1e9}
         if len(formats) > 1:
-            other = speeds[key("ours", bf16, True)]
+            other = speeds[key("ours", precision, True)]
             cl, contiguous = (ours, other) if fit_cl else (other, ours)
             row["memory_formats"] = {"ours_contiguous": contiguous, "ours_channels_last": cl,
                                      "channels_last_over_contiguous": bt.ratio(cl, contiguous)}
@@ -263,7 +267,7 @@ def bench_model(spec, images, batch, device, steps, round_seconds, repeats, warm
             per_call = statistics.median(r["wall_s"] for r in rounds["tc estimator"]) / steps
             row["tc_estimator_s"] = per_call
             row["tc_share_of_step"] = per_call * ours["images_per_s"] / batch
-        result["rows"]["bf16" if bf16 else "fp32"] = row
+        result["rows"][precision] = row
     rows = result["rows"]
     result["auto_over_fp32"] = bt.ratio(rows[result["auto"]]["ours"], rows["fp32"]["ours"])
     if "bf16" in rows:
@@ -285,14 +289,14 @@ def bench_baseline(setup, model, folder, batch, device, workers, steps, repeats,
 # ----------------------------------------------------------------------------------------------
 # Extras: threads, epoch-time scaling, data alone
 # ----------------------------------------------------------------------------------------------
-def epoch_seconds(spec, images, batch, device, bf16):
+def epoch_seconds(spec, images, batch, device, precision):
     """One epoch of the ours path over `images`, timed whole."""
     torch.manual_seed(0)
     setup = spec.setup(images, device)
     cl = spec.fit_channels_last and devices.fast_paths(device)
     run = ours_pipeline(setup, in_format(setup.model, cl),
                         utils.DeviceBatches(images, batch, device, seed=0, channels_last=cl),
-                        device, bf16)
+                        device, precision)
     return bt.timed(run, len(images) // batch, device)["wall_s"]
 
 
@@ -310,18 +314,18 @@ def extras(args, models, parts, images, root, folder, device):
     out = {"model": name}
     for n in sorted({1, threads}):
         torch.set_num_threads(n)
-        run = limit_pipeline(setup, copy.deepcopy(model), x0, device, False)
+        run = limit_pipeline(setup, copy.deepcopy(model), x0, device, "fp32")
         run(2)
         rounds = bt.time_rounds({"limit": run}, r["steps_per_round"], repeats, device)["limit"]
         out[f"limit_fp32_threads_{n}"] = bt.speed(rounds, r["steps_per_round"], batch, n)
     torch.set_num_threads(threads)
-    bf16 = r["auto"] == "bf16"
     sizes = sorted({max(batch, len(images) // 4), max(batch, len(images) // 2), len(images)})
     out["precision"] = r["auto"]
-    out["epoch_s_by_images_64px"] = {n: epoch_seconds(spec, images[:n], batch, device, bf16)
+    out["epoch_s_by_images_64px"] = {n: epoch_seconds(spec, images[:n], batch, device,
+                                                            r["auto"])
                                      for n in sizes}
     small = utils.load_celeba(root, "train", image_size=32).images
-    out["epoch_s_32px"] = {len(small): epoch_seconds(spec, small, batch, device, bf16)}
+    out["epoch_s_32px"] = {len(small): epoch_seconds(spec, small, batch, device, r["auto"])}
     out["data_only_epoch_s"] = bt.data_epoch_seconds(device, images, folder, batch, args.workers)
     print(json.dumps(out, indent=1))
     return out
@@ -380,7 +384,7 @@ def run_benchmarks(args, device, root):
             if args.profile_ops:
                 row["profile_limit_top_ops"] = bt.profile_ops(limit_pipeline(
                     parts[name].setup, copy.deepcopy(parts[name].model), parts[name].x0,
-                    device, prec == "bf16"), r["steps_per_round"], args.profile_ops)
+                    device, prec), r["steps_per_round"], args.profile_ops, device)
             row["ours_fraction_of_peak"] = row["ours_gflops"] / peak[prec]
             print(bt.describe_row(name, prec, r["auto"], row), flush=True)
         result["models"][name] = r

@@ -168,16 +168,18 @@ def best_seconds(fn, device, repeats):
 
 
 def measured_peak(device, n, repeats=5):
-    """The measured peak in fp32 and bf16: the best GFLOP/s of two large kernels on this
-    process's threads, each the best of `repeats` calls after a warm-up. An (n, n) @ (n, n)
-    matmul, 2 n^3 FLOPs (on x86 CPUs fp32 goes to MKL's GEMM, bf16 to oneDNN's, as autocast
-    runs a Linear), and a 3x3 convolution of n/8 channels to n/8 on a (8, n/8, 32, 32)
-    channels-last batch, 2 x outputs x in-channels x 9 FLOPs (oneDNN on CPUs). Both count:
-    the two libraries' kernels can differ by a factor of two or more on one CPU. A theoretical peak (cores x clock x FLOPs per cycle) is not derived: a
-    virtual machine hides the clock."""
+    """The measured peak in fp32, bf16 and (on CUDA) fp16: the best GFLOP/s of two large
+    kernels on this process's threads, each the best of `repeats` calls after a warm-up. An
+    (n, n) @ (n, n) matmul, 2 n^3 FLOPs (on x86 CPUs fp32 goes to MKL's GEMM, bf16 to
+    oneDNN's, as autocast runs a Linear), and a 3x3 convolution of n/8 channels to n/8 on a
+    (8, n/8, 32, 32) channels-last batch, 2 x outputs x in-channels x 9 FLOPs (oneDNN on
+    CPUs). Both count: the two libraries' kernels can differ by a factor of two or more on one
+    CPU. A theoretical peak (cores x clock x FLOPs per cycle) is not derived: a virtual machine
+    hides the clock."""
     c = max(1, n // 8)
     result = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    dtypes = [("fp32", torch.float32), ("bf16", torch.bfloat16)]
+    for name, dtype in dtypes + ([("fp16", torch.float16)] if device.type == "cuda" else []):
         g = torch.Generator(device).manual_seed(0)
         a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=g) for _ in range(2))
         x = torch.randn(8, c, 32, 32, device=device, dtype=dtype, generator=g)
@@ -303,12 +305,16 @@ def ratio(a, b):
     return {"ratio": a["images_per_s"] / b["images_per_s"], "rounds_min": min(per_round),
             "rounds_max": max(per_round)}
 
-def profile_ops(run, steps, top):
+def profile_ops(run, steps, top, device="cpu"):
     """The `top` ops by self CPU time over run(steps) (after one untimed step), from
     torch.profiler: [(op, self CPU ms per step, share of the steps' self time)]. Self time
-    includes what the kernel waits for, such as page faults on fresh memory."""
+    includes what the kernel waits for, such as page faults on fresh memory. On CUDA (`device`)
+    the profiler records the GPU's kernels too (the JSON keeps the CPU side only)."""
+    device = torch.device(device)
     run(1)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
         run(steps)
     events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
     total = sum(e.self_cpu_time_total for e in events)

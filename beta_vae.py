@@ -21,7 +21,6 @@ al.: four 4x4 stride-2 convolutions of 32 channels, FC 256, FC 256, 2 x latent o
     python beta_vae.py --dataset dsprites --latent 10 --epochs 30
 """
 import math
-from functools import partial
 
 import torch
 
@@ -341,17 +340,20 @@ def build_model(args, channels, image_size):
 LOGGED = ("loss", "recon", "kl", "kl_dims", "mi", "tc", "dim_kl")
 
 
-def train_step(model, opt, x, step, objective, log_sigma, bf16=False):
-    """One optimiser step on a batch x (B, C, S, S) in [0, 1]: the forward pass (in bf16
-    autocast with `bf16`), the objective's terms at `step` in fp32 (`objective`: beta_vae_loss's
-    settings), backward, Adam. `model` is the VAE or its DDP/compiled wrapper, which does not
-    expose the decoder's `log_sigma`: it is handed in. Returns the (device) terms."""
-    with devices.autocast(x.device, bf16):
+def train_step(model, opt, x, step, objective, log_sigma, precision="fp32",
+               scaler=devices.NO_SCALER):
+    """One optimiser step on a batch x (B, C, S, S) in [0, 1]: the forward pass (in autocast in
+    `precision`), the objective's terms at `step` in fp32 (`objective`: beta_vae_loss's
+    settings), backward, Adam; with fp16, `scaler` (devices.grad_scaler) scales the loss.
+    `model` is the VAE or its DDP/compiled wrapper, which does not expose the decoder's
+    `log_sigma`: it is handed in. Returns the (device) terms."""
+    with devices.autocast(x.device, precision):
         logits, mu, logvar = model(x)                         # (B, C, S, S), (B, D), (B, D)
     terms = beta_vae_loss(x, logits, mu, logvar, step=step, **objective, log_sigma=log_sigma)
     opt.zero_grad(set_to_none=True)
-    terms["loss"].backward()
-    opt.step()
+    scaler.scale(terms["loss"]).backward()          # times the fp16 loss scale (else as is)
+    scaler.step(opt)                                # skipped if a scaled gradient overflowed
+    scaler.update()
     return terms
 
 
@@ -372,16 +374,14 @@ def main(args):
                                        shown=sv.SHOWN)
     lines = resolve_schedule(args, settings.steps)          # fills in --c-steps / --beta-warmup
     objective = objective_settings(args, len(run.train))
-    bf16, why = sv.probe_precision(args.precision, model, batches, args.lr,
-                                   partial(beta_vae_loss, **objective))
-    args.precision = "bf16" if bf16 else "fp32"    # kept in the checkpoint: --resume goes on in it
     if distributed.DIST.main:
-        print("\n".join([why, *lines]))
+        print("\n".join(lines))
+    scaler = devices.grad_scaler(run.device, run.precision)
     mig_points = args.mig_points if args.dataset == "dsprites" else 0     # a MIG curve: dSprites
 
     def score(**iw):                          # the held-out bound (iw: the final IW-NLL's size)
         return sv.evaluate(model, run.test.images, run.device, args.seed, binarize=False,
-                           binary=run.test.binary, bf16=bf16, **iw)
+                           binary=run.test.binary, precision=run.precision, **iw)
 
     def evaluate(last):                       # every evaluation: the bound, and MIG on dSprites
         scores = sv.epoch_scores(score(), last)
@@ -390,8 +390,8 @@ def main(args):
 
     trained = loop.train(
         model, opt, lambda fwd, x, step: train_step(fwd, opt, x, step, objective,
-                                                    model.log_sigma, bf16),
-        batches.epoch, settings, run.state, evaluate=evaluate)
+                                                    model.log_sigma, run.precision, scaler),
+        batches.epoch, settings, run.state, evaluate=evaluate, scaler=scaler)
 
     final = sv.final_evaluation(score, len(run.test), trained.step * settings.batch,
                                 args.iw_samples, args.iw_images)
@@ -403,7 +403,7 @@ def main(args):
         plot_kl_per_dim(trained.log, run.out / "kl_per_dim.png", args)
         order = save_traversal(model, run.test.images, final["kl_per_dim"],
                                run.out / "traversal.png")
-        metrics = {"test": final, **loop.summary(trained, run, bf16, why), "capacity": c,
+        metrics = {"test": final, **loop.summary(trained, run), "capacity": c,
                    "latents_by_kl": order, "wall_time_s": timer(), "args": vars(args)}
         files.write_json(run.out / "metrics.json", metrics)
         print(f"held-out -ELBO {final['neg_elbo']:.2f} nats, KL {final['kl']:.2f}; active "

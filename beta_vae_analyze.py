@@ -27,6 +27,7 @@ import disentanglement
 import standard_vae as sv
 import utils
 from training import arguments, checkpoints, console, devices, files, progress
+from training.distributed import Sums
 from training.errors import CheckpointError, UserError
 
 
@@ -189,29 +190,33 @@ def attribute_effect(model, images, positive, negative, vector, signature, devic
     adds: <mean over x- of decode(mu + v) - decode(mu), s> / <s, s>, the share of the signature
         that adding the vector puts into images without the attribute; `adds_by_strength` the
         same with alpha * v for each alpha in `strengths`.
-    Sums are taken on the host in float64.
+    Sums stay on the device in compensated float32 (distributed.Sums: no float64, which MPS
+    lacks) and are read once, in float64 on the host.
     """
     strengths = torch.as_tensor(sorted({1.0, *map(float, strengths)}))
-    sums = {"recon_pos": 0, "recon_neg": 0, "shift": 0}
+    pixels = images[0].numel()
+    sums = {"recon_pos": Sums(pixels, device), "recon_neg": Sums(pixels, device),
+            "shift": Sums(len(strengths) * pixels, device)}
     for name, mask in (("pos", positive), ("neg", negative)):
         for x in utils.iterate(images[mask], batch, device):
             mu = model.encoder(x)[0]
-            recon = model.mean_image(model.decoder(mu))
-            sums[f"recon_{name}"] = sums[f"recon_{name}"] + recon.double().sum(0).cpu()
+            recon = model.mean_image(model.decoder(mu)).float()
+            sums[f"recon_{name}"].add(recon.sum(0).flatten())
             if name == "neg":
                 z = mu[:, None] + strengths.to(mu)[None, :, None] * vector.to(mu)   # (B, A, D)
-                moved = model.mean_image(model.decoder(z.flatten(0, 1)))
+                moved = model.mean_image(model.decoder(z.flatten(0, 1))).float()
                 moved = moved.view(len(x), len(strengths), *x.shape[1:]) - recon[:, None]
-                sums["shift"] = sums["shift"] + moved.double().sum(0).cpu()
+                sums["shift"].add(moved.sum(0).flatten())
+    sums = {k: v.read() for k, v in sums.items()}                  # float64 numpy, on the host
     n_pos, n_neg = int(positive.sum()), int(negative.sum())
-    signature = signature.double().cpu()
-    norm = signature.pow(2).sum()
+    signature = signature.cpu().numpy().astype(np.float64).ravel()
+    norm = np.square(signature).sum()
     share = lambda d: float((d * signature).sum() / norm)
-    adds = [share(d) for d in sums["shift"] / n_neg]
+    adds = [share(d) for d in sums["shift"].reshape(len(strengths), -1) / n_neg]
     return {"reconstructed": share(sums["recon_pos"] / n_pos - sums["recon_neg"] / n_neg),
             "adds": adds[strengths.tolist().index(1.0)],
             "adds_by_strength": [[a, v] for a, v in zip(strengths.tolist(), adds)],
-            "signature_rms": float(norm.div(signature.numel()).sqrt()),
+            "signature_rms": float(np.sqrt(norm / signature.size)),
             "held_out_with": n_pos, "held_out_without": n_neg}
 
 
@@ -595,9 +600,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--seed", type=arguments.nonneg_int, default=0, help="random seed of the metrics")
     p.add_argument("--precision", default="auto", choices=devices.PRECISIONS,
-                   help="the networks in bf16 autocast or fp32 (sums and metrics are fp32); "
-                        "auto: bf16 where the device runs it natively and a probe finds it "
-                        "faster")
+                   help="the networks in bf16 or fp16 autocast or fp32 (sums and metrics are "
+                        "fp32); auto: bf16 where the hardware has it (a GPU of compute "
+                        "capability 8.0 or higher, a CPU with AMX or AVX-512 BF16), fp16 on an "
+                        "older GPU, else fp32")
     return p.parse_args(argv)
 
 
@@ -638,23 +644,11 @@ def main(args):
     model, train_args, state = load_model(path, device)
     root = args.data_root or train_args.data_root
     out = files.prepare_out(args.out or path.parent)
-    bf16, why = inference_precision(args.precision, model, state["data"], device)
+    precision, why = devices.choose_precision(args.precision, device)   # the hardware's rule
     print(why)
-    with devices.autocast(device, bf16):      # every encoder and decoder pass of the analysis
+    with devices.autocast(device, precision):  # every encoder and decoder pass of the analysis
         return analyse(args, model, train_args, state, path, root, out, device,
                        why.split(": ", 1)[1])
-
-
-def inference_precision(requested, model, data, device, batch=500):
-    """--precision for the analysis, probed on encoding and decoding a batch (no training)."""
-    x = torch.rand(batch, data["channels"], data["image_size"], data["image_size"],
-                   device=device)
-
-    @torch.no_grad()
-    def infer(m, opt, bf16):
-        with devices.autocast(device, bf16):
-            m.decoder(m.encoder(x)[0])
-    return devices.choose_precision(requested, device, model, 0.0, infer)
 
 
 def analyse(args, model, train_args, state, path, root, out, device, precision):

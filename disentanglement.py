@@ -19,13 +19,12 @@ factors are shape, scale, orientation, posX and posY (colour has a single value)
 The settings are gathered, with their sources, in docs/papers.md. beta_vae.py scores MIG during
 training (`mig_only`); beta_vae_analyze.py --metrics scores both (`compute_metrics`).
 """
-import contextlib
 
 import numpy as np
 import torch
 
 import utils
-from training import progress
+from training import devices, progress
 from training.errors import UserError
 
 # dSprites factors scored by the protocol (colour has a single value and is left out)
@@ -123,14 +122,6 @@ def factor_vae_score(represent, sample_factors, rng, n_train=10_000, n_eval=5_00
 # ----------------------------------------------------------------------------------------------
 # dSprites: the images a draw of factors names, encoded once each
 # ----------------------------------------------------------------------------------------------
-def fp32(device):
-    """A region of fp32 arithmetic on `device`, even inside an autocast region (the analysis
-    runs its networks in bf16 where chosen); a no-op where autocast never runs (MPS)."""
-    kind = torch.device(device).type
-    return torch.autocast(kind, enabled=False) if kind in ("cuda", "cpu") else \
-        contextlib.nullcontext()
-
-
 def dsprites_encoder(model, root, device, chunk=4096):
     """represent(classes of the scored factors) -> posterior means (n, D), as numpy. The
     encoder runs in fp32 always, as disentanglement_lib scores fp32 posterior means.
@@ -153,7 +144,7 @@ def dsprites_encoder(model, root, device, chunk=4096):
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]
             x = utils.dsprites_images(root, torch.from_numpy(part))
-            with fp32(device):
+            with devices.autocast_off(device):   # fp32 even in the analysis's autocast
                 mu = model.encoder(x.to(device).float() / 255)[0].float().cpu().numpy()
             if table is None:
                 table = np.zeros((DSPRITES_GRID, mu.shape[1]), np.float32)

@@ -147,15 +147,16 @@ def prior_nll(prior, codes, labels=None):
     return F.cross_entropy(prior(codes, labels).float(), codes.long())
 
 
-def prior_train_step(prior, opt, codes, labels=None, bf16=False):
+def prior_train_step(prior, opt, codes, labels=None, precision="fp32", scaler=devices.NO_SCALER):
     """One optimiser step of the prior on code grids (B, H, W): the NLL of each code given the
-    codes above and to its left, backward, Adam. `prior` is the PixelCNN or its DDP/compiled
-    wrapper. Returns the (device) bits per code."""
-    with devices.autocast(codes.device, bf16):
+    codes above and to its left (autocast in `precision`; `scaler` scales an fp16 loss),
+    backward, Adam. `prior` is the PixelCNN or its DDP/compiled wrapper. Returns bits/code."""
+    with devices.autocast(codes.device, precision):
         nll = prior_nll(prior, codes.long(), labels)
     opt.zero_grad(set_to_none=True)
-    nll.backward()
-    opt.step()
+    scaler.scale(nll).backward()
+    scaler.step(opt)
+    scaler.update()
     return {"bits_per_code": nll.detach() / math.log(2)}
 
 
@@ -252,7 +253,7 @@ def resume_prior(args, model, path, vq_step, flags):
 
 
 @torch.no_grad()
-def held_out_bits(prior, codes, labels, batch_size, device, bf16=False):
+def held_out_bits(prior, codes, labels, batch_size, device, precision="fp32"):
     """Bits per code of the prior on held-out code grids (N, H, W) with their class `labels`
     (or None). Each rank scores its shard; the sums are added over ranks."""
     prior.eval()
@@ -264,7 +265,7 @@ def held_out_bits(prior, codes, labels, batch_size, device, bf16=False):
                           unit="batch"):
         c = grids[i:i + batch_size].long()
         y = None if grid_labels is None else grid_labels[i:i + batch_size]
-        with devices.autocast(device, bf16):
+        with devices.autocast(device, precision):
             nll.add(prior_nll(prior, c, y).float()[None] * len(c))
     prior.train()
     return float(nll.read()[0]) / len(codes) / math.log(2)
@@ -292,26 +293,27 @@ def train_prior(args, model, run, vq_step, grid, resume_flags):
         "eval_limit" in args.given)
     batches = utils.DeviceBatches(codes, args.prior_batch_size, device, args.seed,
                                   rank=dist.rank, world=dist.world)     # refuses < 1 batch
-    idx0 = torch.arange(args.prior_batch_size, device=device)       # the probe's batch
-    bf16, why = devices.choose_precision(args.precision, device, prior, args.prior_lr,
-                                         lambda m, o, bf16: prior_train_step(
-                                             m, o, codes[idx0], None if labels is None else
-                                             labels[idx0], bf16))
+    # the prior's own precision: typed, prior.pt's, or auto (not the VQ-VAE's, in `args`)
+    typed = "precision" in args.given
+    precision, why = devices.choose_precision(args.precision if typed or state else "auto",
+                                              device, resumed=bool(state) and not typed)
+    scaler = devices.grad_scaler(device, precision)
     if dist.main:
         print(f"prior {why}")
     bits = partial(held_out_bits, prior, test_codes, test_labels, args.prior_batch_size, device,
-                   bf16)
+                   precision)
     settings = loop.Settings(
         "vq_vae_prior", run.out, sizes.run_steps(len(batches), epochs, max_steps), len(batches),
-        args.prior_batch_size * dist.world, args.prior_lr, vars(args), args.log_every,
+        args.prior_batch_size * dist.world, args.prior_lr,
+        {**vars(args), "precision": precision}, args.log_every,
         compile=args.compile, checkpoint="prior.pt", history="prior_history.json",
         saved={"config": config, "vq_step": vq_step, "vqvae": model.state_dict(),
                "data": {"channels": run.train.channels, "image_size": run.train.image_size}},
         reserve=(model,), shown={"bits_per_code": ".3f"}, desc="prior", items="code grids")
     trained = loop.train(
         prior, opt, lambda fwd, idx, step: prior_train_step(
-            fwd, opt, codes[idx], None if labels is None else labels[idx], bf16),
-        batches.indices, settings, state,
+            fwd, opt, codes[idx], None if labels is None else labels[idx], precision, scaler),
+        batches.indices, settings, state, scaler=scaler,
         evaluate=lambda last: {"train_bits_per_code": last["bits_per_code"],
                                "test_bits_per_code": bits()},
         describe=lambda h: (f"prior epoch {h['epoch']} step {h['step']}: held-out "
@@ -323,11 +325,11 @@ def train_prior(args, model, run, vq_step, grid, resume_flags):
         else bits()
     if dist.main:
         save_prior_outputs(model, prior, grid, num_classes, trained.log, history, final, run.out,
-                           args.seed, bf16)
+                           args.seed, precision)
     return {"test_bits_per_code": final, "uniform_bits_per_code": math.log2(config["num_codes"]),
             "steps": trained.step, "epochs": trained.epochs, "train_time_s": trained.train_time,
             "config": config, "conditional": bool(args.prior_conditional),
-            "precision": {"bf16": bf16, "why": why.split(": ", 1)[1]}}
+            "precision": loop.precision_record(precision, why)}
 
 
 def prior_plan(train_size, epochs, max_steps, prior_batch):
@@ -362,7 +364,8 @@ def code_grids(model, run, labels, epochs, max_steps, prior_batch, batch_size, g
             class_labels(run.test)[0][:m].to(run.device))
 
 
-def save_prior_outputs(model, prior, grid, num_classes, log, history, bits, out, seed, bf16):
+def save_prior_outputs(model, prior, grid, num_classes, log, history, bits, out, seed,
+                       precision):
     """prior_losses.png, and samples.png: 64 samples, 8 per row; with a conditional prior (of
     `num_classes` classes) each row is one class."""
     utils.plot_curves({"train": ([r["step"] for r in log], [r["bits_per_code"] for r in log]),
@@ -373,7 +376,7 @@ def save_prior_outputs(model, prior, grid, num_classes, log, history, bits, out,
     gen = torch.Generator(device).manual_seed(seed)
     labels = torch.arange(64, device=device) // 8 % num_classes if num_classes else None
     prior.eval()
-    with devices.autocast(device, bf16):
+    with devices.autocast(device, precision):
         samples = model.decode_codes(sample_codes(prior, 64, grid, labels, gen))
     utils.save_grid(samples, out / "samples.png", nrow=8)
     print(f"prior: held-out {bits:.4f} bits per code "

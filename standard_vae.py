@@ -255,13 +255,13 @@ def bits_per_dim(nll, dims, recon, binary):
 
 @torch.no_grad()
 def evaluate(model, images, device, seed=0, binarize=False, binary=False, iw_samples=0,
-             iw_images=None, bf16=False):
+             iw_images=None, precision="fp32"):
     """Held-out negative ELBO, KL per dimension, active units and (optionally) the IW-NLL with
     `iw_samples` importance samples on the first `iw_images` images (default: all). The noise
     comes from its own generator seeded by `seed`; `binarize` draws x ~ Bernoulli(intensity)
     (dynamic binarisation); bits per dimension count pixels as binary with `binarize` or when
-    the data are `binary` (exactly 0 or 255). The networks run in bf16 autocast with `bf16`;
-    the bounds are computed in fp32.
+    the data are `binary` (exactly 0 or 255). The networks run in autocast in `precision`
+    ("bf16", "fp16" or "fp32"); the bounds are computed in fp32.
 
     Sums stay on the device in compensated float32 (distributed.Sums: no float64, which MPS
     lacks) and are read once at the end; under torchrun each rank scores its shard and the sums
@@ -278,7 +278,7 @@ def evaluate(model, images, device, seed=0, binarize=False, binary=False, iw_sam
                           desc="evaluation", unit="batch", what=f"{len(shard):,} images"):
         if binarize:
             x = torch.bernoulli(x, generator=gen)
-        with devices.autocast(device, bf16):
+        with devices.autocast(device, precision):
             mu, logvar = model.encoder(x)
             z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, device=device,
                                                             generator=gen)
@@ -287,7 +287,7 @@ def evaluate(model, images, device, seed=0, binarize=False, binary=False, iw_sam
         n = len(x)
         sums.add(torch.cat([torch.stack([terms["neg_elbo"] * n, terms["recon"] * n,
                                          terms["kl"] * n, torch.tensor(n, device=device)]),
-                            terms["kl_dims"] * n, mu.sum(0), mu.pow(2).sum(0)]))
+                            terms["kl_dims"] * n, mu.float().sum(0), mu.float().pow(2).sum(0)]))
     iw = distributed.Sums(2, device)                                    # log-likelihood, count
     if iw_samples > 0:
         scored = images[:iw_images][rank::world]
@@ -298,7 +298,7 @@ def evaluate(model, images, device, seed=0, binarize=False, binary=False, iw_sam
                               what=f"{len(scored):,} images", announce=True):
             if binarize:
                 x = torch.bernoulli(x, generator=gen)
-            with devices.autocast(device, bf16):
+            with devices.autocast(device, precision):
                 ll = iw_log_likelihood(model, x, iw_samples, generator=gen)
             iw.add(torch.stack([ll.sum(), torch.tensor(len(x), device=device)]))
     model.train()
@@ -397,8 +397,8 @@ def check_args(args):
 
 # flags that may change when a run is resumed; everything else comes from the checkpoint
 RESUME_FLAGS = ("epochs", "max_steps", "lr", "device", "out", "resume", "compile", "precision",
-                "log_every", "eval_every", "eval_limit", "iw_samples", "iw_images", "data_root",
-                "data_on", "cache_dir", "labels")
+                "deterministic", "log_every", "eval_every", "eval_limit", "iw_samples",
+                "iw_images", "data_root", "data_on", "cache_dir", "labels")
 
 
 def build_model(args, channels, image_size):
@@ -412,7 +412,6 @@ def setup(model, device, train, lr, batch_size, seed, binarize=False, data_on="a
     which says which). On the GPU paths (devices.FAST_PATHS) the model and the batches are
     channels-last: NHWC convolutions are faster there. Then each rank draws its own noise."""
     fast = devices.fast_paths(device)
-    torch.backends.cudnn.benchmark = device.type == "cuda"
     model = model.to(device)
     if fast:
         model.to(memory_format=torch.channels_last)
@@ -424,27 +423,19 @@ def setup(model, device, train, lr, batch_size, seed, binarize=False, data_on="a
     return model, opt, batches
 
 
-def train_step(model, opt, x, loss_fn, bf16=False):
-    """One optimiser step on a batch x (B, C, S, S) in [0, 1]: the forward pass (in bf16
-    autocast with `bf16`), `loss_fn(x, logits, mu, logvar)`'s terms in fp32, backward, Adam.
-    `model` is the VAE or its DDP/compiled wrapper. Returns the (device) terms."""
-    with devices.autocast(x.device, bf16):
+def train_step(model, opt, x, loss_fn, precision="fp32", scaler=devices.NO_SCALER):
+    """One optimiser step on a batch x (B, C, S, S) in [0, 1]: the forward pass (in autocast
+    in `precision`), `loss_fn(x, logits, mu, logvar)`'s terms in fp32, backward, Adam. With
+    fp16, `scaler` (devices.grad_scaler) scales the loss. `model` is the VAE or its
+    DDP/compiled wrapper. Returns the (device) terms."""
+    with devices.autocast(x.device, precision):
         logits, mu, logvar = model(x)
     terms = loss_fn(x, logits, mu, logvar)
     opt.zero_grad(set_to_none=True)
-    terms["loss"].backward()
-    opt.step()
+    scaler.scale(terms["loss"]).backward()          # times the fp16 loss scale (else as is)
+    scaler.step(opt)                                # skipped if a scaled gradient overflowed
+    scaler.update()
     return terms
-
-
-def probe_precision(requested, model, batches, lr, loss):
-    """--precision resolved (devices.choose_precision), probing `train_step` with `loss(x,
-    logits, mu, logvar, log_sigma, step)` at step 0 on the first images of the training set
-    (drawn here, before any epoch, so a resumed run draws the same). Returns (bf16, why)."""
-    x = batches.to_float(batches.images[:batches.batch_size])
-    return devices.choose_precision(requested, batches.device, model, lr, lambda m, o, bf16:
-                                    train_step(m, o, x, partial(loss, log_sigma=m.log_sigma,
-                                                                step=0), bf16))
 
 
 LOGGED = ("loss", "recon", "kl")                    # vae_loss's terms in the training log
@@ -489,22 +480,21 @@ def main(args):
                                 run.device, run.train, args.lr, args.batch_size, args.seed,
                                 args.binarize, args.data_on)
     loss = training_loss(args.recon, args.kl_warmup, args.free_bits)
-    bf16, why = probe_precision(args.precision, model, batches, args.lr, loss)
-    args.precision = "bf16" if bf16 else "fp32"    # kept in the checkpoint: --resume goes on in it
-    if distributed.DIST.main:
-        print(why)
+    scaler = devices.grad_scaler(run.device, run.precision)
     score = partial(evaluate, model, run.test.images, run.device, args.seed, args.binarize,
-                    run.test.binary, bf16=bf16)
+                    run.test.binary, precision=run.precision)
     settings = loop.Settings.from_args(args, "standard_vae", run, len(batches), logged=LOGGED,
                                        shown=SHOWN)
     trained = loop.train(
         model, opt, lambda fwd, x, step: train_step(
-            fwd, opt, x, partial(loss, log_sigma=model.log_sigma, step=step), bf16),
-        batches.epoch, settings, run.state, evaluate=lambda last: epoch_scores(score(), last))
+            fwd, opt, x, partial(loss, log_sigma=model.log_sigma, step=step), run.precision,
+            scaler),
+        batches.epoch, settings, run.state, evaluate=lambda last: epoch_scores(score(), last),
+        scaler=scaler)
 
     final = final_evaluation(score, len(run.test), trained.step * settings.batch,
                              args.iw_samples, args.iw_images)
-    metrics = {"test": final, **loop.summary(trained, run, bf16, why), "wall_time_s": timer(),
+    metrics = {"test": final, **loop.summary(trained, run), "wall_time_s": timer(),
                "args": vars(args)}
     if distributed.DIST.main:
         save_outputs(model, run, trained.log, trained.history, final, metrics, args.seed)

@@ -156,7 +156,7 @@ class VectorQuantizer(nn.Module):
     def nearest(self, flat):
         """Index of the nearest code for each row of `flat` (N, D) and the squared distance to
         it, both (N,), computed in fp32."""
-        with torch.autocast(device_type=flat.device.type, enabled=False):
+        with devices.autocast_off(flat.device):
             z, e = flat.float(), self.codebook.float()
             # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2                         (N, K)
             dist = z.pow(2).sum(1, keepdim=True) - 2 * z @ e.t() + e.pow(2).sum(1)
@@ -181,13 +181,15 @@ class VectorQuantizer(nn.Module):
             "codebook": (F.mse_loss(z.detach(), q) if self.kind == "loss"   # ||sg[z_e] - e||^2
                          else z.new_zeros(())),
         }
-        counts = torch.bincount(indices, minlength=self.num_codes).float()  # n_i (K,)
+        # n_i (K,): from the EMA update, else a one-hot sum (torch.bincount syncs on CUDA)
+        if self.training and self.kind == "ema":
+            counts = self.ema_update(flat, indices)
+        else:
+            counts = F.one_hot(indices, self.num_codes).sum(0).float()
         if self.training:
             # under torchrun the counts (and sums) of all ranks' batches, so that every rank
             # makes the same update and the usage terms describe the global batch
-            if self.kind == "ema":
-                counts = self.ema_update(flat, indices)
-            else:
+            if self.kind == "loss":
                 with torch.no_grad():
                     counts = distributed.all_reduce_sum(counts)
                     self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
@@ -207,7 +209,7 @@ class VectorQuantizer(nn.Module):
         e_i = m_i / N_i' with N_i' the Laplace-smoothed counts (a copy; the buffer stays raw).
         Under torchrun n_i and the sums run over every rank's batch (one all-reduce), so all
         ranks apply the same update. Returns n_i (K,)."""
-        with torch.autocast(device_type=flat.device.type, enabled=False):   # fp32 sums
+        with devices.autocast_off(flat.device):                             # fp32 sums
             onehot = F.one_hot(indices, self.num_codes).type_as(flat)      # (N, K)
             stats = torch.cat([onehot.sum(0)[:, None], onehot.t() @ flat], 1)  # n_i | sums
         counts, sums = distributed.all_reduce_sum(stats).split([1, self.code_dim], 1)
@@ -301,16 +303,17 @@ def vq_vae_loss(x, recon, vq_terms, data_variance, beta):
 TRAIN_TERMS = ("loss", "recon_error", "commitment", "codebook", "perplexity", "used")
 
 
-def train_step(model, opt, x, data_variance, beta, bf16=False):
-    """One optimiser step on a batch x (B, C, S, S) in [0, 1]; returns the (device) terms.
-    `model` is the VQ-VAE or its DDP/compiled wrapper (DDP averages the gradients over ranks;
-    under torch.compile the quantiser still runs eagerly)."""
-    with devices.autocast(x.device, bf16):                        # the quantiser stays fp32
+def train_step(model, opt, x, data_variance, beta, precision="fp32", scaler=devices.NO_SCALER):
+    """One optimiser step on a batch x (B, C, S, S) in [0, 1] (autocast in `precision`; `scaler`
+    scales an fp16 loss); returns the (device) terms. `model` is the VQ-VAE or its DDP/compiled
+    wrapper (DDP averages the gradients over ranks; the quantiser runs eagerly under compile)."""
+    with devices.autocast(x.device, precision):                   # the quantiser stays fp32
         recon, _, vq_terms = model(x)                                      # (B, C, S, S)
     terms = vq_vae_loss(centred(x), recon, vq_terms, data_variance, beta)
     opt.zero_grad(set_to_none=True)
-    terms["loss"].backward()
-    opt.step()
+    scaler.scale(terms["loss"]).backward()          # times the fp16 loss scale (else as is)
+    scaler.step(opt)                                # skipped if a scaled gradient overflowed
+    scaler.update()
     return terms
 
 
@@ -329,12 +332,12 @@ def data_variance(images, device):
 
 
 @torch.no_grad()
-def evaluate(model, images, variance, batch_size, device, bf16=False):
+def evaluate(model, images, variance, batch_size, device, precision="fp32"):
     """Held-out recon error (MSE / Var), PSNR, and code usage over the whole split.
 
     Sums stay on the device in compensated float32 (distributed.Sums: no float64, which MPS
     lacks) and are read once at the end; under torchrun each rank scores its shard and the sums
-    and code counts are added over ranks. The network runs in bf16 autocast with `bf16`.
+    and code counts are added over ranks. The network runs in autocast in `precision`.
     """
     model.eval()
     k = model.quantizer.num_codes
@@ -343,7 +346,7 @@ def evaluate(model, images, variance, batch_size, device, bf16=False):
     shard = images[distributed.DIST.rank::distributed.DIST.world]
     bar = progress.bar(total=len(shard), desc="evaluation", unit="image")
     for x in utils.iterate(shard, batch_size, device):
-        with devices.autocast(device, bf16):
+        with devices.autocast(device, precision):
             recon, indices, _ = model(x)
         recon = recon.float()
         counts = torch.bincount(indices.flatten(), minlength=k).float()
@@ -454,9 +457,8 @@ def check_args(args):
 # checkpoint.pt. The prior's own settings (pixelcnn_prior.PRIOR_FLAGS) may be typed until
 # prior.pt exists; from then on they come from prior.pt.
 RESUME_FLAGS = ("epochs", "max_steps", "lr", "device", "out", "resume", "compile", "precision",
-                "log_every", "eval_every", "eval_limit", "data_root", "data_on", "cache_dir",
-                "labels", "prior_epochs",
-                "prior_max_steps", "prior_lr")
+                "deterministic", "log_every", "eval_every", "eval_limit", "data_root", "data_on",
+                "cache_dir", "labels", "prior_epochs", "prior_max_steps", "prior_lr")
 
 
 def build_model(args, channels):
@@ -543,24 +545,20 @@ def main(args):
                         f"{args.prior_batch_size}"
                         f"{f' on each of {dist.world} ranks' if dist.active else ''}; "
                         "lower --prior-batch-size")
-    x0 = batches.to_float(batches.images[:args.batch_size])        # the probe's batch
-    bf16, why = devices.choose_precision(args.precision, run.device, model, args.lr,
-                                         lambda m, o, bf16: train_step(m, o, x0, variance,
-                                                                       args.beta, bf16))
-    args.precision = "bf16" if bf16 else "fp32"    # kept in the checkpoint: --resume goes on in it
-    if dist.main:
-        print(why)
-    score = partial(evaluate, model, run.test.images, variance, args.batch_size, run.device, bf16)
+    scaler = devices.grad_scaler(run.device, run.precision)
+    score = partial(evaluate, model, run.test.images, variance, args.batch_size, run.device,
+                    run.precision)
     settings = loop.Settings.from_args(args, "vq_vae", run, len(batches), shown=SHOWN, saved={
         "data": {"channels": run.train.channels, "image_size": run.train.image_size,
                  "variance": variance}})
     trained = loop.train(
-        model, opt, lambda fwd, x, step: train_step(fwd, opt, x, variance, args.beta, bf16),
+        model, opt, lambda fwd, x, step: train_step(fwd, opt, x, variance, args.beta,
+                                                    run.precision, scaler),
         batches.epoch, settings, run.state, evaluate=lambda last: epoch_scores(score(), last),
-        describe=partial(describe, args.codes))
+        describe=partial(describe, args.codes), scaler=scaler)
 
     final = score()
-    metrics = {"test": final, **loop.summary(trained, run, bf16, why), "data_variance": variance,
+    metrics = {"test": final, **loop.summary(trained, run), "data_variance": variance,
                "args": vars(args)}
     if dist.main:
         save_outputs(model, run, trained.log, trained.history, final,

@@ -93,6 +93,21 @@ def first_phase(main, args):
     return phases[0]
 
 
+@pytest.fixture
+def loss_dtypes(monkeypatch):
+    """A list that every call of beta_vae's loss appends to: (the decoder output's dtype,
+    {term: dtype} of the tensors it returns)."""
+    import beta_vae
+    seen, loss = [], beta_vae.beta_vae_loss
+
+    def recording(x, logits, mu, logvar, *settings, **named):
+        terms = loss(x, logits, mu, logvar, *settings, **named)
+        seen.append((logits.dtype, {k: v.dtype for k, v in terms.items() if torch.is_tensor(v)}))
+        return terms
+    monkeypatch.setattr(beta_vae, "beta_vae_loss", recording)
+    return seen
+
+
 # ---- the two tiers ----------------------------------------------------------------------------
 def pytest_addoption(parser):
     parser.addoption("--max-test-seconds", type=float, default=None,

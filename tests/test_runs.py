@@ -1,6 +1,6 @@
 """How runs behave around training: progress reports, sizes that follow the run's length,
-evaluation sums without float64 (Apple MPS), and the GPU-only paths (bf16 autocast,
-channels-last, fused Adam, torch.compile) exercised on the CPU."""
+evaluation sums without float64 (Apple MPS), the precision rule on this CPU, and the GPU-only
+paths (bf16 autocast, channels-last, fused Adam, torch.compile) exercised on the CPU."""
 import argparse
 import json
 
@@ -187,55 +187,15 @@ def test_vq_evaluation_makes_no_float64_tensor_and_equals_float64_sums(monkeypat
     assert sum(result["code_counts"]) == 700 * 8 * 8
 
 
-# ---- precision: chosen by the device and a probe ----------------------------------------------
-def test_auto_precision_takes_bf16_only_where_native_and_faster(monkeypatch):
-    model = torch.nn.Linear(4, 4)
-    probed = []
-
-    def step(m, opt, bf16):
-        assert m is not model                       # the probe trains a copy
-        probed.append(bf16)
-        opt.zero_grad()
-        m(torch.randn(8, 4)).pow(2).mean().backward()
-        opt.step()
-
-    monkeypatch.setattr(devices, "native_bf16", lambda device: (False, "CPU has no native bf16"))
-    assert devices.choose_precision("auto", "cpu", model, 1e-3, step) == (
-        False, "precision: fp32 (CPU has no native bf16)")
-    assert probed == []                             # no probe where bf16 is emulated
-    assert devices.choose_precision("fp32", "cpu", model, 1e-3, step)[0] is False
-
-    # bf16 typed where it is emulated: obeyed, with the probe's measured slowdown
-    monkeypatch.setattr(devices, "time_precisions", lambda step, device, rounds: (1.0, 8.0))
-    bf16, line = devices.choose_precision("bf16", "cpu", model, 1e-3, step)
-    assert bf16 and line.startswith("warning: precision bf16 as asked") and "8.0x slower" in line
-
-    monkeypatch.setattr(devices, "native_bf16", lambda device: (True, "CPU has AMX BF16"))
-    assert devices.choose_precision("auto", "cpu", model, 1e-3, step) == (
-        False, "precision: fp32 (CPU has AMX BF16, but bf16 was not faster here: probe 0.12x "
-        "fp32)")
-    monkeypatch.setattr(devices, "time_precisions", lambda step, device, rounds: (1.9, 1.0))
-    assert devices.choose_precision("auto", "cpu", model, 1e-3, step) == (
-        True, "precision: bf16 (CPU has AMX BF16; probe 1.90x fp32)")
-    monkeypatch.setattr(devices, "time_precisions", lambda step, device, rounds: (1.03, 1.0))
-    assert devices.choose_precision("auto", "cpu", model, 1e-3, step)[0] is False    # noise
-
-
-def test_precision_probe_times_both_and_leaves_the_random_stream_alone():
-    calls = []
-
-    def step(bf16):
-        calls.append(bf16)
-        torch.randn(100)                              # a step draws noise
-    torch.manual_seed(0)
-    expected = torch.rand(3)
-    torch.manual_seed(0)
-    fp32_s, bf16_s = devices.time_precisions(step, "cpu", rounds=3)
-    assert torch.equal(torch.rand(3), expected)     # the run's stream is not advanced
-    assert calls == [False, True] * 4 and fp32_s > 0 and bf16_s > 0      # one warm-up each
+# ---- precision: chosen by a rule on the hardware (tests/test_platforms.py simulates others) ---
+def test_auto_precision_on_this_cpu_follows_its_flags():
     flags = devices.cpu_flags()
     native, why = devices.native_bf16("cpu")
     assert native == bool(flags & {"amx_bf16", "avx512_bf16"}) and why.startswith("CPU has")
+    precision, line = devices.choose_precision("auto", "cpu")
+    assert precision == ("bf16" if native else "fp32") and line == f"precision: {precision} " \
+        f"(auto: {why})"
+    assert devices.choose_precision("auto", "cpu") == (precision, line)     # no timing in it
 
 
 # ---- the GPU paths, run on the CPU -----------------------------------------------------------
@@ -246,9 +206,8 @@ TINY = ["--dataset", "dsprites", "--limit", 512, "--batch-size", 32, "--log-ever
 def test_bf16_autocast_channels_last_and_fused_adam_train_on_cpu(tmp_path, monkeypatch):
     """--precision bf16 and the paths a GPU takes (devices.FAST_PATHS), through the real
     training loop: the model runs in bf16 on channels-last batches, the loss terms stay fp32,
-    the loss falls, and the optimiser is the fused Adam. (The CPU is taken as native bf16, so
-    no probe steps join the record; where it is emulated these 26 tiny steps are slow, not
-    wrong.)"""
+    the loss falls, and the optimiser is the fused Adam. (The CPU is taken as native bf16;
+    where it is emulated these 26 tiny steps are slow, not wrong.)"""
     monkeypatch.setattr(devices, "FAST_PATHS", {"cuda", "cpu"})
     monkeypatch.setattr(devices, "native_bf16", lambda device: (True, "taken as native"))
     TINY = [*globals()["TINY"], "--precision", "bf16"]

@@ -117,9 +117,13 @@ def add_common_args(p, datasets, latent=10, lr=1e-3, batch_size=64, epochs=10,
                         "epoch end (default: epoch ends only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="forward passes in bf16 autocast or fp32 (losses are always fp32); "
-                        "auto: bf16 where the device runs it natively and a start-up probe "
-                        "finds it faster")
+                   help="forward passes in bf16 or fp16 autocast (fp16 with loss scaling) or "
+                        "fp32; losses are always fp32. auto: bf16 on a GPU of compute "
+                        "capability 8.0 or higher or a CPU with AMX or AVX-512 BF16, fp16 on "
+                        "an older GPU, else fp32")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms (cuDNN's autotuner off): on CUDA a resumed "
+                        "run repeats the uninterrupted one; slower")
 
 
 def check_common_args(args, script):

@@ -91,9 +91,10 @@ def check_resumable(state, path, keys=RESUME_KEYS):
             raise CheckpointError(f"{path} cannot be resumed: its {key!r} is {got}, expected "
                                   f"{'a step >= 0' if kind is int else 'a ' + kind.__name__}"
                                   f"{fallback}")
-    rng = state["rng"]
-    if set(rng) != {"torch", "cuda", "numpy", "python"} or not isinstance(rng["torch"],
-                                                                          torch.Tensor):
+    rng = state["rng"]           # "device": the training device's generator ("cuda": older)
+    if not {"torch", "numpy", "python"} <= set(rng) <= {"torch", "numpy", "python", "device",
+                                                         "device_type", "cuda"} \
+            or not isinstance(rng["torch"], torch.Tensor):
         raise CheckpointError(f"{path} cannot be resumed: its random-number state is malformed, "
                               f"so the run could not continue exactly{fallback}")
     tensors = [(f"model {k}", v) for k, v in state["model"].items()]
@@ -140,12 +141,13 @@ def load_state(module, state_dict, what, path):
                               f"incompatible args): {first}") from None
 
 
-def restore_rng(state):
-    """This rank's RNG state from a checkpoint (`rng_ranks` under torchrun, else `rng`)."""
+def restore_rng(state, device="cpu"):
+    """This rank's RNG state from a checkpoint (`rng_ranks` under torchrun, else `rng`), its
+    device generator's onto `device`."""
     rngs = state.get("rng_ranks") or [state["rng"]]
     try:
         devices.set_rng_state(rngs[distributed.DIST.rank] if len(rngs) == distributed.DIST.world
-                              else rngs[0])
+                              else rngs[0], device)
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
         raise CheckpointError(f"the checkpoint's random-number state is malformed "
                               f"({type(e).__name__}: {str(e)[:100]}); it cannot be resumed "

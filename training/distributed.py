@@ -7,9 +7,12 @@ it, never copy it, so every reader (and a test that changes it) sees the same ra
 import datetime
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
+
+from training.errors import UserError
 
 
 @dataclass
@@ -29,24 +32,46 @@ class Distributed:
 
 DIST = Distributed()           # this process's place; filled in by setup under torchrun
 
+# How long a collective may wait before the process group aborts it (NCCL's default: 10
+# minutes). The longest wait is planned: rank 0 builds a data cache alone while the other ranks
+# wait at a barrier (`main_first`). Decoding CelebA's 202,599 JPEGs took 50 s on 2 cores here,
+# but one core reading them from a network file system, or a folder of a million images, takes
+# far longer; two hours covers that. A hung collective is then reported after two hours.
+TIMEOUT = timedelta(hours=2)
+
 
 def setup(device):
     """Join the process group when launched by torchrun (RANK/WORLD_SIZE/LOCAL_RANK set) and
-    return the device this rank trains on: on CUDA, the GPU of its local rank.
+    return the device this rank trains on: on CUDA, the GPU of its local rank (`local_gpu`).
 
-    NCCL on CUDA, gloo on CPU. Without torchrun nothing changes and `device` is returned."""
+    NCCL on CUDA, gloo on CPU, with a `TIMEOUT` for every collective. Without torchrun nothing
+    changes and `device` is returned."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return device
     import torch.distributed as dist
     DIST.rank, DIST.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     DIST.local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device.type == "cuda":
-        device = torch.device("cuda", DIST.local_rank)
+        device = local_gpu(DIST.local_rank, torch.cuda.device_count())
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT,
                                 device_id=device if device.type == "cuda" else None)
     return device
+
+
+def local_gpu(local_rank, visible):
+    """The GPU of local rank `local_rank` among the `visible` ones: its own index when there are
+    enough; the one GPU a launcher that gives each process its own shows (SLURM
+    --gpus-per-task=1, where every process sees its GPU as cuda:0); else one line saying how
+    many processes this node can take (NCCL cannot share a GPU between ranks)."""
+    if local_rank < visible:
+        return torch.device("cuda", local_rank)
+    if visible == 1:
+        return torch.device("cuda", 0)
+    raise UserError(f"local rank {local_rank} has no GPU: this node shows {visible} GPUs "
+                    f"(cuda:0 to cuda:{visible - 1}); start at most {visible} processes on it "
+                    f"(torchrun --nproc_per_node={visible})")
 
 
 def cleanup():

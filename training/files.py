@@ -18,20 +18,25 @@ import torch
 from training.errors import UserError
 
 
+def nofollow():
+    """os.O_NOFOLLOW where the platform has it (POSIX), else 0 (Windows has no such flag)."""
+    return getattr(os, "O_NOFOLLOW", 0)
+
+
 @contextlib.contextmanager
 def replacing(path, suffix=".tmp"):
     """A new temporary file beside `path`, yielded as a Path, that replaces `path` when the block
     ends normally and is removed when it does not (an error, Ctrl-C).
 
-    The name is unique (pid and random) and the file is created with O_CREAT | O_EXCL |
-    O_NOFOLLOW, so a file or symlink planted beside `path` is never followed, and two writers
-    never share one. Permissions follow the umask, as for any new file. A failed write (a full
+    The name is unique (pid and random) and the file is created with O_CREAT | O_EXCL (and
+    O_NOFOLLOW where the platform has it; Windows does not), so a file or symlink planted
+    beside `path` is never followed, and two writers never share one. Permissions follow the umask, as for any new file. A failed write (a full
     disk, say) is one line naming `path`, which is left as it was.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
     try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666))
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | nofollow(), 0o666))
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     try:
@@ -83,10 +88,14 @@ def _json_default(x):
 def _flock(path, wait, what):
     """An open file on which this process holds fcntl.flock(LOCK_EX), with our pid written in it.
     Held by another process: wait for it, or a one-line error naming the holder. The kernel
-    releases the lock when the file is closed or the process ends, however it ends."""
-    import fcntl
+    releases the lock when the file is closed or the process ends, however it ends. Where
+    there is no fcntl (Windows), the same lock from the filelock package (`_portable_lock`)."""
     try:
-        f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
+        import fcntl
+    except ImportError:
+        return _portable_lock(path, wait, what)
+    try:
+        f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | nofollow(), 0o644), "r+")
     except OSError as e:
         raise UserError(f"cannot lock {what} with {path}: {e.strerror or e}") from None
     try:
@@ -101,9 +110,46 @@ def _flock(path, wait, what):
         fcntl.flock(f, fcntl.LOCK_EX)
     f.seek(0)
     f.truncate()
-    f.write(f"pid {os.getpid()} ({' '.join(Path(sys.argv[0]).name.split() + sys.argv[1:])})")
+    f.write(_holder())
     f.flush()
     return f
+
+
+def _holder():
+    return f"pid {os.getpid()} ({' '.join(Path(sys.argv[0]).name.split() + sys.argv[1:])})"
+
+
+class _portable_lock:
+    """`_flock` where there is no fcntl: filelock's FileLock (LockFileEx on Windows) on `path`,
+    with this process described in `path`.holder, since Windows keeps a locked file from being
+    read. Closed, or at the process's end, the lock is released."""
+
+    def __init__(self, path, wait, what):
+        import filelock                # a dependency of torch
+        self.lock, holder = filelock.FileLock(str(path)), Path(f"{path}.holder")
+        try:
+            self.lock.acquire(timeout=0)
+        except filelock.Timeout:
+            held_by = _read(holder) or "another process"
+            if not wait:
+                raise UserError(f"{what} is in use by {held_by}; wait for it to end, or choose "
+                                "another --out") from None
+            print(f"waiting for {held_by}, which holds {what}", file=sys.stderr, flush=True)
+            self.lock.acquire()
+        except OSError as e:
+            raise UserError(f"cannot lock {what} with {path}: {e.strerror or e}") from None
+        with contextlib.suppress(OSError):      # a description only: the lock is what counts
+            holder.write_text(_holder())
+
+    def close(self):
+        self.lock.release()
+
+
+def _read(path):
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
 
 
 @contextlib.contextmanager
@@ -168,8 +214,8 @@ def reserve_space(folder, nbytes):
     try:
         try:
             os.posix_fallocate(fd, 0, nbytes)
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+        except (OSError, AttributeError) as e:       # AttributeError: Windows has no fallocate
+            if isinstance(e, OSError) and e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                 raise
             zeros = bytes(2**20)                     # a file system without fallocate: write
             for _ in range(0, nbytes, len(zeros)):

@@ -15,23 +15,28 @@ from training.errors import UserError
 @dataclass
 class Run:
     """A run as `start_run` leaves it: the device, the run folder, the checked checkpoint that
-    --resume names (None for a fresh run) and the two splits, as the script's loader returns
-    them (utils.ImageSet)."""
+    --resume names (None for a fresh run), the two splits, as the script's loader returns them
+    (utils.ImageSet), and the precision of the networks ("fp32", "bf16" or "fp16") with the
+    line that says why."""
     device: torch.device
     out: Path
     state: dict | None
     train: object
     test: object
+    precision: str = "fp32"
+    why: str = "precision: fp32"
 
 
 def start_run(args, kind, flags, load, keys=checkpoints.RESUME_KEYS):
     """What every training run does before its model exists: join torchrun (if launched by
     it), prepare the run folder (rank 0), load and check the checkpoint that --resume names
-    and take its settings into `args` in place (typed `flags` replace them), seed (the same
-    initial weights on every rank), then load the training split and the held-out split sized
-    to the run (rank 0 first: it builds any data cache alone) with the script's `load(args,
-    split, limit)` (utils.load_split). The held-out size, when not
-    given, is written into `args.eval_limit`, so that the checkpoint keeps it."""
+    and take its settings into `args` in place (typed `flags` replace them), set the
+    algorithms (cuDNN's autotuner, or --deterministic), resolve --precision (written into
+    `args.precision`, so that the checkpoint keeps it and --resume goes on in it; rank 0 says
+    why), seed (the same initial weights on every rank), then load the training split and the
+    held-out split sized to the run (rank 0 first: it builds any data cache alone) with the
+    script's `load(args, split, limit)` (utils.load_split). The held-out size, when not given,
+    is written into `args.eval_limit`, so that the checkpoint keeps it."""
     device = distributed.setup(devices.get_device(args.device))
     main = distributed.DIST.main
     out = files.prepare_out(args.out, not args.resume, args.overwrite) if main else Path(args.out)
@@ -39,6 +44,12 @@ def start_run(args, kind, flags, load, keys=checkpoints.RESUME_KEYS):
     if args.resume:
         state = checkpoints.resume_state(args.resume, out, kind, keys)
         vars(args).update(vars(checkpoints.resume_args(args, state, flags)))
+    devices.set_algorithms(device, args.deterministic)       # before any work on the GPU
+    precision, why = devices.choose_precision(
+        args.precision, device, resumed=bool(args.resume) and "precision" not in args.given)
+    args.precision = precision
+    if main:
+        print(why)
     devices.seed_everything(args.seed)
     with distributed.main_first():
         train = load(args, "train", args.limit)
@@ -49,7 +60,7 @@ def start_run(args, kind, flags, load, keys=checkpoints.RESUME_KEYS):
         if main and given is None:
             print(f"held-out evaluation: {len(test):,} images at every epoch end and after "
                   "training (sized to the run; --eval-limit sets it)")
-    return Run(device, out, state, train, test)
+    return Run(device, out, state, train, test, precision, why)
 
 
 @dataclass
@@ -101,17 +112,22 @@ class Trained:
     images_per_s: float
 
 
-def summary(trained, run, bf16, why):
+def summary(trained, run):
     """What a run's metrics.json says about its training: steps, data, device, time,
     throughput and the precision with the line that chose it."""
     return {"steps": trained.step, "epochs": trained.epochs, "train_images": len(run.train),
             "device": str(run.device), "world_size": distributed.DIST.world,
             "train_time_s": trained.train_time, "images_per_s": trained.images_per_s,
-            "precision": {"bf16": bf16, "why": why.split(": ", 1)[1]},
-            "torch": torch.__version__}
+            "precision": precision_record(run.precision, run.why), "torch": torch.__version__}
 
 
-def train(model, opt, step_fn, batches, settings, state=None, evaluate=None, describe=None):
+def precision_record(precision, why):
+    """The precision as metrics.json records it: its name, whether it is bf16, and why."""
+    return {"name": precision, "bf16": precision == "bf16", "why": why.split(": ", 1)[1]}
+
+
+def train(model, opt, step_fn, batches, settings, state=None, evaluate=None, describe=None,
+          scaler=None):
     """Train `model` with `opt` up to step `settings.steps`. Each script writes its step; this
     is the plumbing around it:
 
@@ -119,8 +135,9 @@ def train(model, opt, step_fn, batches, settings, state=None, evaluate=None, des
       (device tensors). `fwd` is the model, wrapped in DistributedDataParallel under torchrun
       and compiled with `settings.compile`. `batches(epoch, start)` yields the batches of an
       epoch from batch `start` (DeviceBatches.epoch, say).
-    - Resume: `state`, a checked checkpoint, restores the model, the optimiser, the step, log,
-      history and every rank's RNG, so the run continues exactly (`resume`).
+    - Resume: `state`, a checked checkpoint, restores the model, the optimiser, the gradient
+      `scaler` of fp16 (devices.grad_scaler), the step, log, history and every rank's RNG, so
+      the run continues exactly (`resume`).
     - Logging: the terms are summed on the device and read every `log_every` steps (the one
       host-device sync), which also stops the run on a non-finite term.
     - Evaluation: at every epoch end, every `eval_every` steps (if given) and at the last step,
@@ -132,7 +149,8 @@ def train(model, opt, step_fn, batches, settings, state=None, evaluate=None, des
     """
     s, dist = settings, distributed.DIST
     device = next(model.parameters()).device
-    step, log, history = resume(model, opt, state, s) if state is not None else (0, [], [])
+    step, log, history = resume(model, opt, state, s, scaler) if state is not None \
+        else (0, [], [])
     if dist.main:
         files.reserve_space(s.out, checkpoints.nbytes(model, *s.reserve))
     fwd = distributed.data_parallel(model, device)
@@ -168,7 +186,7 @@ def train(model, opt, step_fn, batches, settings, state=None, evaluate=None, des
                     files.write_json(s.out / s.history, history)
                     if describe is not None:
                         bar.write(describe(history[-1]))
-            save(model, opt, s, step, log, history)
+            save(model, opt, s, step, log, history, scaler)
             stopping = stopping or distributed.should_stop(stop, step, s.log_every, device)
     bar.close()
     if stopping:
@@ -181,32 +199,41 @@ def train(model, opt, step_fn, batches, settings, state=None, evaluate=None, des
                    (step - first_step) * s.batch / max(train_time, 1e-9))
 
 
-def resume(model, opt, state, settings):
+def resume(model, opt, state, settings, scaler=None):
     """Load a checked checkpoint's model and optimiser (whose learning rate from here on is
-    `settings.lr`, the typed or saved one) and this rank's RNG state, then set a replaced
-    checkpoint aside (checkpoints.set_aside_current). Returns (step, log, history)."""
+    `settings.lr`, the typed or saved one, and whose fused or foreach path is this device's),
+    the fp16 gradient scaler's state (a checkpoint without one, older or of another precision,
+    leaves the scaler fresh) and this rank's RNG state, then set a replaced checkpoint aside
+    (checkpoints.set_aside_current). Returns (step, log, history)."""
     path = settings.out / settings.checkpoint
+    device = next(model.parameters()).device
     checkpoints.load_state(model, state["model"], settings.kind, path)
     checkpoints.load_state(opt, state["optimizer"], f"{settings.kind} optimiser", path)
+    devices.use_adam_paths(opt, device)
     for group in opt.param_groups:
         group["lr"] = settings.lr
-    checkpoints.restore_rng(state)
+    if scaler is not None and scaler.is_enabled() and state.get("scaler"):
+        checkpoints.load_state(scaler, state["scaler"], "gradient scaler", path)
+    checkpoints.restore_rng(state, device)
     if settings.set_aside is not None:
         checkpoints.set_aside_current(settings.set_aside, settings.out)
     return state["step"], state["log"], state["history"]
 
 
-def save(model, opt, settings, step, log, history):
+def save(model, opt, settings, step, log, history, scaler=None):
     """The phase's checkpoint in the run folder (rank 0 writes it): the states of the plain
-    module and its optimiser, the run's record, its flags, every rank's RNG state (for an
-    exact resume) and `settings.saved`."""
-    rngs = distributed.gather_objects(devices.rng_state())
+    module, its optimiser and the fp16 gradient scaler (if enabled), the run's record, its
+    flags, every rank's RNG state (for an exact resume) and `settings.saved`."""
+    device = next(model.parameters()).device
+    rngs = distributed.gather_objects(devices.rng_state(device))
+    scaling = scaler is not None and scaler.is_enabled()
     if distributed.DIST.main:
         checkpoints.save(settings.out / settings.checkpoint, {
             "kind": settings.kind, "model": model.state_dict(), "optimizer": opt.state_dict(),
             "args": settings.args, "step": step, "epoch": step // settings.steps_per_epoch,
             "log": log, "history": history, "rng": rngs[0],
-            "rng_ranks": rngs if distributed.DIST.active else None, **settings.saved})
+            "rng_ranks": rngs if distributed.DIST.active else None,
+            **({"scaler": scaler.state_dict()} if scaling else {}), **settings.saved})
 
 
 class RunningMean:
