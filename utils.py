@@ -26,7 +26,6 @@ import torchvision
 
 import image_folders
 from training import distributed, progress
-from training.arguments import PLACEMENTS
 from training.errors import DatasetNotFound, UserError
 from training.files import atomic_write, building, replacing
 
