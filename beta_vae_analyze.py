@@ -25,10 +25,11 @@ import torch
 import beta_vae
 import disentanglement
 import standard_vae as sv
+import trained
 import utils
 from training import arguments, checkpoints, console, devices, files, progress
 from training.distributed import Sums
-from training.errors import CheckpointError, UserError
+from training.errors import UserError
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,25 +282,8 @@ def load_model(path, device):
     state = checkpoints.load(path, map_location=device)
     if state.get("kind") not in ("beta_vae", "standard_vae"):
         checkpoints.check_kind(state, path, "beta_vae")
-    args = argparse.Namespace(**state["args"])
-    data = state.get("data")
-    try:
-        if state["kind"] == "beta_vae":
-            model = beta_vae.build_model(args, data["channels"], data["image_size"])
-        else:
-            model = sv.build_model(args, data["channels"], data["image_size"])
-    except UserError:               # a ValueError too, but already one clear line
-        raise
-    except (TypeError, KeyError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{path} lacks or garbles what rebuilds its model (args or "
-                              f"data: {type(e).__name__} {str(e)[:100]}); use a checkpoint "
-                              "written by beta_vae.py or standard_vae.py") from None
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{path} does not fit the model its args describe: "
-                              f"{str(e).splitlines()[0]}") from None
-    return model.to(device).eval(), args, state
+    model = trained.network(state, path)
+    return model.to(device).eval(), argparse.Namespace(**state["args"]), state
 
 
 def evaluate_held_out(model, train_args, root, device, n=2000):

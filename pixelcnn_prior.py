@@ -161,10 +161,12 @@ def prior_train_step(prior, opt, codes, labels=None, precision="fp32", scaler=de
 
 
 @torch.no_grad()
-def sample_codes(prior, n, grid, labels=None, generator=None):
-    """Ancestral sampling in raster order, c_i ~ p(c_i | c_<i). The prior is causal, so each
-    row's vertical stack runs once, on rows 0..i, and each position only the horizontal stack
-    on its own row (GatedPixelCNN.row_sampler): the work grows as h*w rows, not h^2*w."""
+def sample_codes(prior, n, grid, labels=None, generator=None, temperature=1.0):
+    """Ancestral sampling in raster order, c_i ~ p(c_i | c_<i), each from the softmax of the
+    logits divided by the temperature T (T = 1: the prior itself; T < 1 sharper). The prior is
+    causal, so each row's vertical stack runs once, on rows 0..i, and each position only the
+    horizontal stack on its own row (GatedPixelCNN.row_sampler): the work grows as h*w rows,
+    not h^2*w."""
     device = next(prior.parameters()).device
     h, w = grid
     codes = torch.zeros(n, h, w, dtype=torch.long, device=device)
@@ -172,7 +174,7 @@ def sample_codes(prior, n, grid, labels=None, generator=None):
         for i in range(h):
             logits_at = prior.row_sampler(codes, i, labels)
             for j in range(w):
-                logits = logits_at(j).float()                                     # (n, K)
+                logits = logits_at(j).float() / temperature                       # (n, K)
                 codes[:, i, j] = torch.multinomial(logits.softmax(1), 1,
                                                    generator=generator)[:, 0]
                 bar.update(1)
@@ -374,11 +376,27 @@ def save_prior_outputs(model, prior, grid, num_classes, log, history, bits, out,
                       out / "prior_losses.png", title="PixelCNN prior (bits per code)")
     device = next(prior.parameters()).device
     gen = torch.Generator(device).manual_seed(seed)
-    labels = torch.arange(64, device=device) // 8 % num_classes if num_classes else None
-    prior.eval()
-    with devices.autocast(device, precision):
-        samples = model.decode_codes(sample_codes(prior, 64, grid, labels, gen))
+    samples = sample_images(model, prior, 64, grid, sample_labels(64, num_classes, device), gen,
+                            precision=precision)
     utils.save_grid(samples, out / "samples.png", nrow=8)
     print(f"prior: held-out {bits:.4f} bits per code "
           f"({math.log2(model.quantizer.num_codes):.1f} for a uniform prior); samples in "
           f"{out / 'samples.png'}")
+
+
+def sample_labels(n, num_classes, device):
+    """The classes of n samples of a conditional prior of `num_classes` classes: 8 of each
+    class in turn, the rows of samples.png; None for an unconditional prior."""
+    return torch.arange(n, device=device) // 8 % num_classes if num_classes else None
+
+
+@torch.no_grad()
+def sample_images(model, prior, n, grid, labels, generator, temperature=1.0, precision="fp32"):
+    """n images in [0, 1]: code grids (`grid`, (H, W)) drawn from the prior at softmax
+    `temperature` (`sample_codes`, with their class `labels` or None), decoded by the VQ-VAE
+    `model`, the networks in autocast in `precision`. samples.png and trained.VQVAE.sample
+    both draw through here, so the same seed gives the same images."""
+    device = next(prior.parameters()).device
+    prior.eval()
+    with devices.autocast(device, precision):
+        return model.decode_codes(sample_codes(prior, n, grid, labels, generator, temperature))

@@ -316,14 +316,20 @@ def evaluate(model, images, device, seed=0, binarize=False, binary=False, iw_sam
     return {k: float(v) if isinstance(v, np.floating) else v for k, v in result.items()}
 
 
+def prior_codes(n, latent, generator, temperature=1.0):
+    """z ~ N(0, T^2 I), (n, latent), drawn from `generator` on its device: the prior's standard
+    deviation scaled by the temperature T. The codes of samples.png (T = 1) and of
+    trained.VAE.sample, so that the two draw the same images from the same seed."""
+    return temperature * torch.randn(n, latent, device=generator.device, generator=generator)
+
+
 @torch.no_grad()
 def save_images(model, images, out, device, seed, n=32):
     """reconstructions.png (originals above their reconstructions) and samples.png."""
     model.eval()
     utils.save_reconstructions(images, lambda x: model.mean_image(model.decoder(
         model.encoder(x)[0])), out / "reconstructions.png", device, n)     # the posterior mean
-    gen = torch.Generator(device).manual_seed(seed)
-    z = torch.randn(64, model.latent, device=device, generator=gen)
+    z = prior_codes(64, model.latent, torch.Generator(device).manual_seed(seed))
     utils.save_grid(model.mean_image(model.decoder(z)), out / "samples.png", nrow=8)
     model.train()
 

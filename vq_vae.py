@@ -278,9 +278,14 @@ class VQVAE(nn.Module):
     @torch.no_grad()
     def codes(self, x):
         """Code grid (B, S/4, S/4) of x in [0, 1]; never touches the quantiser's state."""
-        z = self.encoder(centred(x)).float()                                # (B, D, H, W)
-        b, d, h, w = z.shape
-        return self.quantizer.nearest(z.permute(0, 2, 3, 1).reshape(-1, d))[0].view(b, h, w)
+        return self.quantize(self.encoder(centred(x)))
+
+    @torch.no_grad()
+    def quantize(self, z_e):
+        """Encoder outputs z_e (B, D, H, W) -> the grid (B, H, W) of their nearest codes."""
+        b, d, h, w = z_e.shape
+        flat = z_e.float().permute(0, 2, 3, 1).reshape(-1, d)                 # (B*H*W, D)
+        return self.quantizer.nearest(flat)[0].view(b, h, w)
 
     @torch.no_grad()
     def decode_codes(self, indices):
