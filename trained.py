@@ -40,8 +40,8 @@ def load(checkpoint, device="cpu", precision="fp32"):
     ("fp32", "bf16", "fp16" or "auto": devices.auto_precision's rule). A VAE (standard_vae,
     beta_vae) or a VQVAE; `why` says how the precision was chosen."""
     path = Path(checkpoint)
-    device = devices.get_device(device) if device in ("auto", "cpu", "cuda", "mps") \
-        else torch.device(device)
+    device = devices.get_device(device) if isinstance(device, str) and \
+        device in ("auto", "cpu", "cuda", "mps") else torch.device(device)
     state = checkpoints.load(path)
     kind = state.get("kind")
     if kind == "vq_vae_prior":
@@ -97,16 +97,18 @@ class Images:
     conversion: str = ""
 
     def notes(self):
-        """One line for the skipped files and one for the converted ones (none if none)."""
+        """A line naming the skipped files and one naming the converted ones, where any are."""
+        def named(names):
+            return "; ".join(names[:SHOWN_NAMES]) + ("; ..." if len(names) > SHOWN_NAMES else "")
         lines = []
-        for what, names in ((f"skipped {len(self.skipped)} unreadable file", [
-                f"{f} ({why})" for f, why in self.skipped.items()]),
-                (f"converted {len(self.converted)} image", self.converted)):
-            if names:
-                more = "; ..." if len(names) > SHOWN_NAMES else ""
-                how = f" {self.conversion}" if names is self.converted else ""
-                lines.append(f"{what}{'s' if len(names) > 1 else ''}{how}: "
-                             f"{'; '.join(names[:SHOWN_NAMES])}{more}")
+        if self.skipped:
+            n = len(self.skipped)
+            lines.append(f"skipped {n} unreadable file{'s' if n > 1 else ''}: "
+                         + named([f"{f} ({why})" for f, why in self.skipped.items()]))
+        if self.converted:
+            n = len(self.converted)
+            lines.append(f"converted {n} image{'s' if n > 1 else ''} {self.conversion}: "
+                         + named(self.converted))
         return lines
 
 
@@ -214,8 +216,9 @@ class Trained:
     def check_images(self, x):
         """x as a float batch (B, C, S, S) on the device, or one line saying what it should be."""
         want = (self.channels, self.image_size, self.image_size)
-        if not torch.is_tensor(x) or x.dim() != 4 or tuple(x.shape[1:]) != want:
-            got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+        if not torch.is_tensor(x) or x.dim() != 4 or tuple(x.shape[1:]) != want \
+                or not x.is_floating_point():
+            got = f"{tuple(x.shape)} {x.dtype}" if torch.is_tensor(x) else type(x).__name__
             raise UserError(f"expected images (B, {', '.join(map(str, want))}) in [0, 1], got "
                             f"{got}; preprocess(paths) makes them from image files")
         return x.to(self.device).float()

@@ -170,8 +170,9 @@ def write_samples(model, n, temperature, seed, out, overwrite):
 
 
 def read_in_batches(model, paths, desc):
-    """(the image files of `paths`, an iterator of `trained.Images` of batch_size files each,
-    with a progress bar, and the record of all it skipped and converted, filled as it goes)."""
+    """(an iterator of `trained.Images` of batch_size files each of the image files of `paths`,
+    with a progress bar; the record of all it read, skipped and converted, filled as it goes,
+    its notes printed at the end)."""
     found = trained.image_files(paths)
     if not found:
         raise UserError(f"no image files in {' '.join(map(str, paths))}")
@@ -193,7 +194,7 @@ def read_in_batches(model, paths, desc):
         if not record.files:
             raise UserError(f"no readable image among the {len(found):,} files of "
                             f"{' '.join(map(str, paths))}")
-    return found, batches(), record
+    return batches(), record
 
 
 def psnr(mse):
@@ -202,7 +203,7 @@ def psnr(mse):
 
 def write_reconstructions(model, paths, out, overwrite):
     check_out(out, [out / "reconstructions.png", out / "reconstructions.csv"], overwrite)
-    _, batches, record = read_in_batches(model, paths, "reconstructing")
+    batches, record = read_in_batches(model, paths, "reconstructing")
     errors, pairs = [], []
     for read in batches:
         x = model.as_input(read.pixels)
@@ -260,7 +261,7 @@ def write_codes(model, paths, out, overwrite):
                         f"{out / 'codes.npz'}")
     if out.exists() and not overwrite:
         raise UserError(f"--out {out} exists; --overwrite replaces it, or name another file")
-    _, batches, record = read_in_batches(model, paths, "encoding")
+    batches, record = read_in_batches(model, paths, "encoding")
     parts = []
     for read in batches:
         code = model.encode(model.as_input(read.pixels))

@@ -237,6 +237,8 @@ def test_preprocess_reads_as_the_folder_run_did_and_converts_channels(runs, imag
         grey.preprocess(images / "broken.png")
     with pytest.raises(UserError, match=r"expected images \(B, 1, 64, 64\)"):
         grey.encode(torch.zeros(2, 3, 32, 32))
+    with pytest.raises(UserError, match="torch.uint8"):                    # pixels, not [0, 1]
+        grey.encode(torch.zeros(2, 1, 64, 64, dtype=torch.uint8))
 
 
 # ---- bad input: one line each -------------------------------------------------------------------
@@ -326,7 +328,7 @@ def test_every_flag_is_documented():
         assert action.option_strings[0] in help_text
 
 
-# ---- the README's snippet, run as written ---------------------------------------------------------
+# ---- the README's snippet, run as written ----------------------------------------------------
 def test_the_readme_snippet_runs_as_written(runs, images, tmp_path, monkeypatch):
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("### Use a trained model"):]
