@@ -241,6 +241,23 @@ def test_preprocess_reads_as_the_folder_run_did_and_converts_channels(runs, imag
         grey.encode(torch.zeros(2, 1, 64, 64, dtype=torch.uint8))
 
 
+def test_a_celeba_run_reads_images_through_its_own_crop(tmp_path, capsys):
+    """CelebA's decoding: the run's --crop centre crop, then the resize, as its cache holds
+    them; a file smaller than the crop is skipped with its size."""
+    import beta_vae
+    args = beta_vae.check_args(beta_vae.parse_args(
+        ["--dataset", "celeba", "--image-size", "32", "--crop", "120", "--latent", "4"]))
+    torch.save({"kind": "beta_vae", "args": vars(args), "data": {"channels": 3, "image_size": 32},
+                "model": beta_vae.build_model(args, 3, 32).state_dict()}, tmp_path / "c.pt")
+    model = trained.load(tmp_path / "c.pt")
+    face = colour_image(tmp_path / "face.jpg", 0, size=(218, 178))
+    small = colour_image(tmp_path / "small.jpg", 1, size=(100, 100))
+    x = model.preprocess([face, small])
+    assert "small.jpg (is 100x100, smaller than the 120x120 centre crop)" in capsys.readouterr().out
+    expected = utils._decode_celeba(([str(face)], 120, 32))
+    assert np.array_equal((x * 255).round().byte().numpy(), expected)
+
+
 # ---- bad input: one line each -------------------------------------------------------------------
 def one_line_error(proc, *fragments, status=1):
     assert proc.returncode == status, proc.stdout + proc.stderr
