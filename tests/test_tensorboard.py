@@ -206,3 +206,19 @@ def test_without_the_flag_nothing_imports_tensorboard_and_training_is_the_same(
     b = checkpoints.load(tmp_path / "watched" / "checkpoint.pt")
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+@pytest.mark.slow
+def test_under_torchrun_rank_0_alone_writes(tmp_path, tensorboard):
+    from conftest import torchrun
+    out = tmp_path / "run"
+    torchrun(ROOT / "beta_vae.py", *BETA, "--data-root", tmp_path / "data", "--batch-size", 16,
+             "--max-steps", 6, "--mig-points", 0, "--out", out, "--tensorboard")
+    assert len(list(out.glob("events.out.tfevents.*"))) == 1
+    acc = read_events(out)
+    state = checkpoints.load(out / "checkpoint.pt")
+    assert steps(acc, "train/loss") == [2, 4, 6]
+    # the running means over both ranks, as the training log holds them
+    assert values(acc, "train/loss") == pytest.approx([r["loss"] for r in state["log"]], 1e-6)
+    assert steps(acc, "eval/test_neg_elbo") == [6]
+    assert steps(acc, "images/samples") == [6]
