@@ -69,8 +69,9 @@ class Board(Off):
         if step == 0:                    # a fresh phase: the log of a run it replaces goes
             for old in folder.glob(EVENTS):
                 old.unlink()
-        # Events at the checkpoint's step were written before it was saved, so they stay;
-        # TensorBoard hides those at `purge_step` and later from the files written before.
+        # Events up to the checkpoint's step were on disk before it was saved (an evaluation
+        # flushes, a stop closes), so they stay; TensorBoard hides the earlier files' events
+        # from `purge_step` on.
         self.writer = summary_writer(folder, purge_step=step + 1 if step else None)
         self.pictures, self.schedule = pictures, schedule
 
@@ -91,7 +92,7 @@ class Board(Off):
                 for png in sorted(Path(tmp).glob("*.png")):
                     self.writer.add_image(f"images/{png.stem}", read_rgb(png), step,
                                           dataformats="HWC")
-        self.writer.flush()              # what an evaluation logged is on disk at once
+        self.writer.flush()              # on disk before the checkpoint that follows
 
     def add(self, step, group, values):
         """One scalar per number of `values` (but the step), one per element of a list of
