@@ -69,6 +69,14 @@ def beta_at(step, beta, warmup):
     return beta * min(1.0, step / warmup) if warmup > 0 else beta
 
 
+def schedule_at(step, objective, beta, beta_warmup, c_max, c_steps, **loss_settings):
+    """What the schedule sets at `step` (TensorBoard plots it beside the loss terms): objective
+    B's capacity C, else the warmed-up beta (on H's KL, on TC's total correlation)."""
+    if objective == "B":
+        return {"capacity": capacity(step, c_max, c_steps)}
+    return {"beta": beta_at(step, beta, beta_warmup)}
+
+
 def resolve_schedule(args, total_steps):
     """Fill in the schedule flags that were not given from the run's length, then say what the
     schedule is, and warn when a given one cannot finish within the run. Returns the lines."""
@@ -395,10 +403,16 @@ def main(args):
         return {**scores, **(mig_scores(model, args.data_root, args.seed, mig_points)
                              if mig_points else {})}
 
+    def pictures(entry, folder):              # TensorBoard's images at every evaluation
+        sv.save_images(model, run.test.images, folder, run.device, args.seed, n=8, samples=16)
+        save_traversal(model, run.test.images, entry["kl_per_dim"], folder / "traversal.png",
+                       seeds=1)
+
     trained = loop.train(
         model, opt, lambda fwd, x, step: train_step(fwd, opt, x, step, objective,
                                                     model.log_sigma, run.precision, scaler),
-        batches.epoch, settings, run.state, evaluate=evaluate, scaler=scaler)
+        batches.epoch, settings, run.state, evaluate=evaluate, scaler=scaler,
+        pictures=pictures, schedule=lambda step: schedule_at(step, **objective))
 
     final = sv.final_evaluation(score, len(run.test), trained.step * settings.batch,
                                 args.iw_samples, args.iw_images)

@@ -309,7 +309,8 @@ def train_prior(args, model, run, vq_step, grid, resume_flags):
         compile=args.compile, checkpoint="prior.pt", history="prior_history.json",
         saved={"config": config, "vq_step": vq_step, "vqvae": model.state_dict(),
                "data": {"channels": run.train.channels, "image_size": run.train.image_size}},
-        reserve=(model,), shown={"bits_per_code": ".3f"}, desc="prior", items="code grids")
+        reserve=(model,), shown={"bits_per_code": ".3f"}, desc="prior", items="code grids",
+        tensorboard=run.out / "prior" if args.tensorboard else None)
     trained = loop.train(
         prior, opt, lambda fwd, idx, step: prior_train_step(
             fwd, opt, codes[idx], None if labels is None else labels[idx], precision, scaler),
@@ -317,7 +318,9 @@ def train_prior(args, model, run, vq_step, grid, resume_flags):
         evaluate=lambda last: {"train_bits_per_code": last["bits_per_code"],
                                "test_bits_per_code": bits()},
         describe=lambda h: (f"prior epoch {h['epoch']} step {h['step']}: held-out "
-                            f"{h['test_bits_per_code']:.4f} bits/code"))
+                            f"{h['test_bits_per_code']:.4f} bits/code"),
+        pictures=lambda entry, folder: save_samples(                # TensorBoard's images
+            model, prior, grid, num_classes, folder / "samples.png", args.seed, precision))
 
     # the last epoch's score is the final one when it was taken at this step (the common case)
     history = trained.history
@@ -362,6 +365,19 @@ def code_grids(model, run, labels, epochs, max_steps, prior_batch, batch_size, g
         return codes, None, test_codes, None
     return (codes, labels[:n].to(run.device), test_codes,
             class_labels(run.test)[0][:m].to(run.device))
+
+
+def save_samples(model, prior, grid, num_classes, path, seed, precision, n=16):
+    """`n` samples of the prior during its training, decoded, 8 per row (with a conditional
+    prior, each row one class): TensorBoard's images at every evaluation of the prior."""
+    device = next(prior.parameters()).device
+    gen = torch.Generator(device).manual_seed(seed)
+    labels = torch.arange(n, device=device) // 8 % num_classes if num_classes else None
+    prior.eval()
+    with devices.autocast(device, precision):
+        samples = model.decode_codes(sample_codes(prior, n, grid, labels, gen))
+    prior.train()
+    utils.save_grid(samples, path, nrow=8)
 
 
 def save_prior_outputs(model, prior, grid, num_classes, log, history, bits, out, seed,
