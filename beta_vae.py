@@ -21,6 +21,7 @@ al.: four 4x4 stride-2 convolutions of 32 channels, FC 256, FC 256, 2 x latent o
     python beta_vae.py --dataset dsprites --latent 10 --epochs 30
 """
 import math
+import os
 
 import torch
 
@@ -44,6 +45,8 @@ BETA = {"H": 4.0, "TC": 6.0}
 # KL drops them. A folder of one's own images defaults to H with beta 1 too, for the attribute
 # vectors of its class folders and --labels.
 DEFAULT_OBJECTIVE = {"celeba": ("H", 1.0), "dsprites": ("TC", 6.0), "folder": ("H", 1.0)}
+DEFAULT_WHY = {"dsprites": "the recipe whose seeds disentangled best in docs/disentanglement.md",
+               "celeba": "chosen for attribute vectors", "folder": "chosen for attribute vectors"}
 # Adam's learning rate when --lr is not given: Chen et al. 2018 train beta-TCVAE at 1e-3;
 # Burgess et al. (and Higgins et al.'s objective here) at 5e-4.
 DEFAULT_LR = {"TC": 1e-3}
@@ -66,6 +69,14 @@ def beta_at(step, beta, warmup):
     return beta * min(1.0, step / warmup) if warmup > 0 else beta
 
 
+def schedule_at(step, objective, beta, beta_warmup, c_max, c_steps, **loss_settings):
+    """What the schedule sets at `step` (TensorBoard plots it beside the loss terms): objective
+    B's capacity C, else the warmed-up beta (on H's KL, on TC's total correlation)."""
+    if objective == "B":
+        return {"capacity": capacity(step, c_max, c_steps)}
+    return {"beta": beta_at(step, beta, beta_warmup)}
+
+
 def resolve_schedule(args, total_steps):
     """Fill in the schedule flags that were not given from the run's length, then say what the
     schedule is, and warn when a given one cannot finish within the run. Returns the lines."""
@@ -73,7 +84,7 @@ def resolve_schedule(args, total_steps):
     if "objective" not in getattr(args, "given", ()) and \
             DEFAULT_OBJECTIVE.get(args.dataset) == (args.objective, args.beta):
         lines.append(f"objective {args.objective} with beta {args.beta:g}: the default on "
-                     f"{args.dataset}, chosen for attribute vectors; --objective B is Burgess "
+                     f"{args.dataset}, {DEFAULT_WHY[args.dataset]}; --objective B is Burgess "
                      "et al.'s published setting")
     if args.objective == "B":
         how = "--c-steps"
@@ -302,7 +313,8 @@ def parse_args(argv=None):
     p.add_argument("--mig-points", type=arguments.nonneg_int, default=None,
                    help="dsprites: MIG on this many images at every held-out evaluation, "
                         "a curve of disentanglement in history.json (default: 10,000, or the "
-                        "images the run trains on if fewer, at least 1,000; 0 = off)")
+                        "images the run trains on if fewer, at least 1,000; 0 = off); while it is on, "
+                        "--eval-every defaults to a point every 256,000 images")
     sv.add_vae_args(p, iw_samples=0)
     return p.parse_args(argv)
 
@@ -324,6 +336,9 @@ def check_args(args):
         train = min(args.limit or math.inf, len(utils.dsprites_split("train")))
         args.mig_points = 0 if args.dataset != "dsprites" else sizes.mig_points(
             *sizes.run_images(args.batch_size, args.epochs, args.max_steps, train))
+    if args.mig_points and args.eval_every is None:     # the curve's points, as in the README
+        args.eval_every = sizes.curve_steps(args.batch_size,
+                                             int(os.environ.get("WORLD_SIZE", 1)))
     if args.objective == "TC" and args.batch_size < 2:
         raise UserError("--objective TC estimates q(z) on the batch: --batch-size >= 2")
     return args
@@ -388,10 +403,16 @@ def main(args):
         return {**scores, **(mig_scores(model, args.data_root, args.seed, mig_points)
                              if mig_points else {})}
 
+    def pictures(entry, folder):              # TensorBoard's images at every evaluation
+        sv.save_images(model, run.test.images, folder, run.device, args.seed, n=8, samples=16)
+        save_traversal(model, run.test.images, entry["kl_per_dim"], folder / "traversal.png",
+                       seeds=1)
+
     trained = loop.train(
         model, opt, lambda fwd, x, step: train_step(fwd, opt, x, step, objective,
                                                     model.log_sigma, run.precision, scaler),
-        batches.epoch, settings, run.state, evaluate=evaluate, scaler=scaler)
+        batches.epoch, settings, run.state, evaluate=evaluate, scaler=scaler,
+        pictures=pictures, schedule=lambda step: schedule_at(step, **objective))
 
     final = sv.final_evaluation(score, len(run.test), trained.step * settings.batch,
                                 args.iw_samples, args.iw_images)

@@ -355,7 +355,9 @@ def recipe(args):
     arch = getattr(args, "arch", "conv")
     tc = f" {args.tc_estimator}" if args.objective == "TC" else ""
     gamma = f" gamma {args.gamma:g}" if args.objective == "B" else ""
-    return (f"{args.objective}{tc}{gamma}, {arch}, batch {args.batch_size}, lr {args.lr:g}, "
+    beta = (f" beta {args.beta:g}" if args.objective != "B" and
+            args.beta != beta_vae.BETA.get(args.objective) else "")      # beyond its default
+    return (f"{args.objective}{tc}{gamma}{beta}, {arch}, batch {args.batch_size}, lr {args.lr:g}, "
             f"seed {args.seed}")
 
 
@@ -466,7 +468,9 @@ def history_of(folder):
 def udr_ranking(paths, data_root, device, out, n_points=10_000, seed=0):
     """udr.json: the runs ranked by UDR (Duan et al. 2020), computed on one common set of
     `n_points` images (dSprites: drawn uniformly from the whole grid; else the held-out split),
-    with each run's MIG beside it where an earlier --metrics run of that checkpoint left one."""
+    with each run's MIG beside it where an earlier --metrics run of that checkpoint left one.
+    As Duan et al. do, a run is scored against the other seeds of its setting (its recipe but
+    the seed); a run alone in its setting, against all the others."""
     runs = []
     for p in paths:
         path = checkpoint_of(p)
@@ -485,9 +489,10 @@ def udr_ranking(paths, data_root, device, out, n_points=10_000, seed=0):
                                     getattr(args, "image_size", 64),
                                     getattr(args, "crop", 148)).images
     codes, kls = zip(*(codes_and_kl(m, images, device) for _, m, _, _ in runs))
-    scores, pairs, kept = disentanglement.udr(codes, kls)
+    settings = [setting({"recipe": recipe(a)}) for _, _, a, _ in runs]
+    scores, pairs, kept = disentanglement.udr(codes, kls, settings=settings)
     table = []
-    for (path, _, a, state), score, k in zip(runs, scores, kept):
+    for (path, _, a, state), score, k, s in zip(runs, scores, kept, settings):
         known = earlier_metrics(path.parent / "disentanglement.json", path, state["step"])
         source = "--metrics" if "mig" in known else None
         if not known:           # else the MIG curve's point at this step, if the run has one
@@ -495,7 +500,9 @@ def udr_ranking(paths, data_root, device, out, n_points=10_000, seed=0):
                           and "mig" in h), {})
             source = "history.json" if known else None
         table.append({"checkpoint": str(path), "recipe": recipe(a), "step": state["step"],
-                      "udr": score, "informative_latents": k.tolist(),
+                      "udr": score, "scored_against": ("its setting's other seeds" if
+                                                       settings.count(s) > 1 else "all runs"),
+                      "informative_latents": k.tolist(),
                       "mig": known.get("mig"), "factor_vae": known.get("factor_vae"),
                       "mig_from": source})
     order = sorted(range(len(table)), key=lambda i: -table[i]["udr"])
@@ -512,7 +519,8 @@ def udr_ranking(paths, data_root, device, out, n_points=10_000, seed=0):
         r = table[i]
         mig = f"MIG {r['mig']:.3f}" if r["mig"] is not None else "MIG unknown"
         print(f"{rank:3d}. UDR {r['udr']:.3f}  {mig}  {len(r['informative_latents'])} "
-              f"informative latents  {r['recipe']}  ({r['checkpoint']})")
+              f"informative latents  {r['recipe']}  ({r['checkpoint']}; against "
+              f"{r['scored_against']})")
     if rho is not None:
         print(f"rank correlation of UDR with MIG over {len(scored)} runs: {rho:.2f}")
     print(f"udr.json written to {out}")

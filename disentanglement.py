@@ -253,14 +253,18 @@ def pair_similarity(r):
     return float((strength(r).sum() + strength(r.T).sum()) / sum(r.shape))
 
 
-def udr(codes, kl_per_latent, kl_floor=0.01):
+def udr(codes, kl_per_latent, kl_floor=0.01, settings=None):
     """UDR scores of M models from their posterior means `codes` (M arrays (n, D_m), the same n
     images in the same order) and each latent's mean KL (M arrays (D_m,)). A latent is
     informative above `kl_floor` nats (Duan et al.); only informative latents are compared.
 
-    Returns (scores, pairs, kept): a model's score is the median of its similarity to every
-    other model (higher is better); pairs (M, M) holds the similarities; kept, each model's
-    informative latents."""
+    Duan et al. score a model against the other seeds of its own hyperparameter setting:
+    with `settings` (a label per model), a model's score is the median of its similarity to
+    the other models of its setting, and a model alone in its setting is scored against all
+    the others; without it, against all the others.
+
+    Returns (scores, pairs, kept): the scores (higher is better); pairs (M, M), the
+    similarities; kept, each model's informative latents."""
     kept = [np.flatnonzero(np.asarray(k) > kl_floor) for k in kl_per_latent]
     m = len(codes)
     if m < 2:
@@ -270,5 +274,9 @@ def udr(codes, kl_per_latent, kl_floor=0.01):
         for j in range(i + 1, m):
             r = spearman_matrix(codes[i][:, kept[i]], codes[j][:, kept[j]])
             pairs[i, j] = pairs[j, i] = pair_similarity(r)
-    scores = [float(np.median(np.delete(pairs[i], i))) for i in range(m)]
+    settings = list(settings) if settings is not None else [None] * m
+    scores = []
+    for i in range(m):
+        peers = [j for j in range(m) if j != i and settings[j] == settings[i]]
+        scores.append(float(np.median(pairs[i, peers or [j for j in range(m) if j != i]])))
     return scores, pairs, kept

@@ -311,7 +311,8 @@ def train_prior(args, model, run, vq_step, grid, resume_flags):
         compile=args.compile, checkpoint="prior.pt", history="prior_history.json",
         saved={"config": config, "vq_step": vq_step, "vqvae": model.state_dict(),
                "data": {"channels": run.train.channels, "image_size": run.train.image_size}},
-        reserve=(model,), shown={"bits_per_code": ".3f"}, desc="prior", items="code grids")
+        reserve=(model,), shown={"bits_per_code": ".3f"}, desc="prior", items="code grids",
+        tensorboard=run.out / "prior" if args.tensorboard else None)
     trained = loop.train(
         prior, opt, lambda fwd, idx, step: prior_train_step(
             fwd, opt, codes[idx], None if labels is None else labels[idx], precision, scaler),
@@ -319,7 +320,9 @@ def train_prior(args, model, run, vq_step, grid, resume_flags):
         evaluate=lambda last: {"train_bits_per_code": last["bits_per_code"],
                                "test_bits_per_code": bits()},
         describe=lambda h: (f"prior epoch {h['epoch']} step {h['step']}: held-out "
-                            f"{h['test_bits_per_code']:.4f} bits/code"))
+                            f"{h['test_bits_per_code']:.4f} bits/code"),
+        pictures=lambda entry, folder: save_samples(                # TensorBoard's images
+            model, prior, grid, num_classes, folder / "samples.png", args.seed, precision))
 
     # the last epoch's score is the final one when it was taken at this step (the common case)
     history = trained.history
@@ -366,6 +369,18 @@ def code_grids(model, run, labels, epochs, max_steps, prior_batch, batch_size, g
             class_labels(run.test)[0][:m].to(run.device))
 
 
+def save_samples(model, prior, grid, num_classes, path, seed, precision, n=16):
+    """`n` samples of the prior, decoded (`sample_images`), 8 per row (with a conditional
+    prior, each row one class): samples.png (64) and TensorBoard's images at every evaluation
+    of the prior (16). The prior's training mode is left as it was."""
+    device = next(prior.parameters()).device
+    training = prior.training
+    samples = sample_images(model, prior, n, grid, sample_labels(n, num_classes, device),
+                            torch.Generator(device).manual_seed(seed), precision=precision)
+    prior.train(training)
+    utils.save_grid(samples, path, nrow=8)
+
+
 def save_prior_outputs(model, prior, grid, num_classes, log, history, bits, out, seed,
                        precision):
     """prior_losses.png, and samples.png: 64 samples, 8 per row; with a conditional prior (of
@@ -374,11 +389,7 @@ def save_prior_outputs(model, prior, grid, num_classes, log, history, bits, out,
                        "held-out": ([h["step"] for h in history],
                                     [h["test_bits_per_code"] for h in history])},
                       out / "prior_losses.png", title="PixelCNN prior (bits per code)")
-    device = next(prior.parameters()).device
-    gen = torch.Generator(device).manual_seed(seed)
-    samples = sample_images(model, prior, 64, grid, sample_labels(64, num_classes, device), gen,
-                            precision=precision)
-    utils.save_grid(samples, out / "samples.png", nrow=8)
+    save_samples(model, prior, grid, num_classes, out / "samples.png", seed, precision, n=64)
     print(f"prior: held-out {bits:.4f} bits per code "
           f"({math.log2(model.quantizer.num_codes):.1f} for a uniform prior); samples in "
           f"{out / 'samples.png'}")

@@ -324,12 +324,12 @@ def prior_codes(n, latent, generator, temperature=1.0):
 
 
 @torch.no_grad()
-def save_images(model, images, out, device, seed, n=32):
-    """reconstructions.png (originals above their reconstructions) and samples.png."""
+def save_images(model, images, out, device, seed, n=32, samples=64):
+    """reconstructions.png (`n` originals above their reconstructions) and samples.png."""
     model.eval()
     utils.save_reconstructions(images, lambda x: model.mean_image(model.decoder(
         model.encoder(x)[0])), out / "reconstructions.png", device, n)     # the posterior mean
-    z = prior_codes(64, model.latent, torch.Generator(device).manual_seed(seed))
+    z = prior_codes(samples, model.latent, torch.Generator(device).manual_seed(seed))
     utils.save_grid(model.mean_image(model.decoder(z)), out / "samples.png", nrow=8)
     model.train()
 
@@ -403,8 +403,8 @@ def check_args(args):
 
 # flags that may change when a run is resumed; everything else comes from the checkpoint
 RESUME_FLAGS = ("epochs", "max_steps", "lr", "device", "out", "resume", "compile", "precision",
-                "deterministic", "log_every", "eval_every", "eval_limit", "iw_samples",
-                "iw_images", "data_root", "data_on", "cache_dir", "labels")
+                "deterministic", "log_every", "eval_every", "tensorboard", "eval_limit",
+                "iw_samples", "iw_images", "data_root", "data_on", "cache_dir", "labels")
 
 
 def build_model(args, channels, image_size):
@@ -444,16 +444,16 @@ def train_step(model, opt, x, loss_fn, precision="fp32", scaler=devices.NO_SCALE
     return terms
 
 
-LOGGED = ("loss", "recon", "kl")                    # vae_loss's terms in the training log
+LOGGED = ("loss", "recon", "kl", "kl_dims")         # vae_loss's terms in the training log
 SHOWN = {"loss": ".2f", "kl": ".2f"}                # and those on the progress bar
 
 
 def epoch_scores(scores, last):
     """What the history keeps of an evaluation: the last running training loss and the
-    held-out bound, its terms and the KL per dimension."""
+    held-out bound, its terms, the KL per dimension and the active units."""
     return {"train_loss": last["loss"], "test_neg_elbo": scores["neg_elbo"],
             "test_recon": scores["recon"], "test_kl": scores["kl"],
-            "kl_per_dim": scores["kl_per_dim"]}
+            "kl_per_dim": scores["kl_per_dim"], "test_active_units": scores["active_units"]}
 
 
 def final_evaluation(score, held_out, trained_images, iw_samples, iw_images):
@@ -496,7 +496,8 @@ def main(args):
             fwd, opt, x, partial(loss, log_sigma=model.log_sigma, step=step), run.precision,
             scaler),
         batches.epoch, settings, run.state, evaluate=lambda last: epoch_scores(score(), last),
-        scaler=scaler)
+        scaler=scaler, pictures=lambda entry, folder: save_images(     # TensorBoard's images
+            model, run.test.images, folder, run.device, args.seed, n=8, samples=16))
 
     final = final_evaluation(score, len(run.test), trained.step * settings.batch,
                              args.iw_samples, args.iw_images)

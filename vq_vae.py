@@ -379,10 +379,11 @@ def evaluate(model, images, variance, batch_size, device, precision="fp32"):
             "images": len(images), "code_counts": counts.long().tolist()}
 
 
-def save_reconstructions(model, images, path, device):
-    """Held-out originals above their reconstructions (the decoded code grids)."""
+def save_reconstructions(model, images, path, device, n=32):
+    """`n` held-out originals above their reconstructions (the decoded code grids)."""
     model.eval()
-    utils.save_reconstructions(images, lambda x: model.decode_codes(model.codes(x)), path, device)
+    utils.save_reconstructions(images, lambda x: model.decode_codes(model.codes(x)), path, device,
+                               n)
     model.train()
 
 
@@ -462,8 +463,9 @@ def check_args(args):
 # checkpoint.pt. The prior's own settings (pixelcnn_prior.PRIOR_FLAGS) may be typed until
 # prior.pt exists; from then on they come from prior.pt.
 RESUME_FLAGS = ("epochs", "max_steps", "lr", "device", "out", "resume", "compile", "precision",
-                "deterministic", "log_every", "eval_every", "eval_limit", "data_root", "data_on",
-                "cache_dir", "labels", "prior_epochs", "prior_max_steps", "prior_lr")
+                "deterministic", "log_every", "eval_every", "tensorboard", "eval_limit",
+                "data_root", "data_on", "cache_dir", "labels", "prior_epochs", "prior_max_steps",
+                "prior_lr")
 
 
 def build_model(args, channels):
@@ -560,7 +562,9 @@ def main(args):
         model, opt, lambda fwd, x, step: train_step(fwd, opt, x, variance, args.beta,
                                                     run.precision, scaler),
         batches.epoch, settings, run.state, evaluate=lambda last: epoch_scores(score(), last),
-        describe=partial(describe, args.codes), scaler=scaler)
+        describe=partial(describe, args.codes), scaler=scaler,
+        pictures=lambda entry, folder: save_reconstructions(        # TensorBoard's images
+            model, run.test.images, folder / "reconstructions.png", run.device, n=8))
 
     final = score()
     metrics = {"test": final, **loop.summary(trained, run), "data_variance": variance,

@@ -37,6 +37,15 @@ def test_defaults_are_the_published_settings():
     assert (args.objective, args.beta, args.tc_estimator, args.lr, args.batch_size,
             args.arch) == ("TC", 6.0, "mss", 1e-3, 64, "conv")
     assert bv.check_args(bv.parse_args(["--dataset", "dsprites", "--lr", "2e-4"])).lr == 2e-4
+    # ... and says why; its MIG curve has a point every 256,000 images, whatever the batch
+    assert "disentangled best" in bv.resolve_schedule(args, 31_104)[0]
+    assert args.eval_every == 4_000
+    assert bv.check_args(bv.parse_args(["--dataset", "dsprites", "--batch-size", "512"])
+                         ).eval_every == 500
+    assert bv.check_args(bv.parse_args(["--dataset", "dsprites", "--eval-every", "7"])
+                         ).eval_every == 7
+    assert bv.check_args(bv.parse_args(["--dataset", "dsprites", "--mig-points", "0"])
+                         ).eval_every is None
     # objective B: Burgess et al.'s published settings
     args = bv.check_args(bv.parse_args(["--dataset", "dsprites", "--objective", "B"]))
     bv.resolve_schedule(args, 300_000)                  # a published-length run

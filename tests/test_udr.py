@@ -34,6 +34,11 @@ def test_udr_ranks_agreeing_models_first_and_an_unrelated_one_last():
     assert pairs[0, 1] == pytest.approx(pairs[~np.eye(5, dtype=bool)].max())
     assert min(scores[:3]) > scores[3] > scores[4]                # agreeing > entangled > noise
     assert scores[4] < 0.1 and min(scores[:3]) > 0.6
+    # Duan et al.'s protocol: a model against the other seeds of its setting; alone, all others
+    grouped, same, _ = dis.udr(codes, kl, settings=["x", "x", "y", "y", "z"])
+    np.testing.assert_allclose(same, pairs)
+    assert grouped[:4] == pytest.approx([pairs[0, 1], pairs[0, 1], pairs[2, 3], pairs[2, 3]])
+    assert grouped[4] == pytest.approx(scores[4]) == pytest.approx(np.median(pairs[4, :4]))
     with pytest.raises(utils.UserError, match="at least 2"):
         dis.udr(codes[:1], kl[:1])
 
@@ -85,3 +90,4 @@ def test_udr_ranks_real_runs_and_sets_mig_beside_it(tmp_path):
     last = json.loads((runs[2] / "history.json").read_text())[-1]
     assert (table[2]["mig"], table[2]["mig_from"]) == (last["mig"], "history.json")
     assert saved["runs_with_mig"] == 3 and -1 <= saved["rank_correlation_with_mig"] <= 1
+    assert {r["scored_against"] for r in saved["runs"]} == {"its setting's other seeds"}

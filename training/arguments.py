@@ -111,10 +111,17 @@ def add_common_args(p, datasets, latent=10, lr=1e-3, batch_size=64, epochs=10,
                         "(default: 10,000, or one epoch of training if that is fewer, at "
                         "least 1,000)")
     p.add_argument("--log-every", type=positive_int, default=100,
-                   help="steps between reads of the running loss")
+                   help="steps between reads of the running loss terms (the training log, "
+                        "the progress bar and TensorBoard's training scalars)")
     p.add_argument("--eval-every", type=positive_int, default=None,
                    help="steps between held-out evaluations and checkpoints, besides every "
                         "epoch end (default: epoch ends only)")
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=False,
+                   help="write TensorBoard logs into the run folder (`tensorboard --logdir "
+                        "runs` shows every run): the loss terms every --log-every steps, the "
+                        "held-out scores, reconstructions and samples at every evaluation; "
+                        "needs `pip install tensorboard`; a resumed run keeps its setting "
+                        "(default: off)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="forward passes in bf16 or fp16 autocast (fp16 with loss scaling) or "

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from training import checkpoints, console, devices, distributed, files, progress, sizes
+from training import (checkpoints, console, devices, distributed, files, progress, sizes,
+                      tensorboard)
 from training.errors import UserError
 
 
@@ -30,13 +31,14 @@ class Run:
 def start_run(args, kind, flags, load, keys=checkpoints.RESUME_KEYS):
     """What every training run does before its model exists: join torchrun (if launched by
     it), prepare the run folder (rank 0), load and check the checkpoint that --resume names
-    and take its settings into `args` in place (typed `flags` replace them), set the
-    algorithms (cuDNN's autotuner, or --deterministic), resolve --precision (written into
-    `args.precision`, so that the checkpoint keeps it and --resume goes on in it; rank 0 says
-    why), seed (the same initial weights on every rank), then load the training split and the
-    held-out split sized to the run (rank 0 first: it builds any data cache alone) with the
-    script's `load(args, split, limit)` (utils.load_split). The held-out size, when not given,
-    is written into `args.eval_limit`, so that the checkpoint keeps it."""
+    and take its settings into `args` in place (typed `flags` replace them), check that
+    --tensorboard finds its package, set the algorithms (cuDNN's autotuner, or
+    --deterministic), resolve --precision (written into `args.precision`, so that the
+    checkpoint keeps it and --resume goes on in it; rank 0 says why), seed (the same initial
+    weights on every rank), then load the training split and the held-out split sized to the
+    run (rank 0 first: it builds any data cache alone) with the script's `load(args, split,
+    limit)` (utils.load_split). The held-out size, when not given, is written into
+    `args.eval_limit`, so that the checkpoint keeps it."""
     device = distributed.setup(devices.get_device(args.device))
     main = distributed.DIST.main
     out = files.prepare_out(args.out, not args.resume, args.overwrite) if main else Path(args.out)
@@ -44,6 +46,8 @@ def start_run(args, kind, flags, load, keys=checkpoints.RESUME_KEYS):
     if args.resume:
         state = checkpoints.resume_state(args.resume, out, kind, keys)
         vars(args).update(vars(checkpoints.resume_args(args, state, flags)))
+    if args.tensorboard:
+        tensorboard.require()         # a missing package stops the run now, in one line
     devices.set_algorithms(device, args.deterministic)       # before any work on the GPU
     precision, why = devices.choose_precision(
         args.precision, device, resumed=bool(args.resume) and "precision" not in args.given)
@@ -83,6 +87,7 @@ class Settings:
     saved: dict = field(default_factory=dict)   # more entries of every checkpoint
     reserve: tuple = ()              # more modules whose checkpoint the disk must hold
     logged: tuple | None = None      # the terms of the step to log, those it returns (None: all)
+    tensorboard: Path | None = None  # the folder of TensorBoard's event files (None: off)
     shown: dict = field(default_factory=dict)   # display: logged terms on the bar, with formats
     desc: str | None = None          # display: the phase's name (default: `kind`)
     items: str = "images"            # display: what a batch holds
@@ -94,7 +99,8 @@ class Settings:
         it); `more` sets or replaces fields."""
         steps = sizes.run_steps(steps_per_epoch, args.epochs, args.max_steps)
         fields = dict(log_every=args.log_every, eval_every=args.eval_every, compile=args.compile,
-                      set_aside=args.resume or None, saved={"data": {
+                      set_aside=args.resume or None,
+                      tensorboard=run.out if args.tensorboard else None, saved={"data": {
                           "channels": run.train.channels, "image_size": run.train.image_size}})
         return cls(kind, run.out, steps, steps_per_epoch, args.batch_size * distributed.DIST.world,
                    args.lr, vars(args), **{**fields, **more})
@@ -127,7 +133,7 @@ def precision_record(precision, why):
 
 
 def train(model, opt, step_fn, batches, settings, state=None, evaluate=None, describe=None,
-          scaler=None):
+          scaler=None, pictures=None, schedule=None):
     """Train `model` with `opt` up to step `settings.steps`. Each script writes its step; this
     is the plumbing around it:
 
@@ -146,6 +152,9 @@ def train(model, opt, step_fn, batches, settings, state=None, evaluate=None, des
     - Checkpoints: after every evaluation and on a stop, written atomically (`save`). Space for
       one is reserved first, so a full disk is found now, not after an epoch.
     - Signals: the first SIGINT/SIGTERM saves the current step and raises console.Stopped.
+    - TensorBoard (`settings.tensorboard`, rank 0): each log entry, with `schedule(step)`'s
+      values, and each evaluation, with the PNGs `pictures(entry, folder)` draws into `folder`
+      (training/tensorboard.py); a resumed run appends.
     """
     s, dist = settings, distributed.DIST
     device = next(model.parameters()).device
@@ -158,7 +167,8 @@ def train(model, opt, step_fn, batches, settings, state=None, evaluate=None, des
     running, first_step, train_time = RunningMean(), step, 0.0
     bar = progress.bar(total=s.steps, initial=step, desc=s.desc or s.kind, unit="step",
                        what=f"{s.batch} {s.items} each", announce=True)
-    with console.StopSignal() as stop:
+    with console.StopSignal() as stop, tensorboard.board(
+            s.tensorboard if dist.main else None, step, pictures, schedule) as board:
         stopping = False
         while step < s.steps and not stopping:
             t0 = time.perf_counter()
@@ -170,18 +180,22 @@ def train(model, opt, step_fn, batches, settings, state=None, evaluate=None, des
                 bar.update(1)
                 if step % s.log_every == 0:
                     log.append(running.read(step, s.out))
+                    board.scalars(log[-1])
                     bar.set_postfix(**{k: f"{log[-1][k]:{form}}" for k, form in s.shown.items()})
                 stopping = distributed.should_stop(stop, step, s.log_every, device)
                 if step >= s.steps or stopping or (s.eval_every and step % s.eval_every == 0):
                     break
             last = running.read(step, s.out)         # None if the last step was a log step
-            log += [] if last is None else [last]
+            if last is not None:
+                log.append(last)
+                board.scalars(last)
             train_time += time.perf_counter() - t0
             due = step % s.steps_per_epoch == 0 or (s.eval_every and step % s.eval_every == 0)
             if evaluate is not None and (due or step >= s.steps):
                 speed = (step - first_step) * s.batch / max(train_time, 1e-9)   # this process's
                 history.append({"epoch": step // s.steps_per_epoch, "step": step,
                                 "images_per_s": speed, **evaluate(log[-1])})
+                board.evaluation(history[-1])
                 if dist.main:
                     files.write_json(s.out / s.history, history)
                     if describe is not None:

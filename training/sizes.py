@@ -11,6 +11,7 @@ PRIOR_EPOCHS = 10           # vq_vae.py: the prior's default length, for runs of
 PRIOR_NETWORK = (128, 12)   # vq_vae.py's prior: channels and gated layers of a full run
 PRIOR_SHORT = (32, 4)       # and of a prior shorter than PRIOR_FULL_STEPS
 PRIOR_FULL_STEPS = 1_000
+CURVE_IMAGES = 256_000      # beta_vae.py on dSprites: a point of the MIG curve every this many
 
 
 def run_steps(steps_per_epoch, epochs, max_steps=None):
@@ -40,6 +41,14 @@ def mig_points(train_images, epoch_images):
     """beta_vae.py --mig-points on dSprites: the held-out set's size (`held_out_size`). Why: MIG
     is scored at every held-out evaluation too, at about the same cost per image."""
     return held_out_size(None, train_images, epoch_images)
+
+
+def curve_steps(batch_size, world=1):
+    """beta_vae.py --eval-every on dSprites when the MIG curve is on: a held-out evaluation (and
+    a point of the curve) every CURVE_IMAGES training images. Why: the curves in
+    docs/disentanglement.md have a point every 256,000 images whatever the batch, so a run with
+    the defaults draws its curve at the same points (4,000 steps at batch 64, 500 at 512)."""
+    return max(1, round(CURVE_IMAGES / (batch_size * world)))
 
 
 def prior_held_out(held_out, train_grids, epoch_grids, given=False):
