@@ -112,18 +112,29 @@ beta-curves:
 	for s in 0 1; do $(PY) beta_vae_analyze.py --checkpoint runs/mlp_tc_mss_s$$s/checkpoint.pt --metrics --latent-kl --traverse --gif --rows 6; done
 
 # seeds and a lever (docs/disentanglement.md): the conv net at batch 64 with beta-TCVAE (the
-# dSprites default), the MLP recipe at batch 512 with the stratified (mss) and minibatch-weighted
-# (mws) estimators, 2M images each, one thread each; then the full protocol in fp32, UDR over
-# the runs, and the curves figure (with the earlier runs' curves, kept in its JSON)
+# dSprites default; `--epochs 3` is the same 2M images), four seeds; seed 1 continued to 6M
+# images; the MLP recipe at batch 512 with the stratified (mss) and minibatch-weighted (mws)
+# estimators and with beta 10 on the TC, 2M images each; one thread each; then the full
+# protocol in fp32, UDR over the eight 2M-image runs, the traversal of the long run, and the
+# curves figure (with three earlier MLP curves kept in its JSON: mss seeds 0 and 1, mws seed 0)
 SEEDS = --dataset dsprites --objective TC --beta 6 --lr 1e-3 --eval-limit 5000 --precision bf16
 MLP2M = $(SEEDS) --arch mlp --batch-size 512 --max-steps 4000 --beta-warmup 1800 --eval-every 500
-SEED_RUNS = conv_tc_mss_b64_2m_s1 conv_tc_mss_b64_2m_s2 mlp_tc_mss_2m_s2 mlp_tc_mws_2m_s1 mlp_tc_mws_2m_s2
+SEED_RUNS = conv_tc_mss_b64_2m_s0 conv_tc_mss_b64_2m_s1 conv_tc_mss_b64_2m_s2 conv_tc_mss_b64_2m_s3 \
+	mlp_tc_mss_2m_s2 mlp_tc10_mss_2m_s2 mlp_tc_mws_2m_s1 mlp_tc_mws_2m_s2
+EARLIER = runs/long_mlp_tc_s0 runs/mlp_tc_mss_s0 runs/mlp_tc_mss_s1
 beta-seeds:
-	for s in 1 2; do $(THREADS) $(PY) beta_vae.py --dataset dsprites --max-steps 31250 --eval-every 4000 --eval-limit 5000 --precision bf16 --seed $$s --out runs/conv_tc_mss_b64_2m_s$$s; done
+	for s in 0 1 2 3; do $(THREADS) $(PY) beta_vae.py --dataset dsprites --max-steps 31250 --eval-every 4000 --eval-limit 5000 --precision bf16 --seed $$s --out runs/conv_tc_mss_b64_2m_s$$s; done
+	cp -r runs/conv_tc_mss_b64_2m_s1 runs/conv_tc_mss_b64_6m_s1
+	$(THREADS) $(PY) beta_vae.py --resume runs/conv_tc_mss_b64_6m_s1/checkpoint.pt --out runs/conv_tc_mss_b64_6m_s1 --max-steps 93750
 	$(THREADS) $(PY) beta_vae.py $(MLP2M) --tc-estimator mss --seed 2 --out runs/mlp_tc_mss_2m_s2
+	$(THREADS) $(PY) beta_vae.py $(MLP2M) --tc-estimator mss --beta 10 --seed 2 --out runs/mlp_tc10_mss_2m_s2
 	for s in 1 2; do $(THREADS) $(PY) beta_vae.py $(MLP2M) --tc-estimator mws --seed $$s --out runs/mlp_tc_mws_2m_s$$s; done
-	for r in $(SEED_RUNS); do $(PY) beta_vae_analyze.py --checkpoint runs/$$r/checkpoint.pt --metrics --precision fp32; done
+	for r in $(SEED_RUNS) conv_tc_mss_b64_6m_s1; do $(PY) beta_vae_analyze.py --checkpoint runs/$$r/checkpoint.pt --metrics --precision fp32; done
 	$(PY) beta_vae_analyze.py --udr $(addprefix runs/,$(SEED_RUNS)) --out runs/udr
+	$(PY) beta_vae_analyze.py --checkpoint runs/conv_tc_mss_b64_6m_s1/checkpoint.pt --traverse --gif --rows 6
+	$(PY) -c "import json; d = json.load(open('Images/beta_vae_mig_curves.json')); d['runs'] = [r for r in d['runs'] if r['run'] in '$(EARLIER)'.split()]; json.dump(d, open('runs/earlier_curves.json', 'w'))"
+	$(PY) beta_vae_analyze.py --curves runs/earlier_curves.json $(addprefix runs/,$(filter-out conv_tc_mss_b64_2m_s1,$(SEED_RUNS))) runs/conv_tc_mss_b64_6m_s1 --out runs/curves
+	cp runs/curves/mig_curves.png Images/beta_vae_mig_curves.png && cp runs/curves/mig_curves.json Images/beta_vae_mig_curves.json
 
 # bf16 costs no quality: objective TC, 3,000 steps, seed 0, in fp32 and in bf16 (scored in fp32)
 bf16-check:
