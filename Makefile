@@ -108,7 +108,8 @@ beta-curves:
 	$(THREADS) $(PY) beta_vae.py $(CURVE) --arch mlp --tc-estimator mss --batch-size 512 --max-steps 18000 --eval-every 500 --seed 0 --out runs/mlp_tc_mss_s0
 	$(THREADS) $(PY) beta_vae.py $(CURVE) --arch mlp --tc-estimator mss --batch-size 512 --max-steps 12000 --eval-every 500 --seed 1 --out runs/mlp_tc_mss_s1
 	$(THREADS) $(PY) beta_vae.py $(CURVE) --arch conv --tc-estimator mss --batch-size 256 --max-steps 14000 --eval-every 1000 --seed 0 --out runs/conv_tc_mss_b256_s0
-	$(PY) beta_vae_analyze.py --curves runs/long_mlp_tc_s0 runs/mlp_tc_mss_s0 runs/mlp_tc_mss_s1 runs/conv_tc_mss_b256_s0 --out Images
+	$(PY) beta_vae_analyze.py --curves runs/long_mlp_tc_s0 runs/mlp_tc_mss_s0 runs/mlp_tc_mss_s1 runs/conv_tc_mss_b256_s0 --out runs/curves_recipes
+	cp runs/curves_recipes/mig_curves.png Images/beta_vae_mig_curves_recipes.png && cp runs/curves_recipes/mig_curves.json Images/beta_vae_mig_curves_recipes.json
 	for s in 0 1; do $(PY) beta_vae_analyze.py --checkpoint runs/mlp_tc_mss_s$$s/checkpoint.pt --metrics --latent-kl --traverse --gif --rows 6; done
 
 # seeds and a lever (docs/disentanglement.md): the conv net at batch 64 with beta-TCVAE (the
@@ -132,7 +133,7 @@ beta-seeds:
 	for r in $(SEED_RUNS) conv_tc_mss_b64_6m_s1; do $(PY) beta_vae_analyze.py --checkpoint runs/$$r/checkpoint.pt --metrics --precision fp32; done
 	$(PY) beta_vae_analyze.py --udr $(addprefix runs/,$(SEED_RUNS)) --out runs/udr
 	$(PY) beta_vae_analyze.py --checkpoint runs/conv_tc_mss_b64_6m_s1/checkpoint.pt --traverse --gif --rows 6
-	$(PY) -c "import json; d = json.load(open('Images/beta_vae_mig_curves.json')); d['runs'] = [r for r in d['runs'] if r['run'] in '$(EARLIER)'.split()]; json.dump(d, open('runs/earlier_curves.json', 'w'))"
+	$(PY) -c "import json; d = json.load(open('Images/beta_vae_mig_curves_recipes.json')); d['runs'] = [r for r in d['runs'] if r['run'] in '$(EARLIER)'.split()]; json.dump(d, open('runs/earlier_curves.json', 'w'))"
 	$(PY) beta_vae_analyze.py --curves runs/earlier_curves.json $(addprefix runs/,$(filter-out conv_tc_mss_b64_2m_s1,$(SEED_RUNS))) runs/conv_tc_mss_b64_6m_s1 --out runs/curves
 	cp runs/curves/mig_curves.png Images/beta_vae_mig_curves.png && cp runs/curves/mig_curves.json Images/beta_vae_mig_curves.json
 
