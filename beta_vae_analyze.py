@@ -407,7 +407,12 @@ def curve_records(source):
 
 def setting(record):
     """A curve's recipe without its seed: the seeds of one setting share a colour."""
-    return re.sub(r", seed \d+$", "", record["recipe"])
+    return without_seed(record["recipe"])
+
+
+def without_seed(recipe_text):
+    """A `recipe` without its seed: the setting that the seeds of one recipe share."""
+    return re.sub(r", seed \d+$", "", recipe_text)
 
 
 def mig_curves(sources, out):
@@ -489,7 +494,7 @@ def udr_ranking(paths, data_root, device, out, n_points=10_000, seed=0):
                                     getattr(args, "image_size", 64),
                                     getattr(args, "crop", 148)).images
     codes, kls = zip(*(codes_and_kl(m, images, device) for _, m, _, _ in runs))
-    settings = [setting({"recipe": recipe(a)}) for _, _, a, _ in runs]
+    settings = [without_seed(recipe(a)) for _, _, a, _ in runs]
     scores, pairs, kept = disentanglement.udr(codes, kls, settings=settings)
     table = []
     for (path, _, a, state), score, k, s in zip(runs, scores, kept, settings):
